@@ -1,0 +1,244 @@
+"""Exact GPU energy from the hardware counter, the driver's power samples, or polled power.
+
+One :class:`GpuEnergy` per GPU turns the readings of each tick into
+:class:`EnergySlice` s: "this GPU used J joules between wall times t0 and t1,
+measured by <source>". Everything downstream (totals, cost, attribution) adds
+slices up, so energy is counted exactly once and each joule keeps the time it
+was used (a tariff band can change inside a counter interval).
+
+Methods, best first:
+
+``counter``
+    ``nvmlDeviceGetTotalEnergyConsumption``. Exact between two reads, but one
+    read costs ~3.8 ms of CPU on H100, so it is read every
+    ``counter_interval`` seconds, not every tick. The exact delta of each
+    counter interval is apportioned across the ticks inside it in proportion
+    to the polled power of each tick. Totals therefore advance when a counter
+    interval closes: they lag by at most one interval and never go backwards.
+``samples``
+    The driver's power ring buffer (one sample per 20 ms on H100), read every
+    tick and integrated sample by sample, so bursts between ticks are kept.
+``polled``
+    Trapezoidal integration of the power read each tick: the last resort, and
+    ~4 % off already at 5 s polling of instantaneous power on the H100 trace.
+
+A stretch that the chosen method could not measure (a counter that went
+backwards, samples lost from the ring buffer, a counter that stopped
+answering) is filled from polled power and its slice says ``polled``, so the
+exported ``source`` label never claims more exactness than there was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+METHODS = ("counter", "samples", "polled")
+
+
+@dataclass(frozen=True)
+class EnergySlice:
+    """Energy one GPU used in one stretch of wall time. Units: J, s since the epoch."""
+
+    gpu: int
+    t0: float
+    t1: float
+    joules: float
+    #: How it was measured: ``counter``, ``samples`` or ``polled``.
+    source: str
+    #: GPU utilisation during the stretch (the tick's reading), if known. Units: ratio.
+    utilization: float | None = None
+
+
+@dataclass
+class _Tick:
+    t0: float
+    t1: float
+    weight: float  # polled energy estimate (J), used to split exact deltas
+    utilization: float | None
+
+
+@dataclass
+class GpuEnergy:
+    """Energy accounting for one GPU. Feed it one :meth:`tick` per sampling tick."""
+
+    gpu: int
+    method: str
+    counter_interval: float = 5.0
+    #: A counter interval whose reads kept failing this long is filled from polled power.
+    counter_stale_after: float = 30.0
+    #: Longest stretch without power samples that is still bridged by the samples path.
+    samples_max_gap: float = 1.0
+    #: Upper bound for plausible power (W), to tell a counter reset from a real jump.
+    max_watts: float | None = None
+    on_event: Callable[[str], None] = lambda kind: None
+
+    _mono: float | None = None
+    _wall: float | None = None
+    _power: float | None = None
+    _counter_mj: int | None = None
+    _counter_mono: float | None = None
+    _pending: list[_Tick] = field(default_factory=list)
+    _last_sample: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown energy method {self.method!r}")
+
+    # -- what the sampler should read this tick ---------------------------
+
+    def counter_due(self, mono: float) -> bool:
+        return self.method == "counter" and (
+            self._counter_mono is None or mono - self._counter_mono >= self.counter_interval - 1e-6
+        )
+
+    @property
+    def samples_since_us(self) -> int:
+        """Timestamp of the newest power sample already integrated (0 before the first)."""
+        return self._last_sample[0] if self._last_sample else 0
+
+    # -- per tick ---------------------------------------------------------
+
+    def tick(
+        self,
+        mono: float,
+        wall: float,
+        power_watts: float | None,
+        utilization: float | None = None,
+        counter_mj: int | None = None,
+        samples: list[tuple[int, int]] | None = None,
+    ) -> list[EnergySlice]:
+        """Account one tick; returns the slices that became final with it.
+
+        ``counter_mj`` is passed only on ticks where the counter was read,
+        ``samples`` only by the samples method (new samples since
+        :attr:`samples_since_us`). Ticks may arrive late or irregularly: all
+        integration uses the real ``mono`` times, never the nominal interval.
+        """
+        if self._mono is not None and mono <= self._mono:
+            return []  # a duplicate or out-of-order tick carries no time
+        first = self._mono is None
+        dt = 0.0 if first else mono - self._mono  # type: ignore[operator]
+        t0 = wall - dt
+        p_prev = self._power if self._power is not None else power_watts
+        p_now = power_watts if power_watts is not None else self._power
+        polled = 0.0 if (p_prev is None or p_now is None) else 0.5 * (p_prev + p_now) * dt
+        self._mono, self._wall = mono, wall
+        if power_watts is not None:
+            self._power = power_watts
+        if self.method == "counter":
+            return self._tick_counter(first, mono, t0, wall, polled, utilization, counter_mj)
+        if self.method == "samples":
+            return self._tick_samples(first, t0, wall, polled, utilization, samples)
+        if first:
+            return []
+        return [EnergySlice(self.gpu, t0, wall, polled, "polled", utilization)]
+
+    def _tick_counter(
+        self,
+        first: bool,
+        mono: float,
+        t0: float,
+        t1: float,
+        polled: float,
+        utilization: float | None,
+        counter_mj: int | None,
+    ) -> list[EnergySlice]:
+        if not first:
+            self._pending.append(_Tick(t0, t1, polled, utilization))
+        if counter_mj is None:
+            # No counter this tick. If reads have failed for too long, stop
+            # holding energy back: settle what is pending from polled power.
+            if self._counter_mono is not None and mono - self._counter_mono > self.counter_stale_after:
+                self.on_event("energy_counter_stale")
+                out = self._settle_polled()
+                self._counter_mj = None
+                self._counter_mono = None
+                return out
+            return []
+        if self._counter_mj is None:
+            # First read (or first after a stale stretch): a new baseline.
+            out = self._settle_polled()
+            self._counter_mj, self._counter_mono = counter_mj, mono
+            return out
+        span = mono - self._counter_mono  # type: ignore[operator]
+        delta_j = (counter_mj - self._counter_mj) / 1000.0
+        self._counter_mj, self._counter_mono = counter_mj, mono
+        plausible = self.max_watts is None or delta_j <= self.max_watts * span * 1.5 + 1.0
+        if delta_j < 0 or not plausible:
+            # Driver reload or GPU reset: the counter restarted somewhere in the
+            # interval, so its delta says nothing; fill the interval from power.
+            log.warning(
+                "GPU %d: energy counter went from %.3f to %.3f J; interval filled from polled power",
+                self.gpu,
+                self._counter_mj / 1000.0 - delta_j,
+                counter_mj / 1000.0,
+            )
+            self.on_event("counter_reset")
+            return self._settle_polled()
+        return self._settle_exact(delta_j)
+
+    def _settle_exact(self, delta_j: float) -> list[EnergySlice]:
+        ticks, self._pending = self._pending, []
+        if not ticks:
+            return []
+        total_w = sum(t.weight for t in ticks)
+        total_dt = sum(t.t1 - t.t0 for t in ticks)
+        out = []
+        for t in ticks:
+            share = t.weight / total_w if total_w > 0 else (t.t1 - t.t0) / total_dt if total_dt > 0 else 1 / len(ticks)
+            out.append(EnergySlice(self.gpu, t.t0, t.t1, delta_j * share, "counter", t.utilization))
+        return out
+
+    def _settle_polled(self) -> list[EnergySlice]:
+        ticks, self._pending = self._pending, []
+        return [EnergySlice(self.gpu, t.t0, t.t1, t.weight, "polled", t.utilization) for t in ticks]
+
+    def flush(self) -> list[EnergySlice]:
+        """Settle pending ticks from polled power (for a shutdown without a final counter read)."""
+        return self._settle_polled()
+
+    def _tick_samples(
+        self,
+        first: bool,
+        t0: float,
+        t1: float,
+        polled: float,
+        utilization: float | None,
+        samples: list[tuple[int, int]] | None,
+    ) -> list[EnergySlice]:
+        fresh = sorted(s for s in (samples or ()) if s[0] > self.samples_since_us)
+        if first:
+            if fresh:
+                self._last_sample = fresh[-1]
+            return []
+        exact = 0.0
+        gap_j = 0.0
+        prev = self._last_sample
+        for ts, mw in fresh:
+            if prev is not None:
+                span = (ts - prev[0]) / 1e6
+                e = 0.5 * (prev[1] + mw) / 1000.0 * span
+                if span > self.samples_max_gap:
+                    gap_j += e  # the ring buffer lost samples here: only an estimate
+                else:
+                    exact += e
+            prev = (ts, mw)
+        if fresh:
+            self._last_sample = fresh[-1]
+        elif t1 - t0 > self.samples_max_gap:
+            # No new samples over a long tick: the driver stopped sampling, or
+            # the buffer could not be read. Fall back to polled power.
+            self._last_sample = None
+            self.on_event("samples_gap")
+            return [EnergySlice(self.gpu, t0, t1, polled, "polled", utilization)]
+        out = []
+        if exact > 0 or not gap_j:
+            out.append(EnergySlice(self.gpu, t0, t1, exact, "samples", utilization))
+        if gap_j:
+            self.on_event("samples_gap")
+            out.append(EnergySlice(self.gpu, t0, t1, gap_j, "polled", utilization))
+        return out

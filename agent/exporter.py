@@ -1,0 +1,316 @@
+"""Prometheus exposition: a custom collector over the current snapshot, and the HTTP server.
+
+``collect()`` only reads the latest :class:`~agent.snapshot.Snapshot`; it never
+calls NVML. A value that is ``None`` in the snapshot is not exported at all, so
+a GPU that does not report something shows no series rather than a fake 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+from .snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+GPU_LABELS = ["gpu", "uuid"]
+
+#: Clock event (throttle) reasons of nvmlDeviceGetCurrentClocksEventReasons, by bit.
+CLOCK_EVENT_REASONS = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+
+
+def _nvml_binding_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-ml-py")
+    except Exception:
+        return "unknown"
+
+
+class SnapshotCollector:
+    """Renders whatever snapshot ``get_snapshot`` returns at scrape time."""
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot]) -> None:
+        self._get = get_snapshot
+        self._binding = _nvml_binding_version()
+
+    def describe(self) -> list[Metric]:
+        # Registration must not trigger a collection (it would render a snapshot
+        # that may not exist yet); the families are all built in collect().
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._get()
+        yield from self._agent(snap)
+        yield from self._gpus(snap)
+        yield from self._host(snap)
+
+    # -- agent ------------------------------------------------------------
+
+    def _agent(self, snap: Snapshot) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "gpucost_agent_info",
+            "The agent and where its GPU data comes from (source: nvml = live GPUs, replay = a recorded trace).",
+            labels=["version", "source"],
+        )
+        info.add_metric([__version__, snap.source_kind], 1)
+        yield info
+        build = GaugeMetricFamily(
+            "gpucost_build_info",
+            "Build of the agent: version, Python and nvidia-ml-py binding.",
+            labels=["version", "python_version", "nvml_binding_version"],
+        )
+        build.add_metric([__version__, platform.python_version(), self._binding], 1)
+        yield build
+        up = GaugeMetricFamily(
+            "gpucost_gpu_source_up",
+            "1 if the GPU source (NVML or a trace) could be opened; 0 means no GPU can be read.",
+            labels=["source"],
+        )
+        up.add_metric([snap.source_kind], 1 if snap.source_up else 0)
+        yield up
+        a = snap.agent
+        if a.last_success_timestamp is not None:
+            yield GaugeMetricFamily(
+                "gpucost_agent_last_sample_timestamp_seconds",
+                "Unix time at which the last sampling tick completed.",
+                value=a.last_success_timestamp,
+            )
+        if a.last_duration_seconds is not None:
+            yield GaugeMetricFamily(
+                "gpucost_agent_sample_duration_seconds",
+                "Wall time the last sampling tick took (all GPUs and the host).",
+                value=a.last_duration_seconds,
+            )
+        yield CounterMetricFamily("gpucost_agent_ticks", "Sampling ticks completed.", value=a.ticks_total)
+        yield CounterMetricFamily(
+            "gpucost_agent_energy_counter_reads",
+            "Reads of the GPU hardware energy counters (each costs milliseconds of CPU).",
+            value=a.energy_counter_reads_total,
+        )
+        errors = CounterMetricFamily("gpucost_agent_errors", "Errors by kind since the agent started.", labels=["kind"])
+        for kind, n in sorted(a.errors.items()):
+            errors.add_metric([kind], n)
+        yield errors
+        if snap.replay is not None:
+            r = snap.replay
+            yield GaugeMetricFamily(
+                "gpucost_replay_position_seconds", "How far the replay is into the trace.", value=r.position_seconds
+            )
+            yield GaugeMetricFamily(
+                "gpucost_replay_duration_seconds", "Length of the replayed trace.", value=r.duration_seconds
+            )
+            yield GaugeMetricFamily(
+                "gpucost_replay_progress_ratio",
+                "Fraction of the trace replayed in the current loop (1 when a single replay has finished).",
+                value=1.0 if r.finished else (r.position_seconds / r.duration_seconds if r.duration_seconds else 0.0),
+            )
+            yield CounterMetricFamily("gpucost_replay_loops", "Completed loops of the trace.", value=r.loops)
+
+    # -- GPUs -------------------------------------------------------------
+
+    def _gpus(self, snap: Snapshot) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "gpucost_gpu_info",
+            "Static facts about each GPU; value is always 1.",
+            labels=GPU_LABELS + ["name", "pci_bus_id", "driver_version", "serial", "energy_method"],
+        )
+        up = GaugeMetricFamily("gpucost_gpu_up", "1 if the GPU answered on the last tick.", labels=GPU_LABELS)
+        energy = CounterMetricFamily(
+            "gpucost_gpu_energy_joules",
+            "GPU energy since the totals began, by how it was measured "
+            "(counter = hardware energy counter, samples = driver power samples, polled = estimate).",
+            labels=GPU_LABELS + ["source"],
+        )
+        mem_total = GaugeMetricFamily("gpucost_gpu_memory_total_bytes", "GPU memory installed.", labels=GPU_LABELS)
+        gauges = {
+            "power_watts": GaugeMetricFamily(
+                "gpucost_gpu_power_watts",
+                "GPU power draw as the driver reports it (a ~1 s average on Hopper and later).",
+                labels=GPU_LABELS,
+            ),
+            "utilization_gpu_ratio": GaugeMetricFamily(
+                "gpucost_gpu_utilization_ratio",
+                "Fraction of the last sample period in which a kernel ran on the GPU.",
+                labels=GPU_LABELS,
+            ),
+            "utilization_memory_ratio": GaugeMetricFamily(
+                "gpucost_gpu_memory_utilization_ratio",
+                "Fraction of the last sample period in which device memory was read or written.",
+                labels=GPU_LABELS,
+            ),
+            "memory_used_bytes": GaugeMetricFamily(
+                "gpucost_gpu_memory_used_bytes", "GPU memory in use.", labels=GPU_LABELS
+            ),
+            "temperature_celsius": GaugeMetricFamily(
+                "gpucost_gpu_temperature_celsius", "GPU core temperature.", labels=GPU_LABELS
+            ),
+            "sm_clock_hertz": GaugeMetricFamily(
+                "gpucost_gpu_sm_clock_hertz", "Current SM clock.", labels=GPU_LABELS
+            ),
+            "performance_state": GaugeMetricFamily(
+                "gpucost_gpu_performance_state", "Current performance state (0 = P0, fastest).", labels=GPU_LABELS
+            ),
+            "power_limit_watts": GaugeMetricFamily(
+                "gpucost_gpu_power_limit_watts", "Enforced power limit.", labels=GPU_LABELS
+            ),
+        }
+        events = GaugeMetricFamily(
+            "gpucost_gpu_clock_event_active",
+            "1 if this clock event (throttle) reason is active on the GPU.",
+            labels=GPU_LABELS + ["reason"],
+        )
+        for g in snap.gpus:
+            d = g.info
+            labels = [str(d.index), d.uuid]
+            info.add_metric(labels + [d.name, d.pci_bus_id, d.driver_version, d.serial, g.energy_method], 1)
+            up.add_metric(labels, 1 if g.up else 0)
+            for source, joules in sorted(g.energy_joules.items()):
+                energy.add_metric(labels + [source], joules)
+            if d.memory_total_bytes is not None:
+                mem_total.add_metric(labels, d.memory_total_bytes)
+            r = g.reading
+            if r is None or not g.up:
+                continue  # a lost GPU exports no stale readings
+            for attr, fam in gauges.items():
+                value = getattr(r, attr)
+                if value is not None:
+                    fam.add_metric(labels, value)
+            if r.clock_event_reasons is not None:
+                for bit, reason in CLOCK_EVENT_REASONS.items():
+                    events.add_metric(labels + [reason], 1 if r.clock_event_reasons & bit else 0)
+        yield info
+        yield up
+        yield energy
+        yield mem_total
+        yield from gauges.values()
+        yield events
+
+    # -- host -------------------------------------------------------------
+
+    def _host(self, snap: Snapshot) -> Iterator[Metric]:
+        h = snap.host
+        if h is None:
+            return
+        cpu = getattr(h, "cpu_util_ratio", None)
+        if cpu is not None:
+            yield GaugeMetricFamily("gpucost_host_cpu_utilization_ratio", "Host CPU utilisation.", value=cpu)
+        used = getattr(h, "mem_used_bytes", None)
+        if used is not None:
+            yield GaugeMetricFamily("gpucost_host_memory_used_bytes", "Host memory in use.", value=used)
+        total = getattr(h, "mem_total_bytes", None)
+        if total is not None:
+            yield GaugeMetricFamily("gpucost_host_memory_total_bytes", "Host memory installed.", value=total)
+
+
+def make_registry(get_snapshot: Callable[[], Snapshot], *, process_metrics: bool = True) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(get_snapshot))  # type: ignore[arg-type]
+    if process_metrics:
+        # The agent's own CPU and memory (process_cpu_seconds_total, ...): it
+        # must never be the problem on the node, and this is how you see it.
+        ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and a small index page, on a threading HTTP server."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Callable[[], tuple[bool, dict[str, Any]]],
+    ) -> None:
+        registry_ = registry
+        health_ = health
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = f"gpu-cost-agent/{__version__}"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                    self._send(200, content_type, encoder(registry_))
+                elif path == "/healthz":
+                    ok, body = health_()
+                    self._send(200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n")
+                elif path == "/":
+                    page = (
+                        "<html><head><title>gpu-cost-agent</title></head><body>"
+                        f"<h1>gpu-cost-agent {__version__}</h1>"
+                        '<p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a></p></body></html>'
+                    )
+                    self._send(200, "text/html; charset=utf-8", page.encode())
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("http: " + fmt, *args)
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def health_of(snap: Snapshot, tick_seconds: float, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+    """Healthy while ticks keep completing. A node without readable GPUs is
+    ``degraded`` but still healthy: the agent keeps serving host and agent metrics."""
+    now = time.time() if now is None else now
+    a = snap.agent
+    age = None if a.last_success_timestamp is None else now - a.last_success_timestamp
+    finished = snap.replay is not None and snap.replay.finished
+    stale = age is None or (age > max(3 * tick_seconds, 5.0) and not finished)
+    status = "stale" if stale else ("degraded" if not snap.source_up or not all(g.up for g in snap.gpus) else "ok")
+    body: dict[str, Any] = {
+        "status": status,
+        "source": snap.source_kind,
+        "gpus": len(snap.gpus),
+        "gpus_up": sum(1 for g in snap.gpus if g.up),
+        "last_sample_age_seconds": None if age is None else round(age, 3),
+    }
+    if snap.source_error:
+        body["error"] = snap.source_error
+    if finished:
+        body["replay"] = "finished"
+    return not stale, body

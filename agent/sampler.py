@@ -1,0 +1,202 @@
+"""One sampling tick: read the sources, account energy, publish a snapshot.
+
+A tick runs on the scheduler's thread. It never raises: a failing GPU is
+marked down and counted under ``errors{kind=...}``, and the rest of the node
+is still sampled and served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable
+
+from .accounting import Ledger
+from .energy import GpuEnergy
+from .snapshot import AgentStats, GpuState, ReplayProgress, Snapshot
+from .sources.gpu import GpuError, GpuLost, GpuNotSupported, GpuReading, GpuSource
+
+log = logging.getLogger(__name__)
+
+#: (wall seconds since the epoch, monotonic seconds) of "now" in the source's time.
+Clock = Callable[[], tuple[float, float]]
+
+
+def system_clock() -> tuple[float, float]:
+    return time.time(), time.monotonic()
+
+
+class Sampler:
+    """Owns the per-GPU energy accounting and the current snapshot."""
+
+    def __init__(
+        self,
+        source: GpuSource | None,
+        *,
+        clock: Clock = system_clock,
+        energy_method: str = "auto",
+        counter_interval: float = 5.0,
+        ledger: Ledger | None = None,
+        host: Any = None,
+        source_kind: str = "nvml",
+        source_error: str = "",
+    ) -> None:
+        self.source = source
+        self.clock = clock
+        self.ledger = ledger or Ledger()
+        self.host = host
+        self.source_kind = source.kind if source is not None else source_kind
+        self.source_error = source_error
+        self.errors: Counter[str] = Counter()
+        self.ticks = 0
+        self.counter_reads = 0
+        self._lock = threading.Lock()  # one tick at a time, whoever calls it
+        self._last_success: float | None = None
+        self._last_duration: float | None = None
+        self.devices = list(source.devices()) if source is not None else []
+        self._up = {d.index: True for d in self.devices}
+        self._readings: dict[int, GpuReading | None] = {}
+        self._energy: dict[int, GpuEnergy] = {}
+        for d in self.devices:
+            method = self._choose_method(d.index, energy_method)
+            self._energy[d.index] = GpuEnergy(
+                d.index,
+                method,
+                counter_interval=counter_interval,
+                max_watts=d.power_limit_watts,
+                on_event=self._count,
+            )
+            log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
+        self.snapshot = self._build(None)
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def _choose_method(self, index: int, wanted: str) -> str:
+        """Best method the GPU supports, never better than ``wanted``."""
+        order = ["counter", "samples", "polled"]
+        start = 0 if wanted == "auto" else order.index(wanted)
+        for method in order[start:]:
+            try:
+                if method == "counter":
+                    self.source.energy_mj(index)  # type: ignore[union-attr]
+                elif method == "samples":
+                    self.source.power_samples(index, 0)  # type: ignore[union-attr]
+                return method
+            except GpuNotSupported:
+                if wanted == method:
+                    log.warning("GPU %d: energy method %r is not supported; falling back", index, method)
+            except GpuError as exc:
+                # Supported but failing right now: keep the method, it may recover.
+                log.warning("GPU %d: %s read failed at start: %s", index, method, exc)
+                return method
+        return "polled"
+
+    def energy_method(self, index: int) -> str:
+        return self._energy[index].method
+
+    # -- the tick ---------------------------------------------------------
+
+    def tick(self, *, final: bool = False) -> Snapshot:
+        """Sample every source once. ``final`` forces a counter read (shutdown, end of replay)."""
+        with self._lock:
+            started = time.perf_counter()
+            wall, mono = self.clock()
+            for d in self.devices:
+                self._tick_gpu(d.index, wall, mono, final)
+            if self.host is not None:
+                try:
+                    self._host_sample = self.host.read(mono)
+                except Exception as exc:  # host readings must never stop GPU sampling
+                    self._count("host_read")
+                    log.debug("host read failed: %s", exc)
+            self.ticks += 1
+            self._last_duration = time.perf_counter() - started
+            self._last_success = time.time()
+            self.snapshot = self._build(wall)
+            return self.snapshot
+
+    def _tick_gpu(self, index: int, wall: float, mono: float, final: bool) -> None:
+        src = self.source
+        assert src is not None
+        acc = self._energy[index]
+        try:
+            reading = src.read(index)
+        except GpuLost as exc:
+            if self._up[index]:
+                log.error("GPU %d lost: %s", index, exc)
+            self._up[index] = False
+            self._readings[index] = None
+            self._count("gpu_lost")
+            return
+        except GpuError as exc:
+            self._count(exc.kind)
+            reading = GpuReading(failed=("all",))
+        if not self._up[index]:
+            log.warning("GPU %d answers again", index)
+        self._up[index] = True
+        self._readings[index] = reading
+        for _ in reading.failed:
+            self._count("gpu_read")
+        counter = samples = None
+        if acc.counter_due(mono) or (final and acc.method == "counter"):
+            try:
+                counter = src.energy_mj(index)
+                self.counter_reads += 1
+            except GpuError as exc:
+                self._count("energy_counter")
+                log.debug("GPU %d: counter read failed: %s", index, exc)
+        elif acc.method == "samples":
+            try:
+                samples = src.power_samples(index, acc.samples_since_us)
+            except GpuError as exc:
+                self._count("power_samples")
+                log.debug("GPU %d: power samples failed: %s", index, exc)
+        slices = acc.tick(mono, wall, reading.power_watts, reading.utilization_gpu_ratio, counter, samples)
+        self.ledger.add(slices)
+
+    def _build(self, wall: float | None) -> Snapshot:
+        gpus = tuple(
+            GpuState(
+                info=d,
+                up=self._up[d.index],
+                reading=self._readings.get(d.index),
+                energy_method=self._energy[d.index].method,
+                energy_joules=self.ledger.gpu_energy_by_source(d.index),
+            )
+            for d in self.devices
+        )
+        replay = None
+        src = self.source
+        if src is not None and src.kind == "replay":
+            replay = ReplayProgress(
+                position_seconds=src.position_seconds,  # type: ignore[attr-defined]
+                duration_seconds=src.duration_seconds,  # type: ignore[attr-defined]
+                loops=src.loops,  # type: ignore[attr-defined]
+                finished=src.finished,  # type: ignore[attr-defined]
+            )
+        return Snapshot(
+            source_kind=self.source_kind,
+            source_up=self.source is not None,
+            source_error=self.source_error,
+            gpus=gpus,
+            agent=AgentStats(
+                last_success_timestamp=self._last_success,
+                last_duration_seconds=self._last_duration,
+                ticks_total=self.ticks,
+                errors=dict(self.errors),
+                energy_counter_reads_total=self.counter_reads,
+            ),
+            host=getattr(self, "_host_sample", None),
+            replay=replay,
+            t_wall=wall,
+        )
+
+
+_METHOD_TEXT = {
+    "counter": "the hardware energy counter",
+    "samples": "the driver's power-sample buffer (no energy counter)",
+    "polled": "polled power (estimate: no counter, no sample buffer)",
+}

@@ -1,0 +1,58 @@
+"""The immutable state the exporter renders: one :class:`Snapshot` per tick.
+
+The sampler builds a new snapshot and swaps a single reference; a scrape reads
+whichever snapshot is current. No scrape ever touches NVML or a lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .sources.gpu import GpuInfo, GpuReading
+
+
+@dataclass(frozen=True)
+class GpuState:
+    info: GpuInfo
+    up: bool
+    reading: GpuReading | None
+    #: ``counter``, ``samples`` or ``polled``: how this GPU's energy is measured.
+    energy_method: str
+    #: Energy since the agent's totals began, by the source that measured it. Units: J.
+    energy_joules: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplayProgress:
+    position_seconds: float
+    duration_seconds: float
+    loops: int
+    finished: bool
+
+
+@dataclass(frozen=True)
+class AgentStats:
+    #: Real Unix time of the last tick that completed. Units: s.
+    last_success_timestamp: float | None
+    #: Wall time the last tick took. Units: s.
+    last_duration_seconds: float | None
+    ticks_total: int
+    #: Errors by kind since start.
+    errors: Mapping[str, int]
+    energy_counter_reads_total: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    source_kind: str  # "nvml" or "replay"
+    #: False when the GPU source could not be opened (e.g. no driver): GPUs absent.
+    source_up: bool
+    source_error: str
+    gpus: tuple[GpuState, ...]
+    agent: AgentStats
+    #: Host readings (:class:`agent.sources.host.HostSample`) or None.
+    host: Any = None
+    replay: ReplayProgress | None = None
+    #: Source time of the tick (trace time for a replay). Units: s since the epoch.
+    t_wall: float | None = None

@@ -1,0 +1,246 @@
+"""GPU source that plays a recorded trace and answers like NVML would.
+
+The replay has its own clock, :attr:`ReplaySource.t` (trace seconds since the
+epoch), moved forward by the caller with :meth:`seek`. At any moment it answers
+with what NVML answered at the latest recorded instant not after ``t``: the
+cheap readings, the energy counter (a step function, as the real counter is),
+and the power-sample ring buffer (only samples younger than the buffer's depth
+are still there, so a late reader loses samples exactly as on a real GPU).
+Fields the trace never recorded for a GPU raise :class:`GpuNotSupported`.
+
+With ``loop=True`` the trace repeats forever; time keeps going forward, and the
+energy counter keeps counting across the seam (the seam gap is bridged at the
+last recorded power), so a loop never looks like a counter reset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ..trace import Trace
+from .gpu import GpuError, GpuInfo, GpuNotSupported, GpuReading, PowerSample
+
+_CHEAP = (
+    "power_mw",
+    "util_gpu_pct",
+    "util_mem_pct",
+    "mem_used_bytes",
+    "temp_c",
+    "sm_clock_mhz",
+    "pstate",
+    "clock_event_reasons",
+    "power_limit_mw",
+)
+
+
+@dataclass
+class _Series:
+    """One field of one GPU: the instants it was recorded and its values."""
+
+    times: list[float]
+    values: list[Any]
+
+    def at(self, t: float) -> tuple[bool, Any]:
+        """(recorded yet, value) for the latest record not after ``t``."""
+        i = bisect.bisect_right(self.times, t) - 1
+        if i < 0:
+            return False, None
+        return True, self.values[i]
+
+
+class ReplaySource:
+    """Plays a :class:`~agent.trace.Trace` through the normal sampling pipeline."""
+
+    kind = "replay"
+
+    def __init__(
+        self,
+        trace: Trace,
+        *,
+        loop: bool = False,
+        hide: Iterable[str] = (),
+        buffer_seconds: float | None = None,
+    ) -> None:
+        self.trace = trace
+        self.loop = loop
+        self.hidden = set(hide)
+        self.start = trace.start
+        self.end = trace.end
+        times = [float(r["t"]) for r in trace.rows]
+        gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
+        #: Gap inserted between the end of one loop and the start of the next.
+        self.seam = statistics.median(gaps) if gaps else 1.0
+        self.period = (self.end - self.start) + self.seam
+        self.buffer_us = int(1e6 * (buffer_seconds or float(trace.header.get("sample_buffer_seconds", 2.4))))
+        self._devices = [self._info(g, trace.header) for g in sorted(trace.gpus, key=lambda g: g["index"])]
+        self._series: dict[int, dict[str, _Series]] = {}
+        self._samples: dict[int, tuple[list[int], list[int]]] = {}
+        self._loop_energy_mj: dict[int, int] = {}
+        self._row_times = times
+        for info in self._devices:
+            self._index_gpu(info.index)
+        self.t = self.start
+
+    # -- loading ----------------------------------------------------------
+
+    @staticmethod
+    def _info(g: dict[str, Any], header: dict[str, Any]) -> GpuInfo:
+        limit_mw = g.get("power_limit_mw")
+        return GpuInfo(
+            index=int(g["index"]),
+            uuid=str(g["uuid"]),
+            name=str(g.get("name", "unknown")),
+            pci_bus_id=str(g.get("pci_bus_id", "")),
+            serial=str(g.get("serial", "")),
+            driver_version=str(header.get("driver_version", "")),
+            memory_total_bytes=g.get("memory_total_bytes"),
+            power_limit_watts=limit_mw / 1000.0 if limit_mw is not None else None,
+        )
+
+    def _index_gpu(self, index: int) -> None:
+        key = str(index)
+        series: dict[str, _Series] = {}
+        sample_ts: dict[int, int] = {}
+        for row in self.trace.rows:
+            g = row.get("gpus", {}).get(key)
+            if not g:
+                continue
+            t = float(row["t"])
+            for name, value in g.items():
+                if name == "samples":
+                    for ts, mw in value or ():
+                        sample_ts[int(ts)] = int(mw)
+                    continue
+                s = series.setdefault(name, _Series([], []))
+                s.times.append(t)
+                s.values.append(value)
+        self._series[index] = series
+        ordered = sorted(sample_ts.items())
+        if "samples" not in self.hidden and ordered:
+            self._samples[index] = ([ts for ts, _ in ordered], [mw for _, mw in ordered])
+        if "energy_mj" in series:
+            e = series["energy_mj"]
+            first = next((v for v in e.values if v is not None), 0)
+            last = next((v for v in reversed(e.values) if v is not None), first)
+            _, p_last = series["power_mw"].at(self.end) if "power_mw" in series else (False, 0)
+            # Energy added per loop: the trace's delta plus the seam at the last power.
+            self._loop_energy_mj[index] = int(last - first + (p_last or 0) * self.seam)
+
+    # -- clock ------------------------------------------------------------
+
+    def seek(self, t: float) -> None:
+        """Move the replay clock to trace time ``t`` (never backwards)."""
+        if t < self.t:
+            raise ValueError("the replay clock only moves forward")
+        self.t = t if self.loop else min(t, self.end)
+
+    def _split(self, t: float) -> tuple[int, float]:
+        """Virtual time → (loop number, time within the trace)."""
+        if not self.loop:
+            return 0, min(t, self.end)
+        k = int(math.floor((t - self.start) / self.period))
+        within = t - k * self.period
+        return k, min(within, self.end)
+
+    @property
+    def finished(self) -> bool:
+        return not self.loop and self.t >= self.end
+
+    @property
+    def loops(self) -> int:
+        return self._split(self.t)[0]
+
+    @property
+    def position_seconds(self) -> float:
+        """Seconds into the trace (within the current loop)."""
+        return self._split(self.t)[1] - self.start
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.end - self.start
+
+    # -- GpuSource --------------------------------------------------------
+
+    def devices(self) -> list[GpuInfo]:
+        return list(self._devices)
+
+    def _field(self, index: int, name: str, t: float) -> Any:
+        s = self._series[index].get(name)
+        if s is None or name in self.hidden:
+            raise GpuNotSupported(name)
+        seen, value = s.at(t)
+        if not seen:
+            raise GpuError(f"GPU {index}: {name} not recorded yet at t={t:.3f}")
+        if value is None:
+            raise GpuError(f"GPU {index}: {name} failed at t={t:.3f} in the trace")
+        return value
+
+    def read(self, index: int) -> GpuReading:
+        _, t = self._split(self.t)
+        values: dict[str, Any] = {}
+        failed: list[str] = []
+        for name in _CHEAP:
+            try:
+                values[name] = self._field(index, name, t)
+            except GpuNotSupported:
+                values[name] = None
+            except GpuError:
+                values[name] = None
+                failed.append(name)
+
+        def scaled(name: str, factor: float) -> float | None:
+            v = values[name]
+            return v * factor if v is not None else None
+
+        return GpuReading(
+            power_watts=scaled("power_mw", 1e-3),
+            utilization_gpu_ratio=scaled("util_gpu_pct", 1e-2),
+            utilization_memory_ratio=scaled("util_mem_pct", 1e-2),
+            memory_used_bytes=values["mem_used_bytes"],
+            temperature_celsius=values["temp_c"],
+            sm_clock_hertz=scaled("sm_clock_mhz", 1e6),
+            performance_state=values["pstate"],
+            clock_event_reasons=values["clock_event_reasons"],
+            power_limit_watts=scaled("power_limit_mw", 1e-3),
+            failed=tuple(failed),
+        )
+
+    def energy_mj(self, index: int) -> int:
+        k, t = self._split(self.t)
+        value = int(self._field(index, "energy_mj", t))
+        return value + k * self._loop_energy_mj.get(index, 0)
+
+    def power_samples(self, index: int, since_us: int) -> list[PowerSample]:
+        if index not in self._samples or "samples" in self.hidden:
+            raise GpuNotSupported("power_samples")
+        ts, mw = self._samples[index]
+        now_us = int(round(self.t * 1e6))
+        lo = max(since_us, now_us - self.buffer_us)
+        out: list[PowerSample] = []
+        k_now = self._split(self.t)[0]
+        for k in (k_now - 1, k_now):  # a read may span the seam between two loops
+            if k < 0:
+                continue
+            shift = int(round(k * self.period * 1e6))
+            i = bisect.bisect_right(ts, lo - shift)
+            j = bisect.bisect_right(ts, now_us - shift)
+            out.extend((ts[n] + shift, mw[n]) for n in range(i, j))
+        return out
+
+    def processes(self, index: int) -> list[tuple[int, int | None]]:
+        _, t = self._split(self.t)
+        procs = self._field(index, "processes", t)
+        return [(int(p[0]), p[1]) for p in procs]
+
+    def host_row(self) -> dict[str, Any] | None:
+        """The host readings recorded at the current instant, if any."""
+        _, t = self._split(self.t)
+        idx = bisect.bisect_right(self._row_times, t) - 1
+        return self.trace.rows[idx].get("host") if idx >= 0 else None
+
+    def close(self) -> None:
+        pass
