@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live, exact GPU energy and cost, served to Prometheus.",
     )
     parser.add_argument("--version", action="version", version=f"gpu-cost-agent {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("run", help="sample the node's GPUs through NVML and serve /metrics")
     _serving_args(p)
@@ -176,8 +176,32 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nvml_present() -> bool:
+    from .sources.gpu import SourceUnavailable
+    from .sources.nvml import NvmlGpuSource
+
+    try:
+        NvmlGpuSource().close()
+        return True
+    except SourceUnavailable:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        # No command: the quick start. Real GPUs when NVML answers, otherwise
+        # the demo replay, said loudly (the metrics say source="replay" too).
+        if _nvml_present():
+            args = parser.parse_args(["run"])
+        else:
+            print(
+                "gpu-cost-agent: no NVIDIA GPU can be read on this machine; starting the demo, a replay of a "
+                "recorded H100 trace (source=\"replay\"), NOT this node's data. Use 'gpu-cost-agent run' in production.",
+                file=sys.stderr,
+            )
+            args = parser.parse_args(["demo"])
     if args.command == "record":
         _setup_logging("info")
         return _record(args)

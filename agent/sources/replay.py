@@ -192,20 +192,22 @@ class ReplaySource:
                 values[name] = None
                 failed.append(name)
 
-        def scaled(name: str, factor: float) -> float | None:
+        def per(name: str, divisor: float) -> float | None:
+            # Same arithmetic as the NVML source, so both give identical floats.
             v = values[name]
-            return v * factor if v is not None else None
+            return v / divisor if v is not None else None
 
+        mhz = values["sm_clock_mhz"]
         return GpuReading(
-            power_watts=scaled("power_mw", 1e-3),
-            utilization_gpu_ratio=scaled("util_gpu_pct", 1e-2),
-            utilization_memory_ratio=scaled("util_mem_pct", 1e-2),
+            power_watts=per("power_mw", 1000.0),
+            utilization_gpu_ratio=per("util_gpu_pct", 100.0),
+            utilization_memory_ratio=per("util_mem_pct", 100.0),
             memory_used_bytes=values["mem_used_bytes"],
             temperature_celsius=values["temp_c"],
-            sm_clock_hertz=scaled("sm_clock_mhz", 1e6),
+            sm_clock_hertz=mhz * 1e6 if mhz is not None else None,
             performance_state=values["pstate"],
             clock_event_reasons=values["clock_event_reasons"],
-            power_limit_watts=scaled("power_limit_mw", 1e-3),
+            power_limit_watts=per("power_limit_mw", 1000.0),
             failed=tuple(failed),
         )
 

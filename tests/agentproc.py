@@ -1,0 +1,81 @@
+"""Run the real agent as a subprocess on a free port and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.args = [sys.executable, "-m", "agent", *args, "--listen", f"127.0.0.1:{self.port}"]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.output = ""
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                self.get("/healthz", timeout=0.5)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.05)
+        raise AssertionError("agent did not start serving in time")
+
+    def health(self) -> dict:
+        return json.loads(self.get("/healthz")[1])
+
+    def metrics(self) -> dict[str, list]:
+        """Scrape /metrics and parse it: {family name: [samples]}."""
+        status, text = self.get("/metrics")
+        assert status == 200
+        return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.output = self.proc.stdout.read()
+        return rc
+
+
+def value(families: dict[str, list], metric: str, /, **labels: str) -> float | None:
+    for family in families.values():
+        for s in family:
+            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None

@@ -1,0 +1,207 @@
+"""Unit tests of GpuEnergy and the Sampler: counter resets, missing fields, late ticks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from fakes import FakeGpu, FakeSource, make_sampler
+
+from agent.energy import GpuEnergy
+
+
+def bursty(t: float) -> float:
+    """3 s at 650 W, 2 s at 120 W: the load where polling every 5 s goes badly wrong."""
+    return 650.0 if (t % 5.0) < 3.0 else 120.0
+
+
+def run(source: FakeSource, sampler, seconds: float, tick: float = 1.0, final: bool = True):
+    n = int(round(seconds / tick))
+    for k in range(n):
+        source.t += tick
+        sampler.tick(final=final and k == n - 1)
+
+
+def total(sampler, gpu: int = 0) -> float:
+    return sum(sampler.snapshot.gpus[gpu].energy_joules.values())
+
+
+# -- exactness on a bursty load ----------------------------------------------------------
+
+
+def test_counter_path_is_exact_on_a_bursty_load_that_polling_gets_wrong():
+    src = FakeSource([FakeGpu(bursty)])
+    s = make_sampler(src, counter_interval=5.0)
+    run(src, s, 60.0)
+    truth = src.energy_between(0, src.t0, src.t)
+    assert total(s) == pytest.approx(truth, rel=1e-4)
+    # The same load polled every 5 s, phase-locked with the bursts: far off.
+    src2 = FakeSource([FakeGpu(bursty, counter=False, samples=False)])
+    s2 = make_sampler(src2)
+    run(src2, s2, 60.0, tick=5.0)
+    assert s2.energy_method(0) == "polled"
+    assert abs(total(s2) - truth) / truth > 0.3
+
+
+def test_samples_path_keeps_bursts_between_ticks():
+    src = FakeSource([FakeGpu(bursty, counter=False)])
+    s = make_sampler(src)
+    run(src, s, 60.0, tick=2.0)
+    assert s.energy_method(0) == "samples"
+    truth = src.energy_between(0, src.t0, src.t)
+    assert total(s) == pytest.approx(truth, rel=0.01)
+    assert set(s.snapshot.gpus[0].energy_joules) == {"samples"}
+
+
+# -- counter reset ---------------------------------------------------------------------
+
+
+def test_counter_going_backwards_neither_goes_negative_nor_loses_the_total():
+    src = FakeSource([FakeGpu(lambda t: 300.0)])
+    s = make_sampler(src, counter_interval=5.0)
+    run(src, s, 20.0, final=False)  # 20 s at 300 W, counter read at 0, 5, 10, 15, 20 s
+    before = total(s)
+    assert before == pytest.approx(6000.0, rel=1e-3)
+    # Driver reload: the counter restarts near zero.
+    src.gpus[0].counter_offset_mj = -src.energy_between(0, src.t0 - 100, src.t) * 1000
+    seen = []
+    for _ in range(10):
+        src.t += 1.0
+        s.tick()
+        seen.append(total(s))
+    assert all(b >= a for a, b in zip([before] + seen, seen)), "exported total went backwards"
+    # Nothing lost: the reset interval is filled from polled power, the next one is exact again.
+    assert total(s) == pytest.approx(before + 3000.0, rel=1e-3)
+    assert s.errors["counter_reset"] == 1
+    assert "polled" in s.snapshot.gpus[0].energy_joules  # the estimated part says so
+    assert s.snapshot.gpus[0].energy_joules["polled"] == pytest.approx(1500.0, rel=1e-3)
+
+
+def test_implausible_counter_jump_is_treated_as_reset():
+    e = GpuEnergy(0, "counter", counter_interval=5.0, max_watts=700.0)
+    e.tick(0.0, 100.0, 200.0, counter_mj=1_000_000)
+    for k in range(1, 5):
+        assert e.tick(float(k), 100.0 + k, 200.0) == []
+    # 5 s at ≤700 W is ≤3.5 kJ; a jump of 10 MJ cannot be energy.
+    out = e.tick(5.0, 105.0, 200.0, counter_mj=10_001_000_000)
+    assert sum(x.joules for x in out) == pytest.approx(1000.0)
+    assert {x.source for x in out} == {"polled"}
+
+
+# -- apportioning ----------------------------------------------------------------------
+
+
+def test_exact_delta_is_apportioned_by_polled_power_and_keeps_wall_times():
+    e = GpuEnergy(0, "counter", counter_interval=4.0)
+    assert e.tick(0.0, 1000.0, 100.0, counter_mj=0) == []
+    e.tick(1.0, 1001.0, 100.0)
+    e.tick(2.0, 1002.0, 300.0)
+    e.tick(3.0, 1003.0, 300.0)
+    out = e.tick(4.0, 1004.0, 100.0, counter_mj=900_000)  # exactly 900 J
+    assert [(x.t0, x.t1) for x in out] == [(1000.0, 1001.0), (1001.0, 1002.0), (1002.0, 1003.0), (1003.0, 1004.0)]
+    # Trapezoid weights 100, 200, 300, 200 (sum 800) → 900 J × w/800.
+    assert [round(x.joules, 6) for x in out] == [112.5, 225.0, 337.5, 225.0]
+    assert sum(x.joules for x in out) == pytest.approx(900.0)
+
+
+# -- missing fields --------------------------------------------------------------------
+
+
+def test_gpu_without_counter_or_samples_falls_back_and_says_so():
+    src = FakeSource([FakeGpu(lambda t: 200.0, counter=False, samples=False)])
+    s = make_sampler(src, energy_method="auto")
+    run(src, s, 10.0)
+    assert s.energy_method(0) == "polled"
+    assert s.snapshot.gpus[0].energy_joules == {"polled": pytest.approx(2000.0)}
+    assert "energy_mj" not in src.calls or src.calls["energy_mj"] == 1  # asked once at start, never again
+
+
+def test_unsupported_reading_is_absent_not_zero():
+    from agent.exporter import make_registry
+
+    src = FakeSource([FakeGpu(lambda t: 200.0, temperature=None)])
+    s = make_sampler(src)
+    run(src, s, 2.0)
+    reg = make_registry(lambda: s.snapshot, process_metrics=False)
+    labels = {"gpu": "0", "uuid": "GPU-fake-0"}
+    assert reg.get_sample_value("gpucost_gpu_temperature_celsius", labels) is None
+    assert reg.get_sample_value("gpucost_gpu_power_watts", labels) == 200.0
+    assert reg.get_sample_value("gpucost_gpu_memory_total_bytes", labels) is None
+
+
+def test_counter_that_keeps_failing_is_bridged_by_polled_power():
+    src = FakeSource([FakeGpu(lambda t: 400.0)])
+    s = make_sampler(src, counter_interval=5.0)
+    run(src, s, 10.0, final=False)
+    exact_so_far = total(s)
+    src.gpus[0].fail_counter = True
+    run(src, s, 40.0, final=False)
+    # Held back at most counter_stale_after (30 s); then settled from power, not lost.
+    assert total(s) >= exact_so_far + 400.0 * 30 - 1
+    assert s.errors["energy_counter"] > 0
+    assert s.errors["energy_counter_stale"] == 1
+    src.gpus[0].fail_counter = False
+    run(src, s, 10.0)
+    assert total(s) == pytest.approx(400.0 * 60, rel=1e-3)
+
+
+# -- late ticks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["counter", "samples", "polled"])
+def test_late_tick_uses_real_elapsed_time(method):
+    src = FakeSource([FakeGpu(lambda t: 250.0)])
+    s = make_sampler(src, energy_method=method, counter_interval=5.0)
+    run(src, s, 5.0, final=False)
+    src.t += 1.7  # the scheduler was late
+    s.tick()
+    src.t += 3.3
+    s.tick(final=True)
+    assert total(s) == pytest.approx(250.0 * 10.0, rel=1e-3)
+
+
+def test_tick_later_than_the_ring_buffer_marks_the_gap_as_estimated():
+    src = FakeSource([FakeGpu(lambda t: 500.0, counter=False)])
+    s = make_sampler(src)
+    run(src, s, 3.0)
+    src.t += 6.0  # longer than the 2.4 s the driver keeps
+    s.tick()
+    e = s.snapshot.gpus[0].energy_joules
+    assert e["samples"] + e["polled"] == pytest.approx(500.0 * 9.0, rel=0.01)
+    assert e["polled"] > 500.0 * 3.0  # the lost stretch is labelled as an estimate
+    assert s.errors["samples_gap"] >= 1
+
+
+def test_duplicate_or_backwards_tick_adds_nothing():
+    e = GpuEnergy(0, "polled")
+    e.tick(10.0, 10.0, 100.0)
+    assert sum(x.joules for x in e.tick(11.0, 11.0, 100.0)) == pytest.approx(100.0)
+    assert e.tick(11.0, 11.0, 100.0) == []
+    assert e.tick(10.5, 10.5, 100.0) == []
+
+
+def test_gpu_lost_marks_it_down_and_keeps_sampling_the_others():
+    src = FakeSource([FakeGpu(lambda t: 100.0), FakeGpu(lambda t: 200.0)])
+    s = make_sampler(src)
+    run(src, s, 5.0, final=False)
+    before = total(s, 0)
+    src.gpus[0].lost = True
+    run(src, s, 5.0, final=False)
+    snap = s.snapshot
+    assert not snap.gpus[0].up and snap.gpus[1].up
+    assert snap.gpus[0].reading is None
+    assert total(s, 0) == before  # totals kept, not reset
+    assert s.errors["gpu_lost"] == 5
+    assert total(s, 1) == pytest.approx(200.0 * 10, rel=1e-3)
+
+
+def test_never_a_nan_or_negative_slice():
+    src = FakeSource([FakeGpu(lambda t: 100.0 + 90.0 * math.sin(t))])
+    s = make_sampler(src, counter_interval=3.0)
+    values = []
+    for _ in range(50):
+        src.t += 0.7
+        s.tick()
+        values.append(total(s))
+    assert all(v == v and v >= 0 for v in values)
+    assert values == sorted(values)

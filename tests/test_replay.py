@@ -1,0 +1,128 @@
+"""The replay source answers like NVML would, and trace files fail loudly and precisely."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.sources.gpu import GpuError, GpuNotSupported
+from agent.sources.replay import ReplaySource
+from agent.trace import FORMAT, TraceError, load, write
+
+from conftest import H100_TRACE
+
+
+def small_trace(tmp_path, rows, gpus=None):
+    header = {"gpus": gpus or [{"index": 0, "uuid": "GPU-x", "name": "Test GPU"}]}
+    path = tmp_path / "t.jsonl"
+    write(path, header, rows)
+    return load(path)
+
+
+def test_fixture_is_the_real_h100_readings(h100_trace):
+    g = h100_trace.gpus[0]
+    assert g["name"] == "NVIDIA H100 80GB HBM3"
+    assert g["uuid"] == "GPU-d9a96f9e-f458-7f0a-44e5-804222e7f75f"
+    assert len(h100_trace.rows) == 1985
+    assert h100_trace.end - h100_trace.start == pytest.approx(99.2, abs=0.01)
+
+
+def test_answers_with_latest_row_not_after_now(h100_trace):
+    src = ReplaySource(h100_trace)
+    row = h100_trace.rows[400]
+    src.seek(float(row["t"]) + 1e-6)
+    r = src.read(0)
+    assert r.power_watts == row["gpus"]["0"]["power_mw"] / 1000
+    assert r.utilization_gpu_ratio == row["gpus"]["0"]["util_gpu_pct"] / 100
+    assert r.sm_clock_hertz == row["gpus"]["0"]["sm_clock_mhz"] * 1e6
+    assert src.energy_mj(0) == row["gpus"]["0"]["energy_mj"]
+
+
+def test_unrecorded_field_is_unsupported_and_null_is_a_failure(tmp_path):
+    rows = [
+        {"t": 100.0, "gpus": {"0": {"power_mw": 100000, "temp_c": 40}}},
+        {"t": 101.0, "gpus": {"0": {"power_mw": 100000, "temp_c": None}}},
+    ]
+    src = ReplaySource(small_trace(tmp_path, rows))
+    r = src.read(0)
+    assert r.temperature_celsius == 40 and r.utilization_gpu_ratio is None and r.failed == ()
+    with pytest.raises(GpuNotSupported):
+        src.energy_mj(0)
+    with pytest.raises(GpuNotSupported):
+        src.power_samples(0, 0)
+    src.seek(101.0)
+    r = src.read(0)
+    assert r.temperature_celsius is None and r.failed == ("temp_c",)
+
+
+def test_hidden_counter_is_unsupported(h100_trace):
+    src = ReplaySource(h100_trace, hide=["energy_mj"])
+    with pytest.raises(GpuNotSupported):
+        src.energy_mj(0)
+    assert src.power_samples(0, 0)  # the buffer is still there
+
+
+def test_ring_buffer_only_holds_its_depth(h100_trace):
+    src = ReplaySource(h100_trace, buffer_seconds=2.4)
+    src.seek(h100_trace.start + 30.0)
+    samples = src.power_samples(0, 0)
+    span = (samples[-1][0] - samples[0][0]) / 1e6
+    assert 2.0 < span <= 2.4
+    newer = src.power_samples(0, samples[-5][0])
+    assert newer == samples[-4:]
+
+
+def test_loop_keeps_time_and_counter_going_forward(h100_trace):
+    src = ReplaySource(h100_trace, loop=True)
+    e_end_first = None
+    prev = src.energy_mj(0)
+    t = src.t
+    while src.loops < 2:
+        t += 0.5
+        src.seek(t)
+        e = src.energy_mj(0)
+        assert e >= prev, "a loop must not look like a counter reset"
+        prev = e
+        if src.loops == 1 and e_end_first is None:
+            e_end_first = e
+    assert src.position_seconds < 1.0
+    assert not src.finished
+
+
+def test_single_replay_finishes_at_the_end(h100_trace):
+    src = ReplaySource(h100_trace)
+    src.seek(h100_trace.end + 50)
+    assert src.finished and src.t == h100_trace.end
+    with pytest.raises(ValueError):
+        src.seek(h100_trace.start)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"format": "something-else", "version": 1, "gpus": []}'], "not a gpu-cost-agent-trace file"),
+        ([json.dumps({"format": FORMAT, "version": 99, "gpus": []})], "version 99 is not supported"),
+        ([json.dumps({"format": FORMAT, "version": 1, "gpus": []}), '{"t": 1, "gpus": {}}', "{not json"],
+         ":3: not valid JSON"),
+        ([json.dumps({"format": FORMAT, "version": 1, "gpus": []}), '{"t": 5, "gpus": {}}', '{"t": 4, "gpus": {}}'],
+         ":3: 't' goes backwards"),
+        ([json.dumps({"format": FORMAT, "version": 1, "gpus": []}), '{"gpus": {}}'], ":2: row has no numeric 't'"),
+        ([], "empty trace"),
+    ],
+)
+def test_corrupt_trace_names_the_line(tmp_path, lines, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError) as exc:
+        load(p)
+    assert message in str(exc.value)
+    assert str(p) in str(exc.value)
+
+
+def test_gzip_trace_roundtrip(tmp_path, h100_trace):
+    p = tmp_path / "t.jsonl.gz"
+    write(p, {k: v for k, v in h100_trace.header.items() if k not in ("format", "version")}, h100_trace.rows[:50])
+    again = load(p)
+    assert again.rows == h100_trace.rows[:50]
+    assert H100_TRACE.stat().st_size > p.stat().st_size * 5
