@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agent.sampler import Sampler
 from agent.sources.replay import ReplaySource
 from agent.trace import Trace
+
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_TRACE = ROOT / "fixtures" / "h100_trace_a.jsonl"
 
 
 def counter_delta_joules(trace: Trace, gpu: str = "0") -> float:

@@ -10,7 +10,7 @@ from agent.sources.gpu import GpuError, GpuNotSupported
 from agent.sources.replay import ReplaySource
 from agent.trace import FORMAT, TraceError, load, write
 
-from conftest import H100_TRACE
+from helpers import H100_TRACE
 
 
 def small_trace(tmp_path, rows, gpus=None):
