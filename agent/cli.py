@@ -113,11 +113,13 @@ def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace
         args.speed,
         ", looping" if loop else "",
     )
+    host = source.host_source(settings.host) if settings.host.enabled else None
     sampler = Sampler(
         source,
         clock=lambda: (source.t, source.t),
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
+        host=host,
     )
     return Service(settings, sampler, replay=source, speed=args.speed).run_forever()
 
@@ -140,8 +142,20 @@ def _serve_nvml(settings: Settings) -> int:
             )
     else:
         error = "GPU sampling disabled in the configuration ([gpu] enabled = false)"
+    host = None
+    if settings.host.enabled:
+        from .sources.host import HostPowerSource
+        from .sources.rapl import RaplUnavailable
+
+        try:
+            host = HostPowerSource(settings.host)
+        except RaplUnavailable as exc:  # only with [host] mode = "rapl"
+            print(f"gpu-cost-agent: host.mode = \"rapl\" but RAPL cannot be read: {exc.reason}", file=sys.stderr)
+            return 2
+        log.info(host.describe())
     sampler = Sampler(
         source,
+        host=host,
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
         source_kind="nvml",

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .sources.host import HostConfig
+
 DEFAULT_PORT = 9842  # clear of node_exporter 9100, dcgm-exporter 9400, nvidia_gpu_exporter 9835
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 
@@ -70,6 +72,7 @@ class Settings(BaseSettings):
 
     agent: AgentSection = AgentSection()
     gpu: GpuSection = GpuSection()
+    host: HostConfig = HostConfig()
 
     # Set by load() for the duration of one construction.
     _toml_file: ClassVar[Path | None] = None

@@ -212,17 +212,54 @@ class SnapshotCollector:
 
     def _host(self, snap: Snapshot) -> Iterator[Metric]:
         h = snap.host
-        if h is None:
-            return
-        cpu = getattr(h, "cpu_util_ratio", None)
-        if cpu is not None:
-            yield GaugeMetricFamily("gpucost_host_cpu_utilization_ratio", "Host CPU utilisation.", value=cpu)
-        used = getattr(h, "mem_used_bytes", None)
-        if used is not None:
-            yield GaugeMetricFamily("gpucost_host_memory_used_bytes", "Host memory in use.", value=used)
-        total = getattr(h, "mem_total_bytes", None)
-        if total is not None:
-            yield GaugeMetricFamily("gpucost_host_memory_total_bytes", "Host memory installed.", value=total)
+        if h is not None:
+            yield GaugeMetricFamily(
+                "gpucost_host_cpu_utilization_ratio", "Host CPU utilisation.", value=h.cpu_util_ratio
+            )
+            yield GaugeMetricFamily("gpucost_host_memory_used_bytes", "Host memory in use.", value=h.mem_used_bytes)
+            yield GaugeMetricFamily(
+                "gpucost_host_memory_total_bytes", "Host memory installed.", value=h.mem_total_bytes
+            )
+            power = GaugeMetricFamily(
+                "gpucost_host_power_watts",
+                "Host power by component (cpu, dram, platform) and source "
+                "(rapl = measured, model = estimated from utilisation, static = configured).",
+                labels=["component", "source"],
+            )
+            watts: dict[tuple[str, str], float] = {}
+            for c in h.components:
+                watts[(c.component, c.source)] = watts.get((c.component, c.source), 0.0) + c.watts
+            if not h.baseline:  # RAPL has no power before its first interval
+                for (component, source), w in sorted(watts.items()):
+                    power.add_metric([component, source], w)
+            yield power
+            if snap.host_description:
+                info = GaugeMetricFamily(
+                    "gpucost_host_power_info",
+                    "How host power is obtained; value 1. 'method' is rapl or model, 'detail' says why.",
+                    labels=["method", "detail"],
+                )
+                method = "rapl" if any(c.source == "rapl" for c in h.components) else "model"
+                info.add_metric([method, snap.host_description], 1)
+                yield info
+        if snap.host_energy:
+            energy = CounterMetricFamily(
+                "gpucost_host_energy_joules",
+                "Host energy since the totals began, by component and source.",
+                labels=["component", "source"],
+            )
+            for (component, source), j in sorted(snap.host_energy.items()):
+                energy.add_metric([component, source], j)
+            yield energy
+        w = snap.wall_power
+        if w is not None:
+            wall = GaugeMetricFamily(
+                "gpucost_node_wall_power_watts",
+                "Whole-node input power measured by the BMC (IPMI DCMI): includes PSU losses and fans.",
+                labels=["source"],
+            )
+            wall.add_metric(["dcmi"], w.watts)
+            yield wall
 
 
 def make_registry(get_snapshot: Callable[[], Snapshot], *, process_metrics: bool = True) -> CollectorRegistry:

@@ -58,6 +58,9 @@ class Sampler:
         self.devices = list(source.devices()) if source is not None else []
         self._up = {d.index: True for d in self.devices}
         self._readings: dict[int, GpuReading | None] = {}
+        self._host_sample: Any = None
+        #: Latest BMC wall-power reading (set by the service's DCMI job), if any.
+        self.wall_power: Any = None
         self._energy: dict[int, GpuEnergy] = {}
         for d in self.devices:
             method = self._choose_method(d.index, energy_method)
@@ -107,16 +110,26 @@ class Sampler:
             for d in self.devices:
                 self._tick_gpu(d.index, wall, mono, final)
             if self.host is not None:
-                try:
-                    self._host_sample = self.host.read(mono)
-                except Exception as exc:  # host readings must never stop GPU sampling
-                    self._count("host_read")
-                    log.debug("host read failed: %s", exc)
+                self._tick_host(wall, mono)
             self.ticks += 1
             self._last_duration = time.perf_counter() - started
             self._last_success = time.time()
             self.snapshot = self._build(wall)
             return self.snapshot
+
+    def _tick_host(self, wall: float, mono: float) -> None:
+        try:
+            sample = self.host.read(mono)  # type: ignore[union-attr]
+        except Exception as exc:  # host readings must never stop GPU sampling
+            self._count("host_read")
+            log.warning("host read failed: %s", exc)
+            return
+        prev = self._host_sample
+        if prev is not None and not sample.baseline:
+            dt = mono - prev.t_mono
+            for c in sample.components:
+                self.ledger.add_host(c.component, c.source, wall - dt, wall, c.joules)
+        self._host_sample = sample
 
     def _tick_gpu(self, index: int, wall: float, mono: float, final: bool) -> None:
         src = self.source
@@ -189,7 +202,10 @@ class Sampler:
                 errors=dict(self.errors),
                 energy_counter_reads_total=self.counter_reads,
             ),
-            host=getattr(self, "_host_sample", None),
+            host=self._host_sample,
+            host_energy=dict(self.ledger.host_energy),
+            host_description=self.host.describe() if self.host is not None else "",
+            wall_power=self.wall_power,
             replay=replay,
             t_wall=wall,
         )

@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
@@ -66,6 +67,12 @@ class Service:
         self.server = MetricsServer(host, port, registry, self._health)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_listener(self._on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        self.dcmi = None
+        ipmi = settings.host.ipmi
+        if ipmi.enabled and replay is None:
+            from .sources.ipmi import DcmiPoller
+
+            self.dcmi = DcmiPoller(ipmi)
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         return health_of(self.sampler.snapshot, self.tick_seconds)
@@ -97,6 +104,15 @@ class Service:
             )
             threading.Thread(target=self._stop_schedule, daemon=True).start()
 
+    def _poll_dcmi(self) -> None:
+        """The BMC is slow (a subprocess, up to timeout_seconds): its own job, never the tick's."""
+        assert self.dcmi is not None
+        self.dcmi.poll()
+        reading = self.dcmi.fresh_reading()
+        if reading is None and self.dcmi.consecutive_failures:
+            self.sampler.errors["dcmi"] += 1
+        self.sampler.wall_power = reading
+
     def _stop_schedule(self) -> None:
         try:
             self.scheduler.remove_all_jobs()
@@ -114,6 +130,15 @@ class Service:
             coalesce=True,
             misfire_grace_time=max(1, int(self.interval)),
         )
+        if self.dcmi is not None:
+            self.scheduler.add_job(
+                self._poll_dcmi,
+                IntervalTrigger(seconds=self.settings.host.ipmi.interval_seconds),
+                id="dcmi",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now(timezone.utc),
+            )
         self.scheduler.start()
         log.info("serving on http://%s:%d/metrics", self.server.httpd.server_address[0], self.server.port)
         sd_notify("READY=1")

@@ -53,6 +53,12 @@ class Snapshot:
     agent: AgentStats
     #: Host readings (:class:`agent.sources.host.HostSample`) or None.
     host: Any = None
+    #: Host energy since the totals began, by (component, source). Units: J.
+    host_energy: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    #: One line: which host power method is in use and why.
+    host_description: str = ""
+    #: Latest BMC reading (:class:`agent.sources.ipmi.DcmiReading`) and its age, or None.
+    wall_power: Any = None
     replay: ReplayProgress | None = None
     #: Source time of the tick (trace time for a replay). Units: s since the epoch.
     t_wall: float | None = None

@@ -244,5 +244,36 @@ class ReplaySource:
         idx = bisect.bisect_right(self._row_times, t) - 1
         return self.trace.rows[idx].get("host") if idx >= 0 else None
 
+    def host_source(self, cfg: Any) -> Any:
+        """Host power for the replay: the model fed with the trace's recorded CPU and memory.
+
+        Returns None when the trace has no host readings. RAPL is never read
+        during a replay: the machine replaying is not the machine recorded.
+        """
+        if not any("host" in r for r in self.trace.rows):
+            return None
+        from types import SimpleNamespace
+
+        from .host import HostPowerSource
+
+        info = self.trace.header.get("host", {})
+        mem_total = int(info.get("mem_total_bytes") or 0)
+
+        def row() -> dict[str, Any]:
+            return self.host_row() or {}
+
+        def cpu_percent() -> float:
+            return float(row().get("cpu_util_pct") or 0.0)
+
+        def virtual_memory() -> Any:
+            used = int(row().get("mem_used_bytes") or 0)
+            total = max(mem_total, used)
+            return SimpleNamespace(total=total, available=total - used)
+
+        model_cfg = cfg.model_copy(update={"mode": "model"})
+        return HostPowerSource(
+            model_cfg, cpu_percent=cpu_percent, virtual_memory=virtual_memory, cpu_count=info.get("cpu_count") or 1
+        )
+
     def close(self) -> None:
         pass
