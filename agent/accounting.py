@@ -1,36 +1,201 @@
-"""Running totals built from energy slices.
+"""Running totals built from energy slices: energy, facility energy, cost, emissions.
 
-The ledger is the single place where energy turns into totals; cost,
-emissions and per-workload attribution are added here as slices arrive, and
-its :meth:`Ledger.state` is what is persisted across restarts.
+The ledger is the single place where energy turns into totals. Every slice is
+priced when it arrives, at the tariff band, PUE and grid intensity in force
+during the slice's own wall-time stretch (a slice that straddles a band
+boundary is split), so a tariff change applies from the moment it is loaded
+and never to energy already counted. :meth:`Ledger.state` is what is persisted
+across restarts; GPUs are keyed by UUID, so a renumbering after a reboot does
+not move totals between GPUs.
+
+Component keys: ``gpu:<uuid>`` for each GPU, ``host`` (CPU, DRAM, platform),
+``other`` (BMC wall power not seen by the components, when cost is computed
+from the wall reading), ``node`` (hardware amortisation of the host).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
+from .cost import Amortization, CostModel, DemandTracker, IdleConfig, is_idle
+from .cost.model import JOULES_PER_KWH
 from .energy import EnergySlice
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def gpu_key(uuid: str) -> str:
+    return f"gpu:{uuid}"
+
+
+@dataclass(frozen=True)
+class PriceNow:
+    """What a kWh costs right now, and the schedules' current values."""
+
+    currency: str | None
+    price_per_kwh: float | None
+    band: str | None
+    pue: float
+    grams_per_kwh: float | None
 
 
 class Ledger:
-    """Totals since the agent's totals began. Only ever grows."""
+    """Totals since the agent's totals began (including earlier runs). Only ever grows."""
 
-    def __init__(self) -> None:
-        #: (gpu index, measurement source) → J
-        self.gpu_energy: dict[tuple[int, str], float] = defaultdict(float)
+    def __init__(
+        self,
+        *,
+        cost: CostModel | None = None,
+        demand: DemandTracker | None = None,
+        amortization: Amortization | None = None,
+        hardware_currency: str | None = None,
+        idle: IdleConfig | None = None,
+        gpu_uuids: dict[int, str] | None = None,
+        gpu_names: dict[int, str] | None = None,
+    ) -> None:
+        self.cost = cost or CostModel(None)
+        self.demand = demand
+        self.amortization = amortization if amortization is not None and amortization.enabled else None
+        self.hardware_currency = hardware_currency
+        self.idle = idle or IdleConfig()
+        self.gpu_uuids = dict(gpu_uuids or {})
+        self.gpu_names = dict(gpu_names or {})
+        #: (gpu uuid, measurement source) → J
+        self.gpu_energy: dict[tuple[str, str], float] = defaultdict(float)
         #: (host component, measurement source) → J; components cpu, dram, platform
         self.host_energy: dict[tuple[str, str], float] = defaultdict(float)
+        #: component key → J
+        self.it_energy: dict[str, float] = defaultdict(float)
+        self.facility_energy: dict[str, float] = defaultdict(float)
+        #: (component key, currency) → currency units
+        self.energy_cost: dict[tuple[str, str], float] = defaultdict(float)
+        self.idle_cost: dict[tuple[str, str], float] = defaultdict(float)
+        self.hardware_cost: dict[tuple[str, str], float] = defaultdict(float)
+        #: component key → g CO2e
+        self.emissions: dict[str, float] = defaultdict(float)
+
+    # -- adding energy ----------------------------------------------------
 
     def add(self, slices: Iterable[EnergySlice]) -> None:
+        """GPU energy slices."""
         for s in slices:
-            if s.joules > 0:
-                self.gpu_energy[(s.gpu, s.source)] += s.joules
+            if s.joules <= 0:
+                continue
+            uuid = self.gpu_uuids.get(s.gpu, f"index-{s.gpu}")
+            self.gpu_energy[(uuid, s.source)] += s.joules
+            cost = self._price(gpu_key(uuid), s.t0, s.t1, s.joules)
+            if cost is not None and s.utilization is not None and is_idle(s.utilization, self.idle):
+                self.idle_cost[(gpu_key(uuid), self.cost.currency)] += cost  # type: ignore[index]
 
     def add_host(self, component: str, source: str, t0: float, t1: float, joules: float) -> None:
         """Host energy of one component over [t0, t1] (wall time). Units: J."""
         if joules > 0:
             self.host_energy[(component, source)] += joules
+            self._price("host", t0, t1, joules)
 
-    def gpu_energy_by_source(self, gpu: int) -> dict[str, float]:
-        return {src: j for (g, src), j in self.gpu_energy.items() if g == gpu}
+    def add_other(self, t0: float, t1: float, joules: float) -> None:
+        """Wall energy the BMC saw beyond GPUs + host (PSU losses, fans). Units: J."""
+        if joules > 0:
+            self._price("other", t0, t1, joules)
+
+    def _price(self, key: str, t0: float, t1: float, joules: float) -> float | None:
+        parts = self.cost.price(t0, t1, joules)
+        cost_sum: float | None = None
+        for p in parts:
+            self.it_energy[key] += p.it_joules
+            self.facility_energy[key] += p.facility_joules
+            if p.cost is not None:
+                cost_sum = (cost_sum or 0.0) + p.cost
+            if p.emissions_g is not None:
+                self.emissions[key] += p.emissions_g
+            if self.demand is not None:
+                self.demand.add(p.t0, p.t1, p.facility_joules)
+        if cost_sum is not None and self.cost.currency:
+            self.energy_cost[(key, self.cost.currency)] += cost_sum
+        return cost_sum
+
+    def accrue_hardware(self, t0: float, t1: float) -> None:
+        """Amortisation of every present GPU and of the node for the wall time [t0, t1]."""
+        a = self.amortization
+        if a is None or not self.hardware_currency or t1 <= t0:
+            return
+        dt = t1 - t0
+        for index, uuid in self.gpu_uuids.items():
+            self.hardware_cost[(gpu_key(uuid), self.hardware_currency)] += a.gpu_cost_per_second(
+                index, self.gpu_names.get(index)
+            ) * dt
+        self.hardware_cost[("node", self.hardware_currency)] += a.node_cost_per_second() * dt
+
+    # -- reading ----------------------------------------------------------
+
+    def price_now(self, t: float) -> PriceNow:
+        c = self.cost
+        price = band = None
+        if c.tariff is not None:
+            price, band = c.tariff.price_at(t)
+        grams = c.carbon.value_at(t) if c.carbon is not None else None
+        return PriceNow(c.currency, price, band, c.pue.value_at(t), grams)
+
+    def gpu_energy_by_source(self, uuid: str) -> dict[str, float]:
+        return {src: j for (u, src), j in self.gpu_energy.items() if u == uuid}
+
+    def hardware_rate_per_hour(self) -> float | None:
+        a = self.amortization
+        if a is None or not self.hardware_currency:
+            return None
+        per_s = a.node_cost_per_second() + sum(
+            a.gpu_cost_per_second(i, self.gpu_names.get(i)) for i in self.gpu_uuids
+        )
+        return per_s * 3600.0
+
+    # -- persistence ------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        def pairs(d: dict[tuple[str, str], float]) -> list[list[Any]]:
+            return [[a, b, v] for (a, b), v in sorted(d.items())]
+
+        return {
+            "version": STATE_VERSION,
+            "gpu_energy_joules": pairs(self.gpu_energy),
+            "host_energy_joules": pairs(self.host_energy),
+            "it_energy_joules": dict(self.it_energy),
+            "facility_energy_joules": dict(self.facility_energy),
+            "energy_cost": pairs(self.energy_cost),
+            "idle_cost": pairs(self.idle_cost),
+            "hardware_cost": pairs(self.hardware_cost),
+            "emissions_grams": dict(self.emissions),
+            "demand": self.demand.state() if self.demand is not None else None,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a persisted state. Raises ValueError on a malformed one."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
+
+        def load_pairs(name: str, into: dict[tuple[str, str], float]) -> None:
+            for a, b, v in state.get(name, []):
+                into[(str(a), str(b))] = float(v)
+
+        def load_map(name: str, into: dict[str, float]) -> None:
+            for k, v in (state.get(name) or {}).items():
+                into[str(k)] = float(v)
+
+        load_pairs("gpu_energy_joules", self.gpu_energy)
+        load_pairs("host_energy_joules", self.host_energy)
+        load_pairs("energy_cost", self.energy_cost)
+        load_pairs("idle_cost", self.idle_cost)
+        load_pairs("hardware_cost", self.hardware_cost)
+        load_map("it_energy_joules", self.it_energy)
+        load_map("facility_energy_joules", self.facility_energy)
+        load_map("emissions_grams", self.emissions)
+        if self.demand is not None and state.get("demand"):
+            self.demand.load_state(state["demand"])
+
+
+def kwh(joules: float) -> float:
+    return joules / JOULES_PER_KWH

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .accounting import Ledger
 from .config import ConfigError, Settings, load
 from .sampler import Sampler
 from .service import Service
+from .state import StateError, StateStore, default_state_dir
 
 log = logging.getLogger("agent")
 
@@ -27,6 +29,7 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="address of /metrics (default 0.0.0.0:9842)")
     p.add_argument("--tick", metavar="SECONDS", type=float, help="sampling interval (trace time for replays)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--state-dir", metavar="DIR", help="where totals are persisted (see [agent] state_dir)")
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _replay_args(p)
     p.add_argument("--loop", action="store_true", help="repeat the trace forever")
 
+    p = sub.add_parser("check-config", help="validate a configuration and print the effective tariff table")
+    p.add_argument("file", metavar="FILE")
+
     p = sub.add_parser("record", help="record live NVML readings to a trace file")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="trace to write (.jsonl or .jsonl.gz)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds to record (0 = until Ctrl-C)")
@@ -79,6 +85,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         agent["tick_seconds"] = args.tick
     if getattr(args, "log_level", None):
         agent["log_level"] = args.log_level
+    if getattr(args, "state_dir", None):
+        agent["state_dir"] = args.state_dir
     return {"agent": agent} if agent else {}
 
 
@@ -89,6 +97,44 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _make_ledger(settings: Settings) -> Ledger:
+    from .cost import Amortization, CostModel, DemandTracker
+
+    t = settings.tariff
+    demand = DemandTracker.from_tariff(t) if t is not None else DemandTracker()
+    return Ledger(
+        cost=CostModel(t, settings.pue, settings.carbon),
+        demand=demand,
+        amortization=Amortization(settings.hardware),
+        hardware_currency=settings.hardware_currency,
+        idle=settings.idle,
+    )
+
+
+def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateStore | None:
+    """The state store, with its totals loaded into ``ledger``. Raises StateError."""
+    directory = settings.agent.state_dir
+    if directory is None:
+        if replay:
+            return None  # a replay's totals are not the node's: kept only when asked
+        directory = default_state_dir()
+    store = StateStore(directory)
+    store.check_writable()
+    state = store.load()
+    if state is not None:
+        try:
+            ledger.load_state(state)
+        except (ValueError, TypeError, KeyError) as exc:
+            store.reject(str(exc))
+        else:
+            log.info("totals continue from %s (saved at %s)", store.path, state.get("saved_at"))
+    return store
+
+
+def _serve(settings: Settings, sampler: Sampler, store: StateStore | None, **kw: Any) -> int:
+    return Service(settings, sampler, store=store, **kw).run_forever()
 
 
 def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace, loop: bool) -> int:
@@ -114,14 +160,21 @@ def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace
         ", looping" if loop else "",
     )
     host = source.host_source(settings.host) if settings.host.enabled else None
+    ledger = _make_ledger(settings)
+    try:
+        store = _open_state(settings, ledger, replay=True)
+    except StateError as exc:
+        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
+        return 2
     sampler = Sampler(
         source,
         clock=lambda: (source.t, source.t),
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
         host=host,
+        ledger=ledger,
     )
-    return Service(settings, sampler, replay=source, speed=args.speed).run_forever()
+    return _serve(settings, sampler, store, replay=source, speed=args.speed)
 
 
 def _serve_nvml(settings: Settings) -> int:
@@ -153,6 +206,12 @@ def _serve_nvml(settings: Settings) -> int:
             print(f"gpu-cost-agent: host.mode = \"rapl\" but RAPL cannot be read: {exc.reason}", file=sys.stderr)
             return 2
         log.info(host.describe())
+    ledger = _make_ledger(settings)
+    try:
+        store = _open_state(settings, ledger, replay=False)
+    except StateError as exc:
+        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
+        return 2
     sampler = Sampler(
         source,
         host=host,
@@ -160,8 +219,10 @@ def _serve_nvml(settings: Settings) -> int:
         counter_interval=settings.gpu.energy_counter_interval_seconds,
         source_kind="nvml",
         source_error=error,
+        ledger=ledger,
+        wall_cost_basis=settings.host.ipmi.enabled and settings.host.ipmi.cost_basis == "wall",
     )
-    return Service(settings, sampler).run_forever()
+    return _serve(settings, sampler, store)
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -187,6 +248,37 @@ def _record(args: argparse.Namespace) -> int:
     finally:
         source.close()
     print(f"wrote {rows} rows for {len(source.devices())} GPU(s) to {args.output}")
+    return 0
+
+
+def _check_config(path: str) -> int:
+    from .cost import Amortization, Tariff, tariff_table
+
+    try:
+        settings = load(path)
+    except ConfigError as exc:
+        print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    a = settings.agent
+    print(f"{path}: OK")
+    print(f"listen {a.listen}, tick {a.tick_seconds:g} s, energy counter every "
+          f"{settings.gpu.energy_counter_interval_seconds:g} s, energy method {settings.gpu.energy_method}")
+    print(f"state dir {a.state_dir or default_state_dir()} (persisted every {a.persist_interval_seconds:g} s)")
+    p = settings.pue
+    print(f"PUE: {p.value:g}" if not (p.by_month or p.bands) else "PUE: schedule (" + ("by month" if p.by_month else "hour bands") + ")")
+    c = settings.carbon
+    print("carbon: " + ("not set (no emissions exported)" if not c.enabled else
+                        f"{c.grams_per_kwh:g} g CO2e/kWh" if c.grams_per_kwh is not None else "schedule"))
+    amort = Amortization(settings.hardware)
+    if amort.enabled:
+        print(f"hardware: {settings.hardware_currency} {amort.node_cost_per_hour():.4f}/h for the node, "
+              f"{amort.gpu_cost_per_hour(0):.4f}/h per GPU (GPU 0; overrides by index or model apply)")
+    print(f"idle: GPU utilisation below {settings.idle.utilization_threshold:.0%} counts as idle")
+    if settings.tariff is None:
+        print("tariff: none ([tariff] absent): energy is exported, cost is not")
+    else:
+        print()
+        print(tariff_table(Tariff(settings.tariff)))
     return 0
 
 
@@ -219,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "record":
         _setup_logging("info")
         return _record(args)
+    if args.command == "check-config":
+        return _check_config(args.file)
     try:
         settings = load(args.config, _overrides(args))
     except ConfigError as exc:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .cost import CarbonConfig, HardwareConfig, IdleConfig, PueConfig, TariffConfig, format_validation_error
 from .sources.host import HostConfig
 
 DEFAULT_PORT = 9842  # clear of node_exporter 9100, dcgm-exporter 9400, nvidia_gpu_exporter 9835
@@ -42,6 +43,12 @@ class AgentSection(BaseModel):
     #: Sampling interval of the cheap readings. Units: s.
     tick_seconds: float = Field(1.0, gt=0, le=300)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Where totals are persisted. Unset: $STATE_DIRECTORY (systemd), else
+    #: /var/lib/gpu-cost-agent (root) or ~/.local/state/gpu-cost-agent. Replays
+    #: persist only when this is set explicitly (or --state-dir is given).
+    state_dir: Path | None = None
+    #: How often totals are written to the state file (and always on SIGTERM). Units: s.
+    persist_interval_seconds: float = Field(60.0, gt=0, le=86400)
 
     @field_validator("listen")
     @classmethod
@@ -73,6 +80,12 @@ class Settings(BaseSettings):
     agent: AgentSection = AgentSection()
     gpu: GpuSection = GpuSection()
     host: HostConfig = HostConfig()
+    #: No [tariff] table: energy is exported, cost is not.
+    tariff: TariffConfig | None = None
+    pue: PueConfig = PueConfig()
+    carbon: CarbonConfig = CarbonConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    idle: IdleConfig = IdleConfig()
 
     # Set by load() for the duration of one construction.
     _toml_file: ClassVar[Path | None] = None
@@ -98,25 +111,15 @@ class Settings(BaseSettings):
                 "gpu.energy_counter_interval_seconds must be at least agent.tick_seconds "
                 f"({self.gpu.energy_counter_interval_seconds} < {self.agent.tick_seconds})"
             )
+        hw = self.hardware
+        priced = hw.gpu_price > 0 or hw.node_price > 0 or bool(hw.gpus)
+        if priced and not hw.currency and self.tariff is None:
+            raise ValueError("hardware.currency is required when there is no [tariff] to take it from")
         return self
 
-
-def format_error(exc: ValidationError) -> str:
-    """First validation error as ``dotted.field: message``."""
-    err = exc.errors()[0]
-    parts: list[str] = []
-    for p in err["loc"]:
-        if isinstance(p, int):
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{p}]"]
-        else:
-            parts.append(str(p))
-    where = ".".join(parts)
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown setting"
-    elif err["type"] == "missing":
-        msg = "required setting is missing"
-    return f"{where}: {msg}" if where else msg
+    @property
+    def hardware_currency(self) -> str | None:
+        return self.hardware.currency or (self.tariff.currency if self.tariff is not None else None)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +154,6 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
         merged = _merge(base.model_dump(), overrides)
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(format_error(exc)) from exc
+        raise ConfigError(format_validation_error(exc)) from exc
     finally:
         Settings._toml_file = None

@@ -66,6 +66,8 @@ class SnapshotCollector:
         yield from self._agent(snap)
         yield from self._gpus(snap)
         yield from self._host(snap)
+        if snap.cost is not None:
+            yield from self._cost(snap)
 
     # -- agent ------------------------------------------------------------
 
@@ -260,6 +262,133 @@ class SnapshotCollector:
             )
             wall.add_metric(["dcmi"], w.watts)
             yield wall
+
+
+    # -- cost -------------------------------------------------------------
+
+    def _cost(self, snap: Snapshot) -> Iterator[Metric]:
+        c = snap.cost
+        assert c is not None
+        now = c.now
+        index_of = {g.info.uuid: str(g.info.index) for g in snap.gpus}
+
+        def component_labels(key: str) -> list[str] | None:
+            """[component, gpu, uuid] for a ledger key; None for a GPU not present now."""
+            if key.startswith("gpu:"):
+                uuid = key[4:]
+                return ["gpu", index_of[uuid], uuid] if uuid in index_of else None
+            return [key, "", ""]
+
+        comp = ["component", "gpu", "uuid"]
+        if now.price_per_kwh is not None:
+            price = GaugeMetricFamily(
+                "gpucost_energy_price_per_kwh",
+                "Energy price in force now, per kWh of facility energy, with its tariff band.",
+                labels=["currency", "band"],
+            )
+            price.add_metric([now.currency, now.band or ""], now.price_per_kwh)
+            yield price
+        yield GaugeMetricFamily("gpucost_pue_ratio", "Power usage effectiveness in force now.", value=now.pue)
+        if now.grams_per_kwh is not None:
+            yield GaugeMetricFamily(
+                "gpucost_grid_carbon_intensity_grams_per_kwh",
+                "Grid carbon intensity in force now. Units: g CO2e per kWh.",
+                value=now.grams_per_kwh,
+            )
+        if c.it_power_watts is not None:
+            yield GaugeMetricFamily(
+                "gpucost_node_it_power_watts", "Node IT power now: GPUs + host (or the BMC wall reading).",
+                value=c.it_power_watts,
+            )
+        if c.facility_power_watts is not None:
+            yield GaugeMetricFamily(
+                "gpucost_node_facility_power_watts", "Node facility power now: IT power × PUE.",
+                value=c.facility_power_watts,
+            )
+        it = CounterMetricFamily(
+            "gpucost_node_it_energy_joules", "IT energy since the totals began, by component.", labels=comp
+        )
+        fac = CounterMetricFamily(
+            "gpucost_node_facility_energy_joules",
+            "Facility energy (IT energy × PUE in force when it was used) since the totals began, by component.",
+            labels=comp,
+        )
+        for src, fam in ((c.it_energy_joules, it), (c.facility_energy_joules, fac)):
+            for key, j in sorted(src.items()):
+                labels = component_labels(key)
+                if labels is not None:
+                    fam.add_metric(labels, j)
+        yield it
+        yield fac
+        if now.currency is not None:
+            cost = CounterMetricFamily(
+                "gpucost_energy_cost",
+                "Cost of facility energy since the totals began, by component, in currency units.",
+                labels=comp + ["currency"],
+            )
+            for (key, cur), v in sorted(c.energy_cost.items()):
+                labels = component_labels(key)
+                if labels is not None:
+                    cost.add_metric(labels + [cur], v)
+            yield cost
+            idle = CounterMetricFamily(
+                "gpucost_gpu_idle_cost",
+                "Energy cost spent while the GPU's utilisation was below the idle threshold.",
+                labels=GPU_LABELS + ["currency"],
+            )
+            for (key, cur), v in sorted(c.idle_cost.items()):
+                labels = component_labels(key)
+                if labels is not None:
+                    idle.add_metric(labels[1:] + [cur], v)
+            yield idle
+        if c.energy_cost_rate_per_hour is not None or c.hardware_cost_rate_per_hour is not None:
+            rate = GaugeMetricFamily(
+                "gpucost_node_cost_rate_per_hour",
+                "What the node costs per hour at this moment: energy (at current power, PUE and price) "
+                "and hardware amortisation.",
+                labels=["kind", "currency"],
+            )
+            if c.energy_cost_rate_per_hour is not None:
+                rate.add_metric(["energy", now.currency], c.energy_cost_rate_per_hour)
+            if c.hardware_cost_rate_per_hour is not None:
+                rate.add_metric(["hardware", c.hardware_currency], c.hardware_cost_rate_per_hour)
+            yield rate
+        if c.hardware_cost:
+            hw = CounterMetricFamily(
+                "gpucost_hardware_cost",
+                "Straight-line amortisation of purchase prices for the time the agent ran, by component.",
+                labels=comp + ["currency"],
+            )
+            for (key, cur), v in sorted(c.hardware_cost.items()):
+                labels = component_labels(key)
+                if labels is not None:
+                    hw.add_metric(labels + [cur], v)
+            yield hw
+        if now.grams_per_kwh is not None or c.emissions_grams:
+            em = CounterMetricFamily(
+                "gpucost_emissions_grams",
+                "Emissions of facility energy since the totals began, by component. Units: g CO2e.",
+                labels=comp,
+            )
+            for key, g in sorted(c.emissions_grams.items()):
+                labels = component_labels(key)
+                if labels is not None:
+                    em.add_metric(labels, g)
+            yield em
+        if c.demand_peak_watts is not None:
+            yield GaugeMetricFamily(
+                "gpucost_demand_peak_watts",
+                "Highest window-average facility power of the current month (resets monthly).",
+                value=c.demand_peak_watts,
+            )
+        if c.demand_charge is not None and now.currency is not None:
+            dc = GaugeMetricFamily(
+                "gpucost_demand_charge",
+                "Demand charge of the current month so far: peak kW × price per kW (resets monthly).",
+                labels=["currency"],
+            )
+            dc.add_metric([now.currency], c.demand_charge)
+            yield dc
 
 
 def make_registry(get_snapshot: Callable[[], Snapshot], *, process_metrics: bool = True) -> CollectorRegistry:

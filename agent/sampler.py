@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .accounting import Ledger
 from .energy import GpuEnergy
-from .snapshot import AgentStats, GpuState, ReplayProgress, Snapshot
+from .snapshot import AgentStats, CostView, GpuState, ReplayProgress, Snapshot
 from .sources.gpu import GpuError, GpuLost, GpuNotSupported, GpuReading, GpuSource
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Sampler:
         host: Any = None,
         source_kind: str = "nvml",
         source_error: str = "",
+        wall_cost_basis: bool = False,
     ) -> None:
         self.source = source
         self.clock = clock
@@ -56,6 +57,11 @@ class Sampler:
         self._last_success: float | None = None
         self._last_duration: float | None = None
         self.devices = list(source.devices()) if source is not None else []
+        self.ledger.gpu_uuids = {d.index: d.uuid for d in self.devices}
+        self.ledger.gpu_names = {d.index: d.name for d in self.devices}
+        #: Cost from the BMC's wall reading ([host.ipmi] cost_basis = "wall") when one is fresh.
+        self.wall_cost_basis = wall_cost_basis
+        self._prev_wall: float | None = None
         self._up = {d.index: True for d in self.devices}
         self._readings: dict[int, GpuReading | None] = {}
         self._host_sample: Any = None
@@ -111,11 +117,36 @@ class Sampler:
                 self._tick_gpu(d.index, wall, mono, final)
             if self.host is not None:
                 self._tick_host(wall, mono)
+            if self._prev_wall is not None and wall > self._prev_wall:
+                self.ledger.accrue_hardware(self._prev_wall, wall)
+                self._account_wall_remainder(self._prev_wall, wall)
+            self._prev_wall = wall
             self.ticks += 1
             self._last_duration = time.perf_counter() - started
             self._last_success = time.time()
             self.snapshot = self._build(wall)
             return self.snapshot
+
+    def it_power_watts(self) -> float | None:
+        """GPUs + host right now, from the latest readings. Units: W."""
+        watts = [r.power_watts for i, r in self._readings.items() if r is not None and r.power_watts is not None]
+        host = self._host_sample
+        if host is not None and not host.baseline:
+            watts.append(host.watts)
+        return sum(watts) if watts else None
+
+    def _account_wall_remainder(self, t0: float, t1: float) -> None:
+        """With cost from the wall meter: price what the BMC sees beyond GPUs + host."""
+        w = self.wall_power
+        if not self.wall_cost_basis or w is None:
+            return
+        components = self.it_power_watts() or 0.0
+        self.ledger.add_other(t0, t1, max(0.0, w.watts - components) * (t1 - t0))
+
+    def state(self) -> dict[str, Any]:
+        """The ledger's totals, consistent (taken between two ticks), for persisting."""
+        with self._lock:
+            return self.ledger.state()
 
     def _tick_host(self, wall: float, mono: float) -> None:
         try:
@@ -177,7 +208,7 @@ class Sampler:
                 up=self._up[d.index],
                 reading=self._readings.get(d.index),
                 energy_method=self._energy[d.index].method,
-                energy_joules=self.ledger.gpu_energy_by_source(d.index),
+                energy_joules=self.ledger.gpu_energy_by_source(d.uuid),
             )
             for d in self.devices
         )
@@ -206,8 +237,36 @@ class Sampler:
             host_energy=dict(self.ledger.host_energy),
             host_description=self.host.describe() if self.host is not None else "",
             wall_power=self.wall_power,
+            cost=self._cost_view(wall),
             replay=replay,
             t_wall=wall,
+        )
+
+
+    def _cost_view(self, wall: float | None) -> CostView:
+        led = self.ledger
+        now = led.price_now(wall if wall is not None else time.time())
+        it_w = self.it_power_watts()
+        if self.wall_cost_basis and self.wall_power is not None:
+            it_w = max(it_w or 0.0, self.wall_power.watts)
+        fac_w = it_w * now.pue if it_w is not None else None
+        energy_rate = fac_w / 1000.0 * now.price_per_kwh if (fac_w is not None and now.price_per_kwh is not None) else None
+        d = led.demand
+        return CostView(
+            now=now,
+            it_power_watts=it_w,
+            facility_power_watts=fac_w,
+            energy_cost_rate_per_hour=energy_rate,
+            hardware_cost_rate_per_hour=led.hardware_rate_per_hour(),
+            hardware_currency=led.hardware_currency,
+            it_energy_joules=dict(led.it_energy),
+            facility_energy_joules=dict(led.facility_energy),
+            energy_cost=dict(led.energy_cost),
+            idle_cost=dict(led.idle_cost),
+            hardware_cost=dict(led.hardware_cost),
+            emissions_grams=dict(led.emissions),
+            demand_peak_watts=d.peak_w if d is not None and d.month is not None else None,
+            demand_charge=d.demand_charge if d is not None and d.month is not None else None,
         )
 
 

@@ -54,12 +54,14 @@ class Service:
         *,
         replay: Any = None,
         speed: float = 1.0,
+        store: Any = None,
     ) -> None:
         self.settings = settings
         self.sampler = sampler
         self.replay = replay
         self.tick_seconds = settings.agent.tick_seconds
         self.interval = self.tick_seconds / speed if replay is not None else self.tick_seconds
+        self.store = store
         self.stopped = threading.Event()
         self._finished = False
         host, port = parse_listen(settings.agent.listen)
@@ -103,6 +105,7 @@ class Service:
                 self.replay.duration_seconds,
             )
             threading.Thread(target=self._stop_schedule, daemon=True).start()
+            self.persist()
 
     def _poll_dcmi(self) -> None:
         """The BMC is slow (a subprocess, up to timeout_seconds): its own job, never the tick's."""
@@ -113,9 +116,19 @@ class Service:
             self.sampler.errors["dcmi"] += 1
         self.sampler.wall_power = reading
 
+    def persist(self) -> None:
+        """Write the totals now. A failed write is logged and counted; the next one retries."""
+        if self.store is None:
+            return
+        try:
+            self.store.save(self.sampler.state())
+        except OSError as exc:
+            self.sampler.errors["state_write"] += 1
+            log.error("could not write state file %s: %s", self.store.path, exc)
+
     def _stop_schedule(self) -> None:
         try:
-            self.scheduler.remove_all_jobs()
+            self.scheduler.remove_job("sample")
         except Exception:
             pass
 
@@ -130,6 +143,14 @@ class Service:
             coalesce=True,
             misfire_grace_time=max(1, int(self.interval)),
         )
+        if self.store is not None:
+            self.scheduler.add_job(
+                self.persist,
+                IntervalTrigger(seconds=self.settings.agent.persist_interval_seconds),
+                id="persist",
+                max_instances=1,
+                coalesce=True,
+            )
         if self.dcmi is not None:
             self.scheduler.add_job(
                 self._poll_dcmi,
@@ -152,6 +173,7 @@ class Service:
         if not self._finished and self.sampler.source is not None:
             # A last tick with a counter read, so nothing counted is held back.
             self.sampler.tick(final=True)
+        self.persist()
         self.server.stop()
 
     def run_forever(self) -> int:

@@ -44,6 +44,27 @@ class AgentStats:
 
 
 @dataclass(frozen=True)
+class CostView:
+    """Money, facility energy and carbon, as of the tick. Keys: see :mod:`agent.accounting`."""
+
+    now: Any  # agent.accounting.PriceNow
+    it_power_watts: float | None
+    facility_power_watts: float | None
+    energy_cost_rate_per_hour: float | None
+    hardware_cost_rate_per_hour: float | None
+    hardware_currency: str | None
+    it_energy_joules: Mapping[str, float]
+    facility_energy_joules: Mapping[str, float]
+    #: (component key, currency) → currency units
+    energy_cost: Mapping[tuple[str, str], float]
+    idle_cost: Mapping[tuple[str, str], float]
+    hardware_cost: Mapping[tuple[str, str], float]
+    emissions_grams: Mapping[str, float]
+    demand_peak_watts: float | None
+    demand_charge: float | None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     source_kind: str  # "nvml" or "replay"
     #: False when the GPU source could not be opened (e.g. no driver): GPUs absent.
@@ -60,5 +81,6 @@ class Snapshot:
     #: Latest BMC reading (:class:`agent.sources.ipmi.DcmiReading`) and its age, or None.
     wall_power: Any = None
     replay: ReplayProgress | None = None
+    cost: CostView | None = None
     #: Source time of the tick (trace time for a replay). Units: s since the epoch.
     t_wall: float | None = None

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,9 @@ class AgentProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
         self.args = [sys.executable, "-m", "agent", *args, "--listen", f"127.0.0.1:{self.port}"]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # `run` persists to $STATE_DIRECTORY by default: never the test machine's /var/lib.
+        self._tmp = tempfile.mkdtemp(prefix="gpucost-test-")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "STATE_DIRECTORY": self._tmp, **(env or {})}
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.output = ""

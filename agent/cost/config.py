@@ -73,6 +73,10 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         else:
             path += f".{part}" if path else str(part)
     msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown setting"
+    elif err.get("type") == "missing":
+        msg = "required setting is missing"
     # pydantic prefixes messages of ValueErrors raised in validators.
     for noise in ("Value error, ", "Assertion failed, "):
         if msg.startswith(noise):
