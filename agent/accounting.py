@@ -131,6 +131,10 @@ class Ledger:
             ) * dt
         self.hardware_cost[("node", self.hardware_currency)] += a.node_cost_per_second() * dt
 
+    def crosses_boundary(self, t0: float, t1: float) -> bool:
+        """Whether the tariff band, PUE or carbon intensity changes within [t0, t1)."""
+        return t1 > t0 and len(self.cost.price(t0, t1, 0.0)) > 1
+
     # -- reading ----------------------------------------------------------
 
     def price_now(self, t: float) -> PriceNow:

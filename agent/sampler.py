@@ -113,8 +113,11 @@ class Sampler:
         with self._lock:
             started = time.perf_counter()
             wall, mono = self.clock()
+            # Close the counter interval on the tick that crosses a price, PUE or
+            # carbon boundary, so energy on each side is exact, not apportioned.
+            boundary = self._prev_wall is not None and self.ledger.crosses_boundary(self._prev_wall, wall)
             for d in self.devices:
-                self._tick_gpu(d.index, wall, mono, final)
+                self._tick_gpu(d.index, wall, mono, final or boundary)
             if self.host is not None:
                 self._tick_host(wall, mono)
             if self._prev_wall is not None and wall > self._prev_wall:

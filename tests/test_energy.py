@@ -91,7 +91,7 @@ def test_implausible_counter_jump_is_treated_as_reset():
 # -- apportioning ----------------------------------------------------------------------
 
 
-def test_exact_delta_is_apportioned_by_polled_power_and_keeps_wall_times():
+def test_exact_delta_is_apportioned_by_each_ticks_power_and_keeps_wall_times():
     e = GpuEnergy(0, "counter", counter_interval=4.0)
     assert e.tick(0.0, 1000.0, 100.0, counter_mj=0) == []
     e.tick(1.0, 1001.0, 100.0)
@@ -99,9 +99,36 @@ def test_exact_delta_is_apportioned_by_polled_power_and_keeps_wall_times():
     e.tick(3.0, 1003.0, 300.0)
     out = e.tick(4.0, 1004.0, 100.0, counter_mj=900_000)  # exactly 900 J
     assert [(x.t0, x.t1) for x in out] == [(1000.0, 1001.0), (1001.0, 1002.0), (1002.0, 1003.0), (1003.0, 1004.0)]
-    # Trapezoid weights 100, 200, 300, 200 (sum 800) → 900 J × w/800.
-    assert [round(x.joules, 6) for x in out] == [112.5, 225.0, 337.5, 225.0]
+    # Each tick weighted by the power read at its end (on Hopper the average over
+    # that tick): 100, 300, 300, 100 W × 1 s (sum 800) → 900 J × w/800.
+    assert [round(x.joules, 6) for x in out] == [112.5, 337.5, 337.5, 112.5]
     assert sum(x.joules for x in out) == pytest.approx(900.0)
+
+
+def test_counter_is_read_on_the_tick_that_crosses_a_tariff_boundary():
+    from agent.accounting import Ledger
+    from agent.cost import CostModel, TariffConfig
+
+    # Bands change at 08:00 UTC; the fake source starts at 1.8e9 s = 2027-01-15 08:00:00 UTC.
+    t0 = 1_800_000_000.0 - 2.5  # 07:59:57.5
+    tariff = TariffConfig(currency="EUR", timezone="UTC", bands=[
+        {"name": "night", "price_per_kwh": 0.1, "days": ["weekday", "weekend"], "start": "00:00", "end": "08:00"},
+        {"name": "day", "price_per_kwh": 0.3, "days": ["weekday", "weekend"], "start": "08:00", "end": "00:00"},
+    ])
+    src = FakeSource([FakeGpu(lambda t: 600.0 if t >= 1_800_000_000.0 else 100.0)], t0=t0)
+    s = make_sampler(src, counter_interval=60.0, ledger=Ledger(cost=CostModel(tariff)))
+    reads = src.calls["energy_mj"]
+    run(src, s, 3.0, final=False)  # ticks at 58.5, 59.5, 00.5: the last crosses 08:00
+    assert src.calls["energy_mj"] == reads + 1  # read at the crossing, long before 60 s
+    # 2.5 s at 100 W before 08:00 at 0.1, 0.5 s at 600 W after at 0.3: split by the counter.
+    cost = s.ledger.energy_cost[("gpu:GPU-fake-0", "EUR")]
+    # Exact delta over 57.5 → 00.5: 2.5 s × 100 W + 0.5 s × 600 W = 550 J, shared by the
+    # power read at each tick's end: 100, 100, 600 (of 800) → 68.75, 68.75, 412.5 J.
+    # Only the straddling tick (59.5 → 00.5) is split by time: 206.25 J on each side.
+    night, day = 68.75 + 68.75 + 206.25, 206.25
+    assert cost == pytest.approx((night * 0.1 + day * 0.3) / 3.6e6, rel=1e-4)
+    # With a 60 s counter interval and no boundary read, the same 550 J would have been
+    # spread over the whole interval's ticks; here the counter cut it at the crossing.
 
 
 # -- missing fields --------------------------------------------------------------------
