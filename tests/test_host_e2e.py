@@ -1,0 +1,97 @@
+"""Host power through the real agent process on this machine (no powercap: the model)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from agentproc import AgentProcess, value
+
+IPMI = Path(__file__).resolve().parents[1] / "fixtures" / "ipmi"
+
+
+def scrape_after_ticks(agent: AgentProcess, ticks: int = 4, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = agent.metrics()
+        if (value(m, "gpucost_agent_ticks_total") or 0) >= ticks:
+            return m
+        time.sleep(0.1)
+    raise AssertionError("agent did not tick")
+
+
+@pytest.mark.skipif(Path("/sys/class/powercap").exists(), reason="this machine has powercap; the model is not used")
+def test_run_without_powercap_uses_the_model_and_says_so():
+    agent = AgentProcess("run", "--tick", "0.2")
+    try:
+        agent.wait_ready()
+        m = scrape_after_ticks(agent)
+        assert value(m, "gpucost_host_power_watts", component="cpu", source="model") > 0
+        assert value(m, "gpucost_host_power_watts", component="dram", source="model") > 0
+        assert value(m, "gpucost_host_power_watts", component="platform", source="static") == 0.0
+        assert value(m, "gpucost_host_power_watts", source="rapl") is None
+        assert value(m, "gpucost_host_power_info", method="model") == 1
+        assert value(m, "gpucost_host_energy_joules_total", component="cpu", source="model") > 0
+        assert 0.0 <= value(m, "gpucost_host_cpu_utilization_ratio") <= 1.0
+        assert value(m, "gpucost_node_it_power_watts") > 0  # the host flows into node IT power
+    finally:
+        assert agent.stop() == 0
+    assert "host power: model (no /sys/class/powercap)" in agent.output
+
+
+def ipmi_config(tmp_path, fixture: str, basis: str) -> str:
+    p = tmp_path / "agent.toml"
+    p.write_text(f"""
+[host]
+platform_watts = 0
+[host.ipmi]
+enabled = true
+command = ["{sys.executable}", "-c", "import sys; sys.stdout.write(open({str(IPMI / fixture)!r}).read())"]
+interval_seconds = 0.5
+cost_basis = "{basis}"
+[tariff]
+currency = "EUR"
+flat_price_per_kwh = 0.30
+""")
+    return str(p)
+
+
+def test_bmc_wall_power_is_exported_beside_the_components_and_can_be_the_cost_basis(tmp_path):
+    agent = AgentProcess("run", "--tick", "0.2", "--config", ipmi_config(tmp_path, "dell_reading.txt", "wall"))
+    try:
+        agent.wait_ready()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            m = agent.metrics()
+            if (value(m, "gpucost_energy_cost_total", component="other") or 0) > 0:
+                break
+            time.sleep(0.2)
+        wall = value(m, "gpucost_node_wall_power_watts", source="dcmi")
+        assert wall == 298.0  # "Instantaneous power reading: 298 Watts" in the recorded output
+        components = sum(
+            value(m, "gpucost_host_power_watts", component=c, source=s) or 0.0
+            for c, s in (("cpu", "model"), ("dram", "model"), ("platform", "static"))
+        )
+        assert components < wall
+        # Cost from the wall: what the components do not explain is priced as "other".
+        assert value(m, "gpucost_energy_cost_total", component="other", currency="EUR") > 0
+        assert value(m, "gpucost_node_it_power_watts") == wall
+    finally:
+        assert agent.stop() == 0
+
+
+def test_bmc_error_is_logged_once_and_no_wall_power_is_exported(tmp_path):
+    agent = AgentProcess("run", "--tick", "0.2", "--config", ipmi_config(tmp_path, "error_session.txt", "components"))
+    try:
+        agent.wait_ready()
+        time.sleep(2.0)  # about four polls
+        m = agent.metrics()
+        assert value(m, "gpucost_node_wall_power_watts") is None
+        assert value(m, "gpucost_energy_cost_total", component="other") is None
+        assert value(m, "gpucost_agent_errors_total", kind="dcmi") >= 2
+        assert value(m, "gpucost_energy_cost_total", component="host", currency="EUR") > 0
+    finally:
+        assert agent.stop() == 0
+    assert agent.output.count("insufficient resources for session") == 1  # once, not every poll
