@@ -1,0 +1,103 @@
+"""Worked examples through the ledger: idle cost, amortisation, host energy in replays, record."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fakes import FakeGpu, FakeSource
+from helpers import counter_delta_joules, replay_through_sampler
+
+from agent.accounting import Ledger
+from agent.cost import Amortization, CostModel, HardwareConfig, IdleConfig, PueConfig, TariffConfig
+from agent.energy import EnergySlice
+from agent.record import record
+from agent.sampler import Sampler
+from agent.sources.replay import ReplaySource
+from agent.trace import load
+
+T = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+
+
+def test_idle_cost_is_the_cost_of_energy_used_below_the_threshold():
+    led = Ledger(cost=CostModel(TariffConfig(currency="EUR", flat_price_per_kwh=0.36), PueConfig(value=1.25)),
+                 idle=IdleConfig(utilization_threshold=0.05), gpu_uuids={0: "GPU-a"})
+    led.add([
+        EnergySlice(0, T, T + 3600, 360_000.0, "counter", utilization=0.02),   # 0.1 kWh idle
+        EnergySlice(0, T + 3600, T + 7200, 1_440_000.0, "counter", utilization=0.90),  # 0.4 kWh busy
+        EnergySlice(0, T + 7200, T + 7300, 3_600.0, "counter", utilization=0.05),  # at the threshold: not idle
+        EnergySlice(0, T + 7300, T + 7400, 3_600.0, "counter", utilization=None),  # unknown: not idle
+    ])
+    # Idle: 0.1 kWh × 1.25 PUE × 0.36 EUR = 0.045 EUR.
+    assert led.idle_cost[("gpu:GPU-a", "EUR")] == pytest.approx(0.045)
+    # All: (0.1 + 0.4 + 0.001 + 0.001) kWh × 1.25 × 0.36 = 0.2259 EUR.
+    assert led.energy_cost[("gpu:GPU-a", "EUR")] == pytest.approx(0.2259)
+    assert led.facility_energy["gpu:GPU-a"] == pytest.approx(1_807_200.0 * 1.25)
+
+
+def test_amortisation_per_hour_through_the_sampler():
+    # 30,000 over 5 years of 365.25 days = 30000 / 43830 h = 0.684463 per GPU-hour;
+    # node 60,000 over 5 years = 1.368925 per hour.
+    hw = HardwareConfig(currency="EUR", gpu_price=30000, gpu_lifetime_years=5, node_price=60000,
+                        node_lifetime_years=5)
+    src = FakeSource([FakeGpu(lambda t: 100.0), FakeGpu(lambda t: 100.0)], t0=T)
+    led = Ledger(amortization=Amortization(hw), hardware_currency="EUR")
+    s = Sampler(src, clock=src.clock, ledger=led, energy_method="polled")
+    s.tick()
+    for _ in range(60):
+        src.t += 60.0  # one hour in 1-minute ticks
+        s.tick()
+    assert led.hardware_cost[("gpu:GPU-fake-0", "EUR")] == pytest.approx(30000 / 43830, rel=1e-9)
+    assert led.hardware_cost[("gpu:GPU-fake-1", "EUR")] == pytest.approx(0.684463, abs=1e-6)
+    assert led.hardware_cost[("node", "EUR")] == pytest.approx(1.368925, abs=1e-6)
+    assert led.hardware_rate_per_hour() == pytest.approx(2 * 0.684463 + 1.368925, abs=1e-5)
+    assert s.snapshot.cost.hardware_cost_rate_per_hour == pytest.approx(2.737851, abs=1e-5)
+
+
+def test_no_tariff_means_no_cost_but_energy_and_facility_energy():
+    led = Ledger(cost=CostModel(None, PueConfig(value=1.5)), gpu_uuids={0: "GPU-a"})
+    led.add([EnergySlice(0, T, T + 10, 1000.0, "counter", 0.5)])
+    assert dict(led.energy_cost) == {} and dict(led.idle_cost) == {}
+    assert led.facility_energy["gpu:GPU-a"] == 1500.0
+
+
+def test_replay_carries_host_readings_through_the_model(h100_trace):
+    from agent.sources.host import HostConfig
+
+    src = ReplaySource(h100_trace)
+    sampler = Sampler(src, clock=lambda: (src.t, src.t), host=src.host_source(HostConfig()))
+    sampler.tick()
+    while not src.finished:
+        src.seek(src.t + 1.0)
+        sampler.tick(final=src.finished)
+    host = sampler.ledger.host_energy
+    span = h100_trace.end - h100_trace.start
+    # DRAM: 0.375 W/GiB × 135,148,564,480 B installed (125.87 GiB) = 47.20 W, for the whole trace.
+    assert host[("dram", "model")] == pytest.approx(0.375 * 135148564480 / 2**30 * span, rel=1e-9)
+    # CPU: 16 vCPUs → 12 W idle .. 56 W full; the trace's host CPU stayed low (a few %).
+    assert 12.0 * span < host[("cpu", "model")] < 20.0 * span
+    assert sampler.snapshot.host.cpu_util_ratio == pytest.approx(h100_trace.rows[-1]["host"]["cpu_util_pct"] / 100)
+
+
+def test_record_writes_a_trace_that_replays_to_the_same_energy(tmp_path):
+    # record() samples in real time: the fake GPU's clock follows the real one.
+    live = FakeSource([FakeGpu(lambda t: 200.0 + 100.0 * ((t * 2) % 2 > 1))], t0=time.time())
+    fake_read = live.read
+
+    def read(i):
+        live.t = time.time()
+        return fake_read(i)
+
+    live.read = read  # type: ignore[method-assign]
+    path = tmp_path / "rec.jsonl.gz"
+    rows = record(live, str(path), duration=1.5, interval=0.05, energy_interval=0.05, samples_interval=0.5)
+    assert rows >= 20
+    trace = load(path)
+    assert trace.header["gpus"][0]["uuid"] == "GPU-fake-0"
+    first = trace.rows[0]["gpus"]["0"]
+    assert {"power_mw", "energy_mj", "samples", "temp_c", "power_limit_mw"} <= set(first)
+    assert "mem_used_bytes" not in first  # the fake does not report it: absent, not 0
+    assert "cpu_util_pct" in trace.rows[0]["host"]
+    sampler = replay_through_sampler(trace, tick=0.25)
+    assert sampler.energy_method(0) == "counter"
+    assert sum(sampler.snapshot.gpus[0].energy_joules.values()) == pytest.approx(counter_delta_joules(trace), rel=1e-6)
