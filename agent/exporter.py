@@ -108,7 +108,7 @@ class SnapshotCollector:
             )
         yield CounterMetricFamily("gpucost_agent_ticks", "Sampling ticks completed.", value=a.ticks_total)
         yield CounterMetricFamily(
-            "gpucost_agent_energy_counter_reads",
+            "gpucost_agent_gpu_energy_reads",
             "Reads of the GPU hardware energy counters (each costs milliseconds of CPU).",
             value=a.energy_counter_reads_total,
         )

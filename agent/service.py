@@ -135,6 +135,7 @@ class Service:
     def start(self) -> None:
         self.sampler.tick()  # first snapshot before the endpoint opens
         self.server.start()
+        sd_notify("READY=1")  # serving from here on; WATCHDOG=1 follows every tick
         self.scheduler.add_job(
             self._job,
             IntervalTrigger(seconds=self.interval),
@@ -162,7 +163,6 @@ class Service:
             )
         self.scheduler.start()
         log.info("serving on http://%s:%d/metrics", self.server.httpd.server_address[0], self.server.port)
-        sd_notify("READY=1")
 
     def stop(self) -> None:
         sd_notify("STOPPING=1")

@@ -48,7 +48,7 @@ def test_replay_over_http_matches_the_trace(h100_trace):
         assert value(m, "gpucost_replay_position_seconds") == pytest.approx(99.2, abs=0.01)
         assert value(m, "gpucost_agent_ticks_total") >= 100
         # Counter read every 5 s of trace time, not every tick.
-        assert 19 <= value(m, "gpucost_agent_energy_counter_reads_total") <= 22
+        assert 19 <= value(m, "gpucost_agent_gpu_energy_reads_total") <= 22
         assert value(m, "gpucost_agent_sample_duration_seconds") < 0.05
         assert value(m, "process_resident_memory_bytes") > 0
         # After the end the state is frozen: a later scrape shows the same energy.
@@ -131,3 +131,30 @@ def test_port_in_use_is_a_clear_error():
         assert rc == 1 and "Address already in use" in out
     finally:
         first.stop()
+
+
+def test_systemd_notify_ready_watchdog_stopping(tmp_path):
+    """The agent speaks systemd's notify protocol (Type=notify, WatchdogSec=) on $NOTIFY_SOCKET."""
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    agent = AgentProcess("replay", "fixtures/h100_trace_a.jsonl", "--speed", "20", env={"NOTIFY_SOCKET": path})
+    try:
+        messages = [sock.recv(256).decode() for _ in range(3)]
+        assert messages[0] == "READY=1"  # sent once the endpoint serves
+        assert agent.get("/healthz")[0] == 200
+        assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]  # one per tick
+    finally:
+        assert agent.stop() == 0
+        sock.settimeout(1)
+        rest = []
+        try:
+            while True:
+                rest.append(sock.recv(256).decode())
+        except OSError:
+            pass
+        sock.close()
+    assert rest[-1] == "STOPPING=1"

@@ -271,9 +271,11 @@ class ReplaySource:
             return SimpleNamespace(total=total, available=total - used)
 
         model_cfg = cfg.model_copy(update={"mode": "model"})
-        return HostPowerSource(
+        host = HostPowerSource(
             model_cfg, cpu_percent=cpu_percent, virtual_memory=virtual_memory, cpu_count=info.get("cpu_count") or 1
         )
+        host.reason = "replay: the trace's CPU and memory readings"
+        return host
 
     def close(self) -> None:
         pass
