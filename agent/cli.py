@@ -161,11 +161,7 @@ def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace
     )
     host = source.host_source(settings.host) if settings.host.enabled else None
     ledger = _make_ledger(settings)
-    try:
-        store = _open_state(settings, ledger, replay=True)
-    except StateError as exc:
-        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
-        return 2
+    store = _open_state(settings, ledger, replay=True)
     sampler = Sampler(
         source,
         clock=lambda: (source.t, source.t),
@@ -207,11 +203,7 @@ def _serve_nvml(settings: Settings) -> int:
             return 2
         log.info(host.describe())
     ledger = _make_ledger(settings)
-    try:
-        store = _open_state(settings, ledger, replay=False)
-    except StateError as exc:
-        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
-        return 2
+    store = _open_state(settings, ledger, replay=False)
     sampler = Sampler(
         source,
         host=host,
@@ -325,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _serve_replay(settings, demo_trace_path(), args, loop=True)
         return _serve_replay(settings, Path(args.trace), args, loop=args.loop)
+    except StateError as exc:  # a state directory that cannot be written: refuse to start
+        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. the port is taken
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 1

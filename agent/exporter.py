@@ -13,7 +13,7 @@ import platform
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -305,32 +305,31 @@ class SnapshotCollector:
                 "gpucost_node_facility_power_watts", "Node facility power now: IT power × PUE.",
                 value=c.facility_power_watts,
             )
-        it = CounterMetricFamily(
-            "gpucost_node_it_energy_joules", "IT energy since the totals began, by component.", labels=comp
+        def by_component(name: str, doc: str, totals: Mapping[Any, float], currency: bool = False) -> Metric:
+            """A counter family from ledger totals keyed by component (and currency)."""
+            fam = CounterMetricFamily(name, doc, labels=comp + (["currency"] if currency else []))
+            for k, v in sorted(totals.items()):
+                key, extra = (k[0], [k[1]]) if currency else (k, [])
+                labels = component_labels(key)
+                if labels is not None:
+                    fam.add_metric(labels + extra, v)
+            return fam
+
+        yield by_component(
+            "gpucost_node_it_energy_joules", "IT energy since the totals began, by component.", c.it_energy_joules
         )
-        fac = CounterMetricFamily(
+        yield by_component(
             "gpucost_node_facility_energy_joules",
             "Facility energy (IT energy × PUE in force when it was used) since the totals began, by component.",
-            labels=comp,
+            c.facility_energy_joules,
         )
-        for src, fam in ((c.it_energy_joules, it), (c.facility_energy_joules, fac)):
-            for key, j in sorted(src.items()):
-                labels = component_labels(key)
-                if labels is not None:
-                    fam.add_metric(labels, j)
-        yield it
-        yield fac
         if now.currency is not None:
-            cost = CounterMetricFamily(
+            yield by_component(
                 "gpucost_energy_cost",
                 "Cost of facility energy since the totals began, by component, in currency units.",
-                labels=comp + ["currency"],
+                c.energy_cost,
+                currency=True,
             )
-            for (key, cur), v in sorted(c.energy_cost.items()):
-                labels = component_labels(key)
-                if labels is not None:
-                    cost.add_metric(labels + [cur], v)
-            yield cost
             idle = CounterMetricFamily(
                 "gpucost_gpu_idle_cost",
                 "Energy cost spent while the GPU's utilisation was below the idle threshold.",
@@ -354,27 +353,18 @@ class SnapshotCollector:
                 rate.add_metric(["hardware", c.hardware_currency], c.hardware_cost_rate_per_hour)
             yield rate
         if c.hardware_cost:
-            hw = CounterMetricFamily(
+            yield by_component(
                 "gpucost_hardware_cost",
                 "Straight-line amortisation of purchase prices for the time the agent ran, by component.",
-                labels=comp + ["currency"],
+                c.hardware_cost,
+                currency=True,
             )
-            for (key, cur), v in sorted(c.hardware_cost.items()):
-                labels = component_labels(key)
-                if labels is not None:
-                    hw.add_metric(labels + [cur], v)
-            yield hw
         if now.grams_per_kwh is not None or c.emissions_grams:
-            em = CounterMetricFamily(
+            yield by_component(
                 "gpucost_emissions_grams",
                 "Emissions of facility energy since the totals began, by component. Units: g CO2e.",
-                labels=comp,
+                c.emissions_grams,
             )
-            for key, g in sorted(c.emissions_grams.items()):
-                labels = component_labels(key)
-                if labels is not None:
-                    em.add_metric(labels, g)
-            yield em
         if c.demand_peak_watts is not None:
             yield GaugeMetricFamily(
                 "gpucost_demand_peak_watts",
