@@ -119,8 +119,10 @@ class GpuEnergy:
         :attr:`samples_since_us`). Ticks may arrive late or irregularly: all
         integration uses the real ``mono`` times, never the nominal interval.
         """
-        if self._mono is not None and mono <= self._mono:
+        if self._mono is not None and (mono < self._mono or (mono == self._mono and counter_mj is None)):
             return []  # a duplicate or out-of-order tick carries no time
+        # (A same-instant tick that brings a counter reading still closes the
+        # counter interval: the final read at shutdown must settle what is pending.)
         first = self._mono is None
         dt = 0.0 if first else mono - self._mono  # type: ignore[operator]
         t0 = wall - dt

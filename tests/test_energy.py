@@ -207,6 +207,18 @@ def test_duplicate_or_backwards_tick_adds_nothing():
     assert e.tick(10.5, 10.5, 100.0) == []
 
 
+def test_final_tick_at_the_same_instant_settles_what_is_pending():
+    """SIGTERM right after a tick (a replay's clock does not move): nothing held back is lost."""
+    src = FakeSource([FakeGpu(lambda t: 300.0)])
+    s = make_sampler(src, counter_interval=5.0)
+    run(src, s, 7.0, final=False)  # counter read at 0 and 5 s; 2 s pending
+    assert total(s) == pytest.approx(1500.0, rel=1e-3)
+    s.tick(final=True)  # same instant, forced counter read
+    assert total(s) == pytest.approx(2100.0, rel=1e-3)
+    s.tick(final=True)  # and again: nothing counted twice
+    assert total(s) == pytest.approx(2100.0, rel=1e-3)
+
+
 def test_gpu_lost_marks_it_down_and_keeps_sampling_the_others():
     src = FakeSource([FakeGpu(lambda t: 100.0), FakeGpu(lambda t: 200.0)])
     s = make_sampler(src)
