@@ -45,7 +45,7 @@ class IpmiConfig(BaseModel):
     enabled: bool = False
     #: argv of the command; its stdout must be ``ipmitool dcmi power reading`` output.
     command: list[str] = Field(default_factory=lambda: list(DEFAULT_COMMAND))
-    #: Seconds between polls (the lead's scheduler uses this).
+    #: Seconds between polls; the agent runs them on their own schedule, never in the tick.
     interval_seconds: float = Field(default=10.0, gt=0)
     #: Seconds before the command is killed.
     timeout_seconds: float = Field(default=5.0, gt=0)
