@@ -55,6 +55,15 @@ class AgentProcess:
                 time.sleep(0.05)
         raise AssertionError("agent did not start serving in time")
 
+    def wait_finished(self, timeout: float = 40.0) -> None:
+        """Wait until a single replay has reached the end of its trace."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.health().get("replay") == "finished":
+                return
+            time.sleep(0.1)
+        raise AssertionError("replay did not finish")
+
     def health(self) -> dict:
         return json.loads(self.get("/healthz")[1])
 

@@ -17,13 +17,6 @@ UUID = "GPU-d9a96f9e-f458-7f0a-44e5-804222e7f75f"
 KWH = 3.6e6
 
 
-def wait_finished(agent: AgentProcess, timeout: float = 40.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if agent.health().get("replay") == "finished":
-            return
-        time.sleep(0.1)
-    raise AssertionError("replay did not finish")
 
 
 def config(tmp_path, body: str, name: str = "agent.toml"):
@@ -52,7 +45,7 @@ def test_flat_tariff_cost_is_energy_times_pue_times_price(tmp_path, h100_trace):
     agent = AgentProcess("replay", "fixtures/h100_trace_a.jsonl", "--speed", "50", "--config", cfg)
     try:
         agent.wait_ready()
-        wait_finished(agent)
+        agent.wait_finished()
         m = agent.metrics()
     finally:
         assert agent.stop() == 0
@@ -96,7 +89,7 @@ value = 1.2
     agent = AgentProcess("replay", "fixtures/h100_trace_a.jsonl", "--speed", "50", "--config", cfg)
     try:
         agent.wait_ready()
-        wait_finished(agent)
+        agent.wait_finished()
         m = agent.metrics()
     finally:
         assert agent.stop() == 0
@@ -140,7 +133,7 @@ def test_kill_9_loses_at_most_one_persist_interval_and_totals_continue(tmp_path,
         again.wait_ready()
         m = again.metrics()
         assert value(m, "gpucost_gpu_energy_joules_total", gpu="0", source="counter") >= persisted
-        wait_finished(again, timeout=60)
+        again.wait_finished(timeout=60)
         m = again.metrics()
     finally:
         assert again.stop() == 0
@@ -175,7 +168,7 @@ def test_sigterm_loses_nothing_and_a_new_tariff_is_not_retroactive(tmp_path, h10
         again.wait_ready()
         first = again.metrics()
         assert value(first, "gpucost_gpu_energy_joules_total", gpu="0", source="counter") == persisted
-        wait_finished(again)
+        again.wait_finished()
         m = again.metrics()
     finally:
         assert again.stop() == 0
@@ -190,7 +183,7 @@ def test_corrupt_state_file_is_set_aside_and_the_agent_carries_on(tmp_path):
     agent = AgentProcess("replay", "fixtures/h100_trace_a.jsonl", "--speed", "50", "--state-dir", str(state_dir))
     try:
         agent.wait_ready()
-        wait_finished(agent)
+        agent.wait_finished()
         assert value(agent.metrics(), "gpucost_gpu_energy_joules_total", gpu="0", source="counter") > 0
     finally:
         assert agent.stop() == 0

@@ -11,13 +11,6 @@ from helpers import counter_delta_joules
 UUID = "GPU-d9a96f9e-f458-7f0a-44e5-804222e7f75f"
 
 
-def wait_finished(agent: AgentProcess, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if agent.health().get("replay") == "finished":
-            return
-        time.sleep(0.1)
-    raise AssertionError("replay did not finish")
 
 
 def test_replay_over_http_matches_the_trace(h100_trace):
@@ -26,7 +19,7 @@ def test_replay_over_http_matches_the_trace(h100_trace):
         agent.wait_ready()
         early = agent.metrics()
         assert value(early, "gpucost_agent_info", source="replay") == 1
-        wait_finished(agent)
+        agent.wait_finished()
         m = agent.metrics()
         last = h100_trace.rows[-1]["gpus"]["0"]
         labels = {"gpu": "0", "uuid": UUID}
@@ -64,7 +57,7 @@ def test_replay_with_counter_hidden_uses_the_sample_buffer(h100_trace):
     agent = AgentProcess("replay", "fixtures/h100_trace_a.jsonl", "--speed", "50", "--hide", "energy_mj")
     try:
         agent.wait_ready()
-        wait_finished(agent)
+        agent.wait_finished()
         m = agent.metrics()
         energy = value(m, "gpucost_gpu_energy_joules_total", source="samples", gpu="0")
         truth = counter_delta_joules(h100_trace)
