@@ -17,8 +17,6 @@ UUID = "GPU-d9a96f9e-f458-7f0a-44e5-804222e7f75f"
 KWH = 3.6e6
 
 
-
-
 def config(tmp_path, body: str, name: str = "agent.toml"):
     p = tmp_path / name
     p.write_text(body)

@@ -11,8 +11,6 @@ from helpers import counter_delta_joules
 UUID = "GPU-d9a96f9e-f458-7f0a-44e5-804222e7f75f"
 
 
-
-
 def test_replay_over_http_matches_the_trace(h100_trace):
     agent = AgentProcess("replay", "fixtures/h100_trace_a.jsonl", "--speed", "50", "--tick", "1")
     try:
