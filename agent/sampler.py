@@ -65,6 +65,8 @@ class Sampler:
         self._up = {d.index: True for d in self.devices}
         self._readings: dict[int, GpuReading | None] = {}
         self._host_sample: Any = None
+        self._host_desc_key: tuple[Any, Any] | None = None
+        self._host_desc = ""
         #: Latest BMC wall-power reading (set by the service's DCMI job), if any.
         self.wall_power: Any = None
         self._energy: dict[int, GpuEnergy] = {}
@@ -150,6 +152,15 @@ class Sampler:
         """The ledger's totals, consistent (taken between two ticks), for persisting."""
         with self._lock:
             return self.ledger.state()
+
+    def _host_description(self) -> str:
+        """The host source's one-line description, re-formatted only when its mode changes."""
+        if self.host is None:
+            return ""
+        key = (getattr(self.host, "mode", None), getattr(self.host, "reason", None))
+        if key != self._host_desc_key:
+            self._host_desc_key, self._host_desc = key, self.host.describe()
+        return self._host_desc
 
     def _tick_host(self, wall: float, mono: float) -> None:
         try:
@@ -238,7 +249,7 @@ class Sampler:
             ),
             host=self._host_sample,
             host_energy=dict(self.ledger.host_energy),
-            host_description=self.host.describe() if self.host is not None else "",
+            host_description=self._host_description(),
             wall_power=self.wall_power,
             cost=self._cost_view(wall),
             replay=replay,

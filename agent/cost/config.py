@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import date, time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -343,61 +343,58 @@ def _check_one_of(model: BaseModel, title: str, names: tuple[str, ...]) -> None:
         raise _fail(title, (given[1],), f"set only one of {', '.join(names)}", None)
 
 
-class PueConfig(BaseModel):
+class _ScheduleConfig(BaseModel):
+    """What ``[pue]`` and ``[carbon]`` share: one of a constant, ``by_month`` or
+    ``bands``, resolved in ``timezone`` (default: the tariff's, else UTC)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Name of the constant field of the subclass.
+    _constant: ClassVar[str]
+
+    timezone: str | None = Field(
+        default=None, description="IANA zone; default: the tariff's, else UTC."
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        return None if v is None else _check_timezone(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _check_one_of(self, type(self).__name__, (self._constant, "by_month", "bands"))
+        bands = getattr(self, "bands")
+        if bands is not None:
+            _hour_band_grid(bands, type(self).__name__)
+        return self
+
+
+class PueConfig(_ScheduleConfig):
     """``[pue]``: facility energy = IT energy x PUE. Default: PUE 1.0 (IT energy only).
 
     One of ``value`` (constant), ``by_month`` (12 values, jan..dec) or
     ``bands`` (local clock-time bands covering the whole day).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    _constant: ClassVar[str] = "value"
 
     value: PueFloat = 1.0
     by_month: list[PueFloat] | None = Field(default=None, min_length=12, max_length=12)
     bands: list[PueBand] | None = Field(default=None, min_length=1)
-    timezone: str | None = Field(
-        default=None, description="IANA zone; default: the tariff's, else UTC."
-    )
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str | None) -> str | None:
-        return None if v is None else _check_timezone(v)
-
-    @model_validator(mode="after")
-    def _check(self) -> PueConfig:
-        _check_one_of(self, type(self).__name__, ("value", "by_month", "bands"))
-        if self.bands is not None:
-            _hour_band_grid(self.bands, type(self).__name__)
-        return self
 
 
-class CarbonConfig(BaseModel):
+class CarbonConfig(_ScheduleConfig):
     """``[carbon]``: grid carbon intensity. Nothing set: no emissions are exported.
 
     One of ``grams_per_kwh`` (constant), ``by_month`` or ``bands``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    _constant: ClassVar[str] = "grams_per_kwh"
 
     grams_per_kwh: NonNegFloat | None = Field(default=None, description="Units: g CO2e per kWh.")
     by_month: list[NonNegFloat] | None = Field(default=None, min_length=12, max_length=12)
     bands: list[CarbonBand] | None = Field(default=None, min_length=1)
-    timezone: str | None = Field(
-        default=None, description="IANA zone; default: the tariff's, else UTC."
-    )
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str | None) -> str | None:
-        return None if v is None else _check_timezone(v)
-
-    @model_validator(mode="after")
-    def _check(self) -> CarbonConfig:
-        _check_one_of(self, type(self).__name__, ("grams_per_kwh", "by_month", "bands"))
-        if self.bands is not None:
-            _hour_band_grid(self.bands, type(self).__name__)
-        return self
 
     @property
     def enabled(self) -> bool:
