@@ -93,6 +93,33 @@ class Ledger:
         self._zone: ZoneInfo = get_zone(tariff.config.timezone) if tariff is not None else get_zone("UTC")
         self._period_cache: tuple[float, float, dict[str, str]] | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Ledger":
+        """A ledger priced by ``settings`` (:class:`agent.config.Settings`)."""
+        led = cls()
+        led.reconfigure(settings)
+        return led
+
+    def reconfigure(self, settings: Any) -> None:
+        """Price energy from now on by ``settings``; totals already counted keep their prices.
+
+        The month's demand peak carries on when the demand window and zone stay the same.
+        """
+        t = settings.tariff
+        self.cost = CostModel(t, settings.pue, settings.carbon)
+        new_demand = DemandTracker.from_tariff(t) if t is not None else DemandTracker()
+        old = self.demand
+        if old is not None and (old.window_s, old.zone) == (new_demand.window_s, new_demand.zone):
+            old.price_per_kw_month = new_demand.price_per_kw_month
+        else:
+            self.demand = new_demand
+        amort = Amortization(settings.hardware)
+        self.amortization = amort if amort.enabled else None
+        self.hardware_currency = settings.hardware_currency
+        self.idle = settings.idle
+        self._zone = get_zone(t.timezone) if t is not None else get_zone("UTC")
+        self._period_cache = None
+
     def open_accounts(self, gpu_sources: dict[str, Iterable[str]], *, host: bool = True, other: bool = False) -> None:
         """Create every total this node can have, at its true value: 0, or what was loaded.
 

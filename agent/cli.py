@@ -107,17 +107,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _make_ledger(settings: Settings) -> Ledger:
-    from .cost import Amortization, CostModel, DemandTracker
-
-    t = settings.tariff
-    demand = DemandTracker.from_tariff(t) if t is not None else DemandTracker()
-    return Ledger(
-        cost=CostModel(t, settings.pue, settings.carbon),
-        demand=demand,
-        amortization=Amortization(settings.hardware),
-        hardware_currency=settings.hardware_currency,
-        idle=settings.idle,
-    )
+    return Ledger.from_settings(settings)
 
 
 def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateStore | None:
@@ -140,8 +130,12 @@ def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateSto
     return store
 
 
+#: Loads the configuration again for SIGHUP (set by main for the serving commands).
+_reload: Any = None
+
+
 def _serve(settings: Settings, sampler: Sampler, store: StateStore | None, **kw: Any) -> int:
-    return Service(settings, sampler, store=store, **kw).run_forever()
+    return Service(settings, sampler, store=store, reload=_reload, **kw).run_forever()
 
 
 def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace, loop: bool) -> int:
@@ -354,6 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _setup_logging(settings.agent.log_level)
     _log_tariff(settings, origin, args.command)
+
+    def reload() -> Settings:
+        new = load(config_path, _overrides(args))
+        _log_tariff(new, origin, args.command)
+        return new
+
+    global _reload
+    _reload = reload
     try:
         if args.command == "run":
             return _serve_nvml(settings)

@@ -465,12 +465,13 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def health_of(snap: Snapshot, tick_seconds: float, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+def health_of(snap: Snapshot, tick_seconds: float, mono_now: float | None = None) -> tuple[bool, dict[str, Any]]:
     """Healthy while ticks keep completing. A node without readable GPUs is
     ``degraded`` but still healthy: the agent keeps serving host and agent metrics."""
-    now = time.time() if now is None else now
     a = snap.agent
-    age = None if a.last_success_timestamp is None else now - a.last_success_timestamp
+    # Age on the monotonic clock: a wall-clock step neither ages nor rejuvenates a sample.
+    now = time.monotonic() if mono_now is None else mono_now
+    age = None if a.last_success_monotonic is None else now - a.last_success_monotonic
     finished = snap.replay is not None and snap.replay.finished
     stale = age is None or (age > max(3 * tick_seconds, 5.0) and not finished)
     status = "stale" if stale else ("degraded" if not snap.source_up or not all(g.up for g in snap.gpus) else "ok")

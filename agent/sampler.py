@@ -66,6 +66,7 @@ class Sampler:
         self.counter_reads = 0
         self._lock = threading.Lock()  # one tick at a time, whoever calls it
         self._last_success: float | None = None
+        self._last_success_mono: float | None = None
         self._last_duration: float | None = None
         self.devices = list(source.devices()) if source is not None else []
         self.ledger.gpu_uuids = {d.index: d.uuid for d in self.devices}
@@ -73,6 +74,7 @@ class Sampler:
         #: Cost from the BMC's wall reading ([host.ipmi] cost_basis = "wall") when one is fresh.
         self.wall_cost_basis = wall_cost_basis
         self._prev_wall: float | None = None
+        self._prev_mono: float | None = None
         self._up = {d.index: True for d in self.devices}
         self._readings: dict[int, GpuReading | None] = {}
         self._host_sample: Any = None
@@ -93,12 +95,28 @@ class Sampler:
                 on_event=self._count,
             )
             log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
+        self._open_accounts()
+        self.snapshot = self._build(None)
+
+    def _open_accounts(self) -> None:
         self.ledger.open_accounts(
             {d.uuid: _FALLBACK_SOURCES[self._energy[d.index].method] for d in self.devices},
-            host=host is not None,
-            other=wall_cost_basis,
+            host=self.host is not None,
+            other=self.wall_cost_basis,
         )
-        self.snapshot = self._build(None)
+
+    def reconfigure(self, settings: Any) -> None:
+        """New prices, PUE, carbon, hardware and idle threshold (SIGHUP) from this moment.
+
+        Energy pending in an open counter interval is settled first, at the
+        prices under which it was used; nothing already counted is re-priced.
+        """
+        if self.source is not None:
+            self.tick(final=True)
+        with self._lock:
+            self.ledger.reconfigure(settings)
+            self._open_accounts()
+            self.snapshot = self._build(self.snapshot.t_wall)
 
     def _count(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -135,19 +153,30 @@ class Sampler:
             wall, mono = self.clock()
             # Close the counter interval on the tick that crosses a price, PUE or
             # carbon boundary, so energy on each side is exact, not apportioned.
-            boundary = self._prev_wall is not None and self.ledger.crosses_boundary(self._prev_wall, wall)
+            # Durations come from the monotonic clock; the wall clock only places
+            # them (tariff bands, samples). A wall step (NTP, VM resume) moves
+            # where a tick lands, never how long it lasted.
+            t0 = None
+            if self._prev_mono is not None and mono >= self._prev_mono:
+                t0 = wall - (mono - self._prev_mono)
+                step = t0 - self._prev_wall  # type: ignore[operator]
+                if abs(step) > 1.0:
+                    log.warning("wall clock stepped by %+.1f s; durations and amortisation keep the monotonic "
+                                "clock, energy is priced at the new wall time", step)
+            boundary = t0 is not None and self.ledger.crosses_boundary(t0, wall)
             self.ledger.roll_periods(wall)
             for d in self.devices:
                 self._tick_gpu(d.index, wall, mono, final or boundary)
             if self.host is not None:
                 self._tick_host(wall, mono)
-            if self._prev_wall is not None and wall > self._prev_wall:
-                self.ledger.accrue_hardware(self._prev_wall, wall)
-                self._account_wall_remainder(self._prev_wall, wall)
-            self._prev_wall = wall
+            if t0 is not None and wall > t0:
+                self.ledger.accrue_hardware(t0, wall)
+                self._account_wall_remainder(t0, wall)
+            self._prev_wall, self._prev_mono = wall, mono
             self.ticks += 1
             self._last_duration = time.perf_counter() - started
             self._last_success = time.time()
+            self._last_success_mono = time.monotonic()
             self.snapshot = self._build(wall)
             return self.snapshot
 
@@ -271,6 +300,7 @@ class Sampler:
             gpus=gpus,
             agent=AgentStats(
                 last_success_timestamp=self._last_success,
+                last_success_monotonic=self._last_success_mono,
                 last_duration_seconds=self._last_duration,
                 ticks_total=self.ticks,
                 errors={**dict.fromkeys(ERROR_KINDS, 0), **self.errors},

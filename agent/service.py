@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 import time
-from datetime import datetime, timezone
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.triggers.base import BaseTrigger
 
 from .config import Settings, parse_listen
 from .exporter import MetricsServer, health_of, make_registry
@@ -37,6 +39,83 @@ def sd_notify(message: str) -> None:
         log.debug("sd_notify failed: %s", exc)
 
 
+class _PacedTrigger(BaseTrigger):
+    """A trigger that never fires by itself: :class:`MonotonicPacer` sets each run.
+
+    apscheduler's own triggers compute the next run in wall-clock time, so an
+    NTP step or a VM resume that moves the clock back by 20 s stops every job
+    for 20 s. Here the pacer decides *when* on the monotonic clock and hands
+    the run to apscheduler, which still executes it on its thread pool with
+    ``max_instances=1`` (a tick never overlaps itself).
+    """
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        # None at creation: the job waits, paused, for the pacer. After a run, a
+        # date far away keeps the job in the store (None would remove it).
+        return None if previous_fire_time is None else previous_fire_time + timedelta(days=3650)
+
+
+class MonotonicPacer:
+    """Runs apscheduler jobs every ``interval`` seconds of the monotonic clock.
+
+    Beats lie on a fixed grid (no drift). Beats that passed while the process
+    was stalled are skipped, not run in a burst, and reported to ``on_skip``.
+    """
+
+    def __init__(self, scheduler: BackgroundScheduler, on_skip: Callable[[str, int], None]) -> None:
+        self.scheduler = scheduler
+        self.on_skip = on_skip
+        self._jobs: list[list[Any]] = []  # [job id, interval, next beat (monotonic)]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pacer", daemon=True)
+
+    def add(self, job_id: str, func: Callable[[], Any], interval: float, *, first_now: bool = False) -> None:
+        self.scheduler.add_job(
+            func, _PacedTrigger(), id=job_id, max_instances=1, coalesce=True, misfire_grace_time=None
+        )
+        with self._lock:
+            self._jobs.append([job_id, interval, time.monotonic() + (0.0 if first_now else interval)])
+        self._changed.set()
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs = [j for j in self._jobs if j[0] != job_id]
+        try:
+            self.scheduler.remove_job(job_id)
+        except JobLookupError:
+            pass
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._changed.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                due = [j for j in self._jobs if now >= j[2]]
+                for j in due:
+                    behind = math.floor((now - j[2]) / j[1])
+                    if behind:
+                        self.on_skip(j[0], behind)
+                    j[2] += j[1] * (behind + 1)
+                wait = min((j[2] for j in self._jobs), default=now + 1.0) - now
+            for j in due:
+                try:
+                    self.scheduler.modify_job(j[0], next_run_time=datetime.now(timezone.utc))
+                except JobLookupError:
+                    pass
+            self._changed.wait(max(0.0, wait))
+            self._changed.clear()
+
+
 class Service:
     """Runs a :class:`Sampler` on a schedule and serves its snapshots.
 
@@ -55,6 +134,7 @@ class Service:
         replay: Any = None,
         speed: float = 1.0,
         store: Any = None,
+        reload: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -63,12 +143,20 @@ class Service:
         self.interval = self.tick_seconds / speed if replay is not None else self.tick_seconds
         self.store = store
         self.stopped = threading.Event()
+        #: Set by a signal handler; the main loop acts on it (never inside the handler).
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._save_requested = False
+        self._stop_signal: str | None = None
+        #: Loads the configuration again (SIGHUP); None: reload not possible.
+        self._reload = reload
         self._finished = False
         host, port = parse_listen(settings.agent.listen)
         registry = make_registry(lambda: self.sampler.snapshot)
         self.server = MetricsServer(host, port, registry, self._health)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_listener(self._on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        self.pacer = MonotonicPacer(self.scheduler, self._on_skip)
         self.dcmi = None
         ipmi = settings.host.ipmi
         if ipmi.enabled and replay is None:
@@ -82,12 +170,16 @@ class Service:
     def _on_event(self, event: JobEvent) -> None:
         if event.code == EVENT_JOB_ERROR:
             self.sampler.errors["tick_exception"] += 1
-            log.error("sampling tick failed: %r", getattr(event, "exception", None))
-        else:
-            # The previous tick was still running (max_instances=1) or the
-            # process was stalled past the grace time: the tick is skipped,
-            # never run twice at once. Energy stays exact; it is time-based.
+            log.error("%s job failed: %r", event.job_id, getattr(event, "exception", None))
+        elif event.job_id == "sample":
+            # The previous tick was still running (max_instances=1): this one
+            # is skipped, never run twice at once. Energy stays exact; it is time-based.
             self.sampler.errors["tick_skipped"] += 1
+
+    def _on_skip(self, job_id: str, beats: int) -> None:
+        """The process was stalled past whole beats of ``job_id`` (they are not run in a burst)."""
+        if job_id == "sample":
+            self.sampler.errors["tick_skipped"] += beats
 
     def _job(self) -> None:
         if self._finished:
@@ -104,7 +196,7 @@ class Service:
                 "replay finished: %.1f s of trace; serving the final state until stopped",
                 self.replay.duration_seconds,
             )
-            threading.Thread(target=self._stop_schedule, daemon=True).start()
+            self.pacer.remove("sample")
             self.persist()
 
     def _poll_dcmi(self) -> None:
@@ -116,58 +208,37 @@ class Service:
             self.sampler.errors["dcmi"] += 1
         self.sampler.wall_power = reading
 
-    def persist(self) -> None:
+    def persist(self) -> bool:
         """Write the totals now. A failed write is logged and counted; the next one retries."""
         if self.store is None:
-            return
+            return True
         try:
             self.store.save(self.sampler.state())
             self.sampler.saved(time.time())
+            return True
         except OSError as exc:
             self.sampler.errors["state_write"] += 1
             log.error("could not write state file %s: %s", self.store.path, exc)
-
-    def _stop_schedule(self) -> None:
-        try:
-            self.scheduler.remove_job("sample")
-        except Exception:
-            pass
+            return False
 
     def start(self) -> None:
         self.sampler.tick()  # first snapshot before the endpoint opens
         self.persist()  # proves the state file can be written, and dates the first save
         self.server.start()
         sd_notify("READY=1")  # serving from here on; WATCHDOG=1 follows every tick
-        self.scheduler.add_job(
-            self._job,
-            IntervalTrigger(seconds=self.interval),
-            id="sample",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=max(1, int(self.interval)),
-        )
+        self.pacer.add("sample", self._job, self.interval)
         if self.store is not None:
-            self.scheduler.add_job(
-                self.persist,
-                IntervalTrigger(seconds=self.settings.agent.persist_interval_seconds),
-                id="persist",
-                max_instances=1,
-                coalesce=True,
-            )
+            self.pacer.add("persist", self.persist, self.settings.agent.persist_interval_seconds)
         if self.dcmi is not None:
-            self.scheduler.add_job(
-                self._poll_dcmi,
-                IntervalTrigger(seconds=self.settings.host.ipmi.interval_seconds),
-                id="dcmi",
-                max_instances=1,
-                coalesce=True,
-                next_run_time=datetime.now(timezone.utc),
-            )
+            self.pacer.add("dcmi", self._poll_dcmi, self.settings.host.ipmi.interval_seconds, first_now=True)
         self.scheduler.start()
+        self.pacer.start()
         log.info("serving on http://%s:%d/metrics", self.server.httpd.server_address[0], self.server.port)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop sampling, settle and save the totals, close the endpoint. False if the final save failed."""
         sd_notify("STOPPING=1")
+        self.pacer.stop()
         try:
             self.scheduler.shutdown(wait=True)
         except Exception:
@@ -175,20 +246,86 @@ class Service:
         if not self._finished and self.sampler.source is not None:
             # A last tick with a counter read, so nothing counted is held back.
             self.sampler.tick(final=True)
-        self.persist()
+        saved = self.persist()
         self.server.stop()
+        return saved
+
+    # -- signals ----------------------------------------------------------
+
+    #: Signals that end the agent, always through the final save. SIGKILL cannot be caught:
+    #: after it at most one persist interval is lost.
+    STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF",
+                    "SIGXCPU", "SIGXFSZ", "SIGPWR")
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+            self.stopped.set()
+            self._wake.set()
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            self._reload_requested = True
+            self._wake.set()
+
+        def on_usr1(_signum: int, _frame: Any) -> None:
+            self._save_requested = True
+            self._wake.set()
+
+        for name in self.STOP_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGUSR1, on_usr1)
+
+    def reload(self) -> bool:
+        """SIGHUP: apply a valid new configuration from now on; refuse an invalid one."""
+        from .config import ConfigError
+
+        if self._reload is None:
+            log.warning("received SIGHUP, but this agent has no configuration to reload")
+            return False
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("received SIGHUP: new configuration refused, the running one stays: %s", exc)
+            return False
+        self.sampler.reconfigure(new)
+        restart_only = [
+            name for name, old, cur in (
+                ("agent.listen", self.settings.agent.listen, new.agent.listen),
+                ("agent.tick_seconds", self.settings.agent.tick_seconds, new.agent.tick_seconds),
+                ("agent.state_dir", self.settings.agent.state_dir, new.agent.state_dir),
+                ("agent.persist_interval_seconds", self.settings.agent.persist_interval_seconds,
+                 new.agent.persist_interval_seconds),
+                ("gpu", self.settings.gpu, new.gpu),
+                ("host", self.settings.host, new.host),
+            ) if old != cur
+        ]
+        logging.getLogger().setLevel(new.agent.log_level.upper())
+        if restart_only:
+            log.warning("received SIGHUP: %s changed and take effect only after a restart", ", ".join(restart_only))
+        self.settings = new
+        return True
 
     def run_forever(self) -> int:
-        def on_signal(signum: int, _frame: Any) -> None:
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            self.stopped.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        self._install_signals()
         self.start()
-        while not self.stopped.wait(1.0):
-            pass
+        while not self.stopped.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._reload_requested and not self.stopped.is_set():
+                self._reload_requested = False
+                self.reload()
+            if self._save_requested:
+                self._save_requested = False
+                log.info("received SIGUSR1: writing the totals now")
+                self.persist()
+        log.info("received %s, stopping", self._stop_signal or "a stop request")
         started = time.monotonic()
-        self.stop()
+        saved = self.stop()
+        if not saved:
+            log.error("stopped in %.2f s, but the final save FAILED: totals since the last save are lost",
+                      time.monotonic() - started)
+            return 1
         log.info("stopped in %.2f s", time.monotonic() - started)
         return 0

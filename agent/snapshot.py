@@ -35,6 +35,8 @@ class ReplayProgress:
 class AgentStats:
     #: Real Unix time of the last tick that completed. Units: s.
     last_success_timestamp: float | None
+    #: time.monotonic() of the same moment: ages are measured on it (a wall step cannot fake them).
+    last_success_monotonic: float | None
     #: Wall time the last tick took. Units: s.
     last_duration_seconds: float | None
     ticks_total: int

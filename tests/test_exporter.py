@@ -72,8 +72,8 @@ def test_no_gpu_source_serves_agent_metrics_and_says_so():
 def test_health_goes_stale_when_ticks_stop():
     src = FakeSource([FakeGpu(lambda t: 300.0)])
     s = make_sampler(src)
-    last = s.snapshot.agent.last_success_timestamp
-    ok, body = health_of(s.snapshot, 1.0, now=last + 1)
+    last = s.snapshot.agent.last_success_monotonic
+    ok, body = health_of(s.snapshot, 1.0, mono_now=last + 1)
     assert ok and body["status"] == "ok"
-    ok, body = health_of(s.snapshot, 1.0, now=last + 60)
+    ok, body = health_of(s.snapshot, 1.0, mono_now=last + 60)
     assert not ok and body["status"] == "stale"
