@@ -81,10 +81,17 @@ def with_gpu_name(expr: str, sel: str) -> str:
     ``max by`` keeps the right side one series per GPU even while an info series
     changes labels (a driver update), so the join never fails as many-to-many.
     """
-    return (
-        f"({expr}) * on (job, instance, gpu, uuid) group_left (name) "
-        f"max by (job, instance, gpu, uuid, name) (gpucost_gpu_info{{{sel}}})"
-    )
+    return f"({expr}) * on ({GPU_KEY}) group_left (name) max by ({GPU_KEY}, name) (gpucost_gpu_info{{{sel}}})"
+
+
+#: The labels that identify a GPU, and a node in a fleet.
+GPU_KEY = "job, instance, gpu, uuid"
+NODE_KEY = "cluster, job, instance"
+
+
+def in_range(by: str, series: str) -> str:
+    """How much a counter grew over the dashboard's time range, summed ``by`` these labels."""
+    return f"sum by ({by}) (increase({series}[$__range]))"
 
 
 def tagged(expr: str, label: str, value: str) -> str:
@@ -145,7 +152,8 @@ def timeseries(title: str, description: str, unit: str, targets: Sequence[dict],
         defaults={"color": {"mode": "palette-classic"}, "custom": custom},
         overrides=overrides,
         options={
-            "legend": {"calcs": ["lastNotNull", "max"], "displayMode": "table", "placement": "bottom", "showLegend": True},
+            "legend": {"calcs": ["lastNotNull", "max"], "displayMode": "table", "placement": "bottom",
+                       "showLegend": True},
             "tooltip": {"mode": "multi", "sort": "desc"},
         },
     )
@@ -201,7 +209,8 @@ def pie(title: str, description: str, unit: str, targets: Sequence[dict]) -> dic
         "piechart", title, description, unit, targets,
         defaults={"color": {"mode": "palette-classic"}},
         options={
-            "legend": {"displayMode": "table", "placement": "right", "showLegend": True, "values": ["value", "percent"]},
+            "legend": {"displayMode": "table", "placement": "right", "showLegend": True,
+                       "values": ["value", "percent"]},
             "pieType": "donut",
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
             "tooltip": {"mode": "single", "sort": "none"},
@@ -268,8 +277,10 @@ def datasource_variable() -> dict:
     }
 
 
-def query_variable(name: str, label: str, query: str, *, multi: bool = False, numeric: bool = False) -> dict:
-    """A ``label_values`` variable; ``multi`` ones offer All, which matches every value (and a missing label)."""
+def query_variable(name: str, label: str, query: str, *, multi: bool = False, numeric: bool = False,
+                   all_value: str | None = ".*") -> dict:
+    """A ``label_values`` variable. ``multi`` ones offer All: ``.*`` matches every value and a
+    missing label; ``all_value=None`` makes All the listed values only (Grafana's default)."""
     var = {
         "type": "query", "name": name, "label": label, "datasource": DS,
         # The object form is what Grafana 10's Prometheus variable editor saves and reads.
@@ -278,7 +289,8 @@ def query_variable(name: str, label: str, query: str, *, multi: bool = False, nu
         "includeAll": multi, "multi": multi, "sort": 3 if numeric else 1,
     }
     if multi:
-        var["allValue"] = ".*"
+        if all_value is not None:
+            var["allValue"] = all_value
         var["current"] = {"selected": True, "text": ["All"], "value": ["$__all"]}
     return var
 
@@ -334,7 +346,8 @@ def node_dashboard() -> dict:
     b.add(stat("Today", "Cost since midnight in the tariff's time zone: energy + hardware.", MONEY, [
         target(f"sum by (currency) (instance_currency:gpucost_cost_today:sum{{{n}}})", "{{currency}}"),
     ]), 4, 4)
-    b.add(stat("Month to date", "Cost since the 1st of the month in the tariff's time zone: energy + hardware.", MONEY, [
+    b.add(stat("Month to date", "Cost since the 1st of the month in the tariff's time zone: energy + hardware.",
+               MONEY, [
         target(f"sum by (currency) (instance_currency:gpucost_cost_month_to_date:sum{{{n}}})", "{{currency}}"),
     ]), 4, 4)
     b.add(stat("Month projected", "Month to date + the current cost per hour until the month ends (UTC).", MONEY, [
@@ -350,7 +363,8 @@ def node_dashboard() -> dict:
 
     b.add(timeseries("Cost per hour: energy and hardware", "Stacked: the node's energy cost and hardware "
                      "amortisation per hour, 5-minute averages (recording rules).", MONEY, [
-        target(f"sum by (currency) (instance_currency:gpucost_energy_cost_per_hour:rate5m{{{n}}})", "energy {{currency}}"),
+        target(f"sum by (currency) (instance_currency:gpucost_energy_cost_per_hour:rate5m{{{n}}})",
+               "energy {{currency}}"),
         target(f"sum by (currency) (instance_currency:gpucost_hardware_cost_per_hour:rate5m{{{n}}})",
                "hardware {{currency}}"),
     ], stack=True), 12, 8)
@@ -369,9 +383,9 @@ def node_dashboard() -> dict:
     ]), 8, 8)
     b.add(bars("Cost in the time range by GPU", "Energy cost and hardware amortisation of each GPU over the "
                "dashboard's time range.", MONEY, [
-        gpu_target(f'sum by (job, instance, gpu, uuid, currency) (increase(gpucost_energy_cost_total{{{g}, component="gpu"}}[$__range]))',
+        gpu_target(in_range(f"{GPU_KEY}, currency", f'gpucost_energy_cost_total{{{g}, component="gpu"}}'),
                    n, "energy", "{{currency}}"),
-        gpu_target(f'sum by (job, instance, gpu, uuid, currency) (increase(gpucost_hardware_cost_total{{{g}, component="gpu"}}[$__range]))',
+        gpu_target(in_range(f"{GPU_KEY}, currency", f'gpucost_hardware_cost_total{{{g}, component="gpu"}}'),
                    n, "hardware", "{{currency}}"),
     ]), 16, 8)
 
@@ -416,13 +430,13 @@ def node_dashboard() -> dict:
     ]), 12, 8)
     b.add(bars("Energy in the time range: GPUs and host", "IT energy over the dashboard's time range: per GPU "
                "(all measurement sources) and per host component.", KWH, [
-        gpu_target(f"sum by (job, instance, gpu, uuid) (increase(gpucost_gpu_energy_joules_total{{{g}}}[$__range])) / {J_PER_KWH}", n),
-        target(f"sum by (component) (increase(gpucost_host_energy_joules_total{{{n}}}[$__range])) / {J_PER_KWH}",
+        gpu_target(f"{in_range(GPU_KEY, f'gpucost_gpu_energy_joules_total{{{g}}}')} / {J_PER_KWH}", n),
+        target(f"{in_range('component', f'gpucost_host_energy_joules_total{{{n}}}')} / {J_PER_KWH}",
                "host {{component}}"),
     ]), 12, 8)
     b.add(bars("GPU energy by measurement source", "How each GPU's energy in the time range was measured: counter "
                "(hardware energy counter), samples (driver power samples) or polled (estimate, fallback).", KWH, [
-        gpu_target(f"sum by (job, instance, gpu, uuid, source) (increase(gpucost_gpu_energy_joules_total{{{g}}}[$__range])) / {J_PER_KWH}",
+        gpu_target(f"{in_range(f'{GPU_KEY}, source', f'gpucost_gpu_energy_joules_total{{{g}}}')} / {J_PER_KWH}",
                    n, suffix="{{source}}"),
     ]), 12, 8)
 
@@ -432,8 +446,7 @@ def node_dashboard() -> dict:
         gpu_target(f"instance_gpu_currency:gpucost_idle_cost_per_hour:rate5m{{{g}}}", n, suffix="{{currency}}"),
     ]), 8, 8)
     b.add(bars("Idle cost in the time range", "Money spent on idle GPUs over the dashboard's time range.", MONEY, [
-        gpu_target(f"sum by (job, instance, gpu, uuid, currency) (increase(gpucost_gpu_idle_cost_total{{{g}}}[$__range]))",
-                   n, suffix="{{currency}}"),
+        gpu_target(in_range(f"{GPU_KEY}, currency", f"gpucost_gpu_idle_cost_total{{{g}}}"), n, suffix="{{currency}}"),
     ]), 8, 8)
     b.add(timeseries("GPU utilisation", "Fraction of time a kernel ran on the GPU.", RATIO, [
         gpu_target(f"gpucost_gpu_utilization_ratio{{{g}}}", n),
@@ -458,8 +471,9 @@ def node_dashboard() -> dict:
                + " or "
                + tagged(f"time() - gpucost_state_last_save_timestamp_seconds{{{n}}}", "age_of", "last save"),
                "{{age_of}}"),
-    ], thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 30}, {"color": "red", "value": 300}]),
-        6, 5)
+    ], thresholds=[
+        {"color": "green", "value": None}, {"color": "orange", "value": 120}, {"color": "red", "value": 600},
+    ]), 6, 5)
     b.add(stat("Errors in the time range", "Agent errors by kind over the dashboard's time range.", COUNT, [
         target(f"sum(increase(gpucost_agent_errors_total{{{n}}}[$__range]))", "errors"),
     ], thresholds=RED_FROM_1), 4, 5)
@@ -506,6 +520,7 @@ def no_cluster(expr: str, label: str = "cluster") -> str:
 
 def fleet_dashboard() -> dict:
     f, fg = FLEET, FLEET_GPUS
+    node_cost = f"sum by ({NODE_KEY}, currency) (instance_currency:gpucost_cost_per_hour:rate5m{{{f}, {CUR}}})"
     node_link = {
         "title": "Node cost",
         "url": "/d/gpucost-node/gpu-cost-node?var-datasource=${datasource}&var-job=${__field.labels.job}"
@@ -538,7 +553,8 @@ def fleet_dashboard() -> dict:
                      "gpucost-budget.rules.yml)." + ROLLUP, MONEY, [
         target(" or ".join([
             tagged(no_cluster(f"cluster_currency:gpucost_cost_month_to_date:sum{{{CLUSTER}}}"), "series", "to date"),
-            tagged(no_cluster(f"cluster_currency:gpucost_cost_month_projected:sum{{{CLUSTER}}}"), "series", "projected"),
+            tagged(no_cluster(f"cluster_currency:gpucost_cost_month_projected:sum{{{CLUSTER}}}"),
+                   "series", "projected"),
             tagged(no_cluster(f"gpucost:monthly_budget{{{CLUSTER}}}"), "series", "budget"),
         ]), "{{cluster}} {{series}} {{currency}}"),
     ], overrides=[dashed("/budget/", "red")]), 12, 8)
@@ -549,17 +565,18 @@ def fleet_dashboard() -> dict:
     b.row("Who spends")
     b.add(bars("Top 10 nodes", "Nodes by cost per hour (energy + hardware), 5-minute average. Click a bar for the "
                "node's dashboard.", MONEY, [
-        target(f"topk(10, sum by (cluster, job, instance, currency) (instance_currency:gpucost_cost_per_hour:rate5m{{{f}, {CUR}}}))",
+        target(f"topk(10, {node_cost})",
                "{{instance}} {{cluster}} {{currency}}"),
     ], links=[node_link]), 12, 9)
     b.add(bars("Top 10 GPUs", "GPUs by energy cost per hour, 5-minute average.", MONEY, [
         gpu_target(f"topk(10, instance_gpu_currency:gpucost_energy_cost_per_hour:rate5m{{{fg}, {CUR}}})", f,
                    suffix="{{currency}}"),
     ], links=[node_link]), 12, 9)
-    b.add(timeseries("Cost per hour by node", "Energy + hardware per hour of each node, 5-minute average.", MONEY, [
-        target(f"sum by (cluster, job, instance, currency) (instance_currency:gpucost_cost_per_hour:rate5m{{{f}, {CUR}}})",
+    b.add(timeseries("Cost per hour by node, top 20", "Energy + hardware per hour of the 20 dearest nodes at each "
+                     "moment, 5-minute average.", MONEY, [
+        target(f"topk(20, {node_cost})",
                "{{instance}} {{cluster}} {{currency}}"),
-    ], stack=True), 12, 8)
+    ]), 12, 8)
     b.add(timeseries("Energy cost per hour by GPU model", "Energy cost per hour by GPU model and cluster." + ROLLUP,
                      MONEY, [
         target(no_cluster(f"cluster_model_currency:gpucost_energy_cost_per_hour:sum{{{CLUSTER}}}"),
@@ -584,7 +601,7 @@ def fleet_dashboard() -> dict:
     ], links=[node_link]), 8, 8)
     b.add(bars("Idle money in the time range", "Money spent on idle GPUs over the dashboard's time range, by node.",
                MONEY, [
-        target(f"topk(10, sum by (cluster, job, instance, currency) (increase(gpucost_gpu_idle_cost_total{{{fg}, {CUR}}}[$__range])))",
+        target(f"topk(10, {in_range(f'{NODE_KEY}, currency', f'gpucost_gpu_idle_cost_total{{{fg}, {CUR}}}')})",
                "{{instance}} {{cluster}} {{currency}}"),
     ], links=[node_link]), 8, 8)
 
@@ -604,10 +621,11 @@ def fleet_dashboard() -> dict:
 
     variables = [
         datasource_variable(),
-        query_variable("job", "Job", "label_values(gpucost_agent_info, job)", multi=True),
+        # All = the jobs that run the agent, not every job (".*" would count node_exporter's `up` too)
+        query_variable("job", "Job", "label_values(gpucost_agent_info, job)", multi=True, all_value=None),
         query_variable("cluster", "Cluster", 'label_values(gpucost_agent_info{job=~"$job"}, cluster)', multi=True),
-        query_variable("instance", "Node", f'label_values(gpucost_agent_info{{job=~"$job", cluster=~"$cluster"}}, instance)',
-                       multi=True),
+        query_variable("instance", "Node",
+                       'label_values(gpucost_agent_info{job=~"$job", cluster=~"$cluster"}, instance)', multi=True),
         query_variable("gpu", "GPU", f"label_values(gpucost_gpu_info{{{f}}}, gpu)", multi=True, numeric=True),
         query_variable("currency", "Currency", f"label_values(gpucost_node_cost_rate_per_hour{{{f}}}, currency)"),
     ]

@@ -163,7 +163,8 @@ def test_money_legends_name_their_currency():
         if p["fieldConfig"]["defaults"]["unit"].startswith("currency"):
             money += 1
             assert "{{currency}}" in t["legendFormat"], f"{uid} / {p['title']}"
-            units = {prop["value"] for o in p["fieldConfig"]["overrides"] for prop in o["properties"] if prop["id"] == "unit"}
+            overrides = p["fieldConfig"]["overrides"]
+            units = {prop["value"] for o in overrides for prop in o["properties"] if prop["id"] == "unit"}
             assert {"currencyEUR", "currencyUSD"} <= units, p["title"]
     assert money >= 20
 
