@@ -102,22 +102,23 @@ def tagged(expr: str, label: str, value: str) -> str:
 # -- targets and panels ------------------------------------------------------
 
 
-def target(expr: str, legend: str = "", *, instant: bool = False) -> dict:
+def target(expr: str, legend: str = "") -> dict:
+    """A range query (stat, bar and pie panels make theirs instant)."""
     return {
         "datasource": DS,
         "editorMode": "code",
         "expr": expr,
-        "instant": instant,
+        "instant": False,
         "legendFormat": legend or "__auto",
-        "range": not instant,
+        "range": True,
         "refId": "",  # set by Board.add
     }
 
 
-def gpu_target(expr: str, sel: str, prefix: str = "", suffix: str = "", *, instant: bool = False) -> dict:
+def gpu_target(expr: str, sel: str, prefix: str = "", suffix: str = "") -> dict:
     """A per-GPU query, joined with the GPU model, with the shared GPU legend."""
     legend = " ".join(part for part in (prefix, GPU_LEGEND, suffix) if part)
-    return target(with_gpu_name(expr, sel), legend, instant=instant)
+    return target(with_gpu_name(expr, sel), legend)
 
 
 def _panel(kind: str, title: str, description: str, unit: str, targets: Sequence[dict], **extra: Any) -> dict:
