@@ -114,8 +114,11 @@ def stack():
         print(f"\nagent and prometheus stopped; module took {time.time() - began:.1f} s")
 
 
-def _series_key(metric: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in metric.items() if k not in ("job", "instance", *TARGET_LABELS)))
+def _show(metric: dict) -> str:
+    """``name{labels}`` without the target's own labels (job, instance, cluster, team)."""
+    labels = ",".join(f'{k}="{v}"' for k, v in sorted(metric.items())
+                      if k not in ("__name__", "job", "instance", *TARGET_LABELS))
+    return f"{metric.get('__name__', '')}{{{labels}}}"
 
 
 def _counters(stack: Stack, at: float) -> list[dict]:
@@ -140,13 +143,13 @@ def test_every_counter_starts_at_zero_in_prometheus(stack):
     print(f"first scrape {first_scrape - stack.agent_ready:+.2f} s from the agent's /healthz answering")
     wrong, late = [], []
     for s in series:
-        name = s["metric"]["__name__"]
+        name, shown = s["metric"]["__name__"], _show(s["metric"])
         t0, v0 = s["values"][0]
-        print(f"first sample {name} {dict(_series_key(s['metric'])[1:])} = {v0}")
+        print(f"first sample {shown} = {v0} at {t0 - first_scrape:+.2f} s")
         if t0 != first_scrape:
-            late.append(f"{name} {_series_key(s['metric'])} first at {t0 - first_scrape:+.2f} s = {v0}")
+            late.append(f"{shown} first at {t0 - first_scrape:+.2f} s = {v0}")
         if name not in BOOKKEEPING and float(v0) != 0:
-            wrong.append(f"{name} {_series_key(s['metric'])} = {v0}")
+            wrong.append(f"{shown} = {v0}")
     assert not late, "series that appeared after the first scrape:\n" + "\n".join(late)
     assert not wrong, "counters whose first sample is not 0:\n" + "\n".join(wrong)
     missing = []
@@ -270,6 +273,51 @@ def test_every_recording_rule_returns_data(stack):
     assert not problems, "\n".join(problems)
 
 
+# -- c. every dashboard panel query ---------------------------------------
+
+
+def _dashboard_values(stack: Stack) -> dict[str, str]:
+    """Template variables as a user of this Prometheus would pick them (one node, one GPU)."""
+    return {"job": JOB, "instance": f"127.0.0.1:{stack.agent.port}", "cluster": TARGET_LABELS["cluster"],
+            "gpu": "0", "currency": "EUR"}
+
+
+def test_every_dashboard_query_returns_data(stack):
+    from grafana.generate import dashboard_queries, variable_queries
+
+    prom = stack.prom
+    queries = dashboard_queries(_dashboard_values(stack))
+    assert queries, "no dashboard queries"
+    # The panels read recording rules: give them the time test b gives them.
+    deadline = stack.agent_ready + RULE_WAIT
+    pending = list(queries)
+    errors: dict = {}
+    while True:
+        still = []
+        for q in pending:
+            try:
+                if not prom.query(q.expr):
+                    still.append(q)
+            except AssertionError as exc:  # PromQLError: the query is wrong, waiting will not help
+                errors[q] = str(exc)
+        pending = still
+        if not pending or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    problems = [f"{q.dashboard} / {q.panel}: {err}: {q.expr}" for q, err in errors.items()]
+    problems += [f"{q.dashboard} / {q.panel}: no data: {q.expr}" for q in pending]
+    # A template variable that offers no value leaves every panel of its dashboard empty.
+    variables = variable_queries(_dashboard_values(stack))
+    for uid, var, selector, label in variables:
+        values = {s["metric"].get(label) for s in prom.query(f"group by ({label}) ({selector})")} - {None, ""}
+        print(f"{uid} variable ${var}: {sorted(values)}")
+        if not values:
+            problems.append(f"{uid} variable ${var}: label_values({selector}, {label}) offers no value")
+    print(f"{len(queries)} panel queries of {len({q.dashboard for q in queries})} dashboards, "
+          f"{len(variables)} variables checked {time.time() - stack.agent_ready:.1f} s after the agent started")
+    assert not problems, "\n".join(problems)
+
+
 # -- d. every metric a rule or panel names is exported ---------------------
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -316,6 +364,11 @@ def test_every_metric_named_is_exported(stack):
     recorded = {r["name"] for r in rules if r["type"] == "recording"}
     exporter_source = EXPORTER_SOURCE.read_text()
     exprs = [(f"{r['type']} rule {r['name']}", r["query"]) for r in rules]
+    from grafana.generate import dashboard_queries, variable_queries
+
+    values = _dashboard_values(stack)
+    exprs += [(f"panel {q.dashboard} / {q.panel}", q.expr) for q in dashboard_queries(values)]
+    exprs += [(f"variable {uid} ${var}", selector) for uid, var, selector, _ in variable_queries(values)]
     problems = []
     for where, expr in exprs:
         for name in sorted(metric_names(expr)):
