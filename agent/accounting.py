@@ -18,15 +18,21 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Iterable
+from zoneinfo import ZoneInfo
 
 from .cost import Amortization, CostModel, DemandTracker, IdleConfig, is_idle
 from .cost.model import JOULES_PER_KWH
+from .cost.timeutil import get_zone, local_date, wall_to_utc
 from .energy import EnergySlice
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+#: Periods of ``cost_to_date``, in the tariff's time zone.
+PERIODS = ("day", "month")
 
 
 def gpu_key(uuid: str) -> str:
@@ -78,6 +84,83 @@ class Ledger:
         self.hardware_cost: dict[tuple[str, str], float] = defaultdict(float)
         #: component key → g CO2e
         self.emissions: dict[str, float] = defaultdict(float)
+        #: (period, kind, currency) → currency units since the period began; kind is
+        #: ``energy`` or ``hardware``, period ``day`` or ``month`` in the tariff's zone.
+        self.period_cost: dict[tuple[str, str, str], float] = defaultdict(float)
+        #: period → its key now ("2026-11-24" for day, "2026-11" for month)
+        self.periods: dict[str, str] = {}
+        tariff = self.cost.tariff
+        self._zone: ZoneInfo = get_zone(tariff.config.timezone) if tariff is not None else get_zone("UTC")
+        self._period_cache: tuple[float, float, dict[str, str]] | None = None
+
+    def open_accounts(self, gpu_sources: dict[str, Iterable[str]], *, host: bool = True, other: bool = False) -> None:
+        """Create every total this node can have, at its true value: 0, or what was loaded.
+
+        So each counter series exists from the first scrape and Prometheus'
+        ``increase()`` sees the first joule, cent and gram, not a series that
+        appears at 2,000 J. ``gpu_sources``: GPU uuid → the sources its energy
+        can be measured by (its method and the polled fallback).
+        """
+        keys = [gpu_key(u) for u in gpu_sources] + (["host"] if host else []) + (["other"] if other else [])
+        for uuid, sources in gpu_sources.items():
+            for src in sources:
+                self.gpu_energy[(uuid, src)] += 0.0
+        cur = self.cost.currency
+        for k in keys:
+            self.it_energy[k] += 0.0
+            self.facility_energy[k] += 0.0
+            if cur:
+                self.energy_cost[(k, cur)] += 0.0
+            if self.cost.carbon is not None:
+                self.emissions[k] += 0.0
+        if cur:
+            for uuid in gpu_sources:
+                self.idle_cost[(gpu_key(uuid), cur)] += 0.0
+            for p in PERIODS:
+                self.period_cost[(p, "energy", cur)] += 0.0
+        if self.amortization is not None and self.hardware_currency:
+            for uuid in gpu_sources:
+                self.hardware_cost[(gpu_key(uuid), self.hardware_currency)] += 0.0
+            self.hardware_cost[("node", self.hardware_currency)] += 0.0
+            for p in PERIODS:
+                self.period_cost[(p, "hardware", self.hardware_currency)] += 0.0
+
+    def open_host_component(self, component: str, source: str) -> None:
+        """Create a host component's energy total at its true value (see :meth:`open_accounts`)."""
+        self.host_energy[(component, source)] += 0.0
+
+    # -- periods (today, this month) ---------------------------------------
+
+    def _period_keys(self, t: float) -> dict[str, str]:
+        """{"day": "YYYY-MM-DD", "month": "YYYY-MM"} of instant ``t`` in the tariff's zone."""
+        c = self._period_cache
+        if c is not None and c[0] <= t < c[1]:
+            return c[2]
+        d = local_date(self._zone, t)
+        start = wall_to_utc(self._zone, datetime(d.year, d.month, d.day))
+        nxt = d + timedelta(days=1)
+        end = wall_to_utc(self._zone, datetime(nxt.year, nxt.month, nxt.day))
+        keys = {"day": d.isoformat(), "month": d.isoformat()[:7]}
+        self._period_cache = (start, end, keys)
+        return keys
+
+    def roll_periods(self, t: float) -> None:
+        """Start a new day or month at instant ``t`` when it has begun: its totals restart at 0."""
+        for period, key in self._period_keys(t).items():
+            current = self.periods.get(period)
+            if current is None or key > current:
+                if current is not None:
+                    for k in self.period_cost:
+                        if k[0] == period:
+                            self.period_cost[k] = 0.0
+                self.periods[period] = key
+
+    def _add_to_periods(self, t: float, kind: str, currency: str, amount: float) -> None:
+        """Add cost incurred at instant ``t`` to the periods it falls in (a closed period takes nothing)."""
+        self.roll_periods(t)
+        for period, key in self._period_keys(t).items():
+            if key == self.periods[period]:
+                self.period_cost[(period, kind, currency)] += amount
 
     # -- adding energy ----------------------------------------------------
 
@@ -106,11 +189,14 @@ class Ledger:
     def _price(self, key: str, t0: float, t1: float, joules: float) -> float | None:
         parts = self.cost.price(t0, t1, joules)
         cost_sum: float | None = None
+        currency = self.cost.currency
         for p in parts:
             self.it_energy[key] += p.it_joules
             self.facility_energy[key] += p.facility_joules
             if p.cost is not None:
                 cost_sum = (cost_sum or 0.0) + p.cost
+                if currency:
+                    self._add_to_periods((p.t0 + p.t1) / 2, "energy", currency, p.cost)
             if p.emissions_g is not None:
                 self.emissions[key] += p.emissions_g
             if self.demand is not None:
@@ -125,11 +211,14 @@ class Ledger:
         if a is None or not self.hardware_currency or t1 <= t0:
             return
         dt = t1 - t0
+        cur = self.hardware_currency
+        total = a.node_cost_per_second() * dt
+        self.hardware_cost[("node", cur)] += total
         for index, uuid in self.gpu_uuids.items():
-            self.hardware_cost[(gpu_key(uuid), self.hardware_currency)] += a.gpu_cost_per_second(
-                index, self.gpu_names.get(index)
-            ) * dt
-        self.hardware_cost[("node", self.hardware_currency)] += a.node_cost_per_second() * dt
+            part = a.gpu_cost_per_second(index, self.gpu_names.get(index)) * dt
+            self.hardware_cost[(gpu_key(uuid), cur)] += part
+            total += part
+        self._add_to_periods((t0 + t1) / 2, "hardware", cur, total)
 
     def crosses_boundary(self, t0: float, t1: float) -> bool:
         """Whether the tariff band, PUE or carbon intensity changes within [t0, t1)."""
@@ -174,6 +263,10 @@ class Ledger:
             "hardware_cost": pairs(self.hardware_cost),
             "emissions_grams": dict(self.emissions),
             "demand": self.demand.state() if self.demand is not None else None,
+            "periods": {
+                "keys": dict(self.periods),
+                "cost": [[p, k, c, v] for (p, k, c), v in sorted(self.period_cost.items())],
+            },
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -199,6 +292,12 @@ class Ledger:
         load_map("emissions_grams", self.emissions)
         if self.demand is not None and state.get("demand"):
             self.demand.load_state(state["demand"])
+        periods = state.get("periods")
+        if periods:
+            self.periods = {str(p): str(k) for p, k in periods["keys"].items() if p in PERIODS}
+            for p, kind, cur, v in periods["cost"]:
+                if p in self.periods:
+                    self.period_cost[(str(p), str(kind), str(cur))] = float(v)
 
 
 def kwh(joules: float) -> float:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +24,11 @@ log = logging.getLogger("agent")
 def demo_trace_path() -> Path:
     """The bundled H100 trace (fixtures/h100_trace_a.jsonl, shipped inside the package)."""
     return Path(str(resources.files("agent") / "data" / "h100_trace_a.jsonl"))
+
+
+def bundled_config_path() -> Path:
+    """The demo's example configuration (agent/data/demo.toml): a time-of-use tariff, PUE, carbon, hardware."""
+    return Path(str(resources.files("agent") / "data" / "demo.toml"))
 
 
 def _serving_args(p: argparse.ArgumentParser) -> None:
@@ -162,9 +169,17 @@ def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace
     host = source.host_source(settings.host) if settings.host.enabled else None
     ledger = _make_ledger(settings)
     store = _open_state(settings, ledger, replay=True)
+    if loop:
+        # A looping demo runs forever: price it at today's wall time (today's
+        # tariff band), anchored now and advancing with the trace. A single
+        # replay keeps the recorded times, so its cost is the recorded day's.
+        offset = time.time() - source.t
+        clock = lambda: (source.t + offset, source.t)  # noqa: E731
+    else:
+        clock = lambda: (source.t, source.t)  # noqa: E731
     sampler = Sampler(
         source,
-        clock=lambda: (source.t, source.t),
+        clock=clock,
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
         host=host,
@@ -274,6 +289,29 @@ def _check_config(path: str) -> int:
     return 0
 
 
+def _log_tariff(settings: Settings, origin: str, command: str) -> None:
+    """Say once, at start, which tariff prices the energy and where it came from."""
+    t = settings.tariff
+    if t is None:
+        log.warning(
+            "no [tariff] in the configuration%s: energy is exported, cost is not "
+            "(add a [tariff] table, see docs/cost.md)",
+            f" ({origin})" if origin else "",
+        )
+        return
+    from .cost import Tariff
+
+    price, band = Tariff(t).price_at(time.time())
+    kind = f"flat {t.flat_price_per_kwh:g} {t.currency}/kWh" if t.bands is None else (
+        f"time-of-use in {t.timezone}, {len(t.bands)} bands, now {price:g} {t.currency}/kWh (band {band})"
+    )
+    env = sorted(k for k in os.environ if k.upper().startswith("GPUCOST_TARIFF__"))
+    sources = [f"the environment ({', '.join(env)})"] if env else []
+    if origin:
+        sources.append(origin)
+    log.info("tariff: %s, from %s", kind, " over ".join(sources) or "the environment")
+
+
 def _nvml_present() -> bool:
     from .sources.gpu import SourceUnavailable
     from .sources.nvml import NvmlGpuSource
@@ -305,12 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _record(args)
     if args.command == "check-config":
         return _check_config(args.file)
+    config_path, origin = args.config, f"the file {args.config}" if args.config else ""
+    if config_path is None and args.command == "demo":
+        config_path = str(bundled_config_path())
+        origin = f"the demo's bundled example config ({config_path}; --config FILE replaces it)"
     try:
-        settings = load(args.config, _overrides(args))
+        settings = load(config_path, _overrides(args))
     except ConfigError as exc:
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.agent.log_level)
+    _log_tariff(settings, origin, args.command)
     try:
         if args.command == "run":
             return _serve_nvml(settings)

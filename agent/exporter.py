@@ -106,6 +106,12 @@ class SnapshotCollector:
                 "Wall time the last sampling tick took (all GPUs and the host).",
                 value=a.last_duration_seconds,
             )
+        if a.last_save_timestamp is not None:
+            yield GaugeMetricFamily(
+                "gpucost_state_last_save_timestamp_seconds",
+                "Unix time at which the totals were last written to the state file.",
+                value=a.last_save_timestamp,
+            )
         yield CounterMetricFamily("gpucost_agent_ticks", "Sampling ticks completed.", value=a.ticks_total)
         yield CounterMetricFamily(
             "gpucost_agent_gpu_energy_reads",
@@ -340,6 +346,16 @@ class SnapshotCollector:
                 if labels is not None:
                     idle.add_metric(labels[1:] + [cur], v)
             yield idle
+        if c.period_cost:
+            to_date = GaugeMetricFamily(
+                "gpucost_cost_to_date",
+                "Cost since the current day or month began (in the tariff's time zone), "
+                "by kind: energy or hardware (amortisation). Resets when the period ends.",
+                labels=["period", "kind", "currency"],
+            )
+            for (period, kind, cur), v in sorted(c.period_cost.items()):
+                to_date.add_metric([period, kind, cur], v)
+            yield to_date
         if c.energy_cost_rate_per_hour is not None or c.hardware_cost_rate_per_hour is not None:
             rate = GaugeMetricFamily(
                 "gpucost_node_cost_rate_per_hour",

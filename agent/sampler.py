@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable
 
 from .accounting import Ledger
@@ -19,6 +20,16 @@ from .snapshot import AgentStats, CostView, GpuState, ReplayProgress, Snapshot
 from .sources.gpu import GpuError, GpuLost, GpuNotSupported, GpuReading, GpuSource
 
 log = logging.getLogger(__name__)
+
+#: Every kind of ``gpucost_agent_errors_total``: exported from the first scrape at 0,
+#: so an alert on ``increase()`` sees the first error of each kind.
+ERROR_KINDS = (
+    "gpu_lost", "gpu_read", "energy_counter", "energy_counter_stale", "counter_reset",
+    "power_samples", "samples_gap", "tick_skipped", "tick_exception", "host_read", "dcmi", "state_write",
+)
+
+#: The energy sources a GPU's total can have for each method: its own and the polled fallback.
+_FALLBACK_SOURCES = {"counter": ("counter", "polled"), "samples": ("samples", "polled"), "polled": ("polled",)}
 
 #: (wall seconds since the epoch, monotonic seconds) of "now" in the source's time.
 Clock = Callable[[], tuple[float, float]]
@@ -69,6 +80,8 @@ class Sampler:
         self._host_desc = ""
         #: Latest BMC wall-power reading (set by the service's DCMI job), if any.
         self.wall_power: Any = None
+        #: Real Unix time of the last successful write of the totals (set by the service).
+        self.last_save_timestamp: float | None = None
         self._energy: dict[int, GpuEnergy] = {}
         for d in self.devices:
             method = self._choose_method(d.index, energy_method)
@@ -80,6 +93,11 @@ class Sampler:
                 on_event=self._count,
             )
             log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
+        self.ledger.open_accounts(
+            {d.uuid: _FALLBACK_SOURCES[self._energy[d.index].method] for d in self.devices},
+            host=host is not None,
+            other=wall_cost_basis,
+        )
         self.snapshot = self._build(None)
 
     def _count(self, kind: str) -> None:
@@ -118,6 +136,7 @@ class Sampler:
             # Close the counter interval on the tick that crosses a price, PUE or
             # carbon boundary, so energy on each side is exact, not apportioned.
             boundary = self._prev_wall is not None and self.ledger.crosses_boundary(self._prev_wall, wall)
+            self.ledger.roll_periods(wall)
             for d in self.devices:
                 self._tick_gpu(d.index, wall, mono, final or boundary)
             if self.host is not None:
@@ -148,6 +167,13 @@ class Sampler:
         components = self.it_power_watts() or 0.0
         self.ledger.add_other(t0, t1, max(0.0, w.watts - components) * (t1 - t0))
 
+    def saved(self, t: float) -> None:
+        """The totals were written at real time ``t``: shown from now on, not only from the next tick."""
+        with self._lock:
+            self.last_save_timestamp = t
+            snap = self.snapshot
+            self.snapshot = replace(snap, agent=replace(snap.agent, last_save_timestamp=t))
+
     def state(self) -> dict[str, Any]:
         """The ledger's totals, consistent (taken between two ticks), for persisting."""
         with self._lock:
@@ -170,6 +196,9 @@ class Sampler:
             log.warning("host read failed: %s", exc)
             return
         prev = self._host_sample
+        if prev is None:
+            for c in sample.components:
+                self.ledger.open_host_component(c.component, c.source)
         if prev is not None and not sample.baseline:
             dt = mono - prev.t_mono
             for c in sample.components:
@@ -244,8 +273,9 @@ class Sampler:
                 last_success_timestamp=self._last_success,
                 last_duration_seconds=self._last_duration,
                 ticks_total=self.ticks,
-                errors=dict(self.errors),
+                errors={**dict.fromkeys(ERROR_KINDS, 0), **self.errors},
                 energy_counter_reads_total=self.counter_reads,
+                last_save_timestamp=self.last_save_timestamp,
             ),
             host=self._host_sample,
             host_energy=dict(self.ledger.host_energy),
@@ -279,6 +309,7 @@ class Sampler:
             idle_cost=dict(led.idle_cost),
             hardware_cost=dict(led.hardware_cost),
             emissions_grams=dict(led.emissions),
+            period_cost=dict(led.period_cost),
             demand_peak_watts=d.peak_w if d is not None and d.month is not None else None,
             demand_charge=d.demand_charge if d is not None and d.month is not None else None,
         )

@@ -122,6 +122,7 @@ class Service:
             return
         try:
             self.store.save(self.sampler.state())
+            self.sampler.saved(time.time())
         except OSError as exc:
             self.sampler.errors["state_write"] += 1
             log.error("could not write state file %s: %s", self.store.path, exc)
@@ -134,6 +135,7 @@ class Service:
 
     def start(self) -> None:
         self.sampler.tick()  # first snapshot before the endpoint opens
+        self.persist()  # proves the state file can be written, and dates the first save
         self.server.start()
         sd_notify("READY=1")  # serving from here on; WATCHDOG=1 follows every tick
         self.scheduler.add_job(

@@ -41,6 +41,8 @@ class AgentStats:
     #: Errors by kind since start.
     errors: Mapping[str, int]
     energy_counter_reads_total: int
+    #: Real Unix time of the last successful write of the totals; None when not persisting.
+    last_save_timestamp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class CostView:
     emissions_grams: Mapping[str, float]
     demand_peak_watts: float | None
     demand_charge: float | None
+    #: (period, kind, currency) → currency units since the current day / month began
+    period_cost: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
