@@ -43,7 +43,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _with_group_interval(text: str, interval: str) -> str:
+def with_group_interval(text: str, interval: str) -> str:
     """A rule file with every group's ``interval:`` set to ``interval``.
 
     Only groups carry an ``interval`` key in a rule file (rules have ``for``), so a
@@ -76,15 +76,15 @@ class PrometheusServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="gpucost-prom-"))
-        rules = []
+        self.rule_origin: dict[str, str] = {}  # the copy Prometheus loads -> the project's file
         for i, path in enumerate(rule_files):
             copy = self.dir / f"{i:02d}-{Path(path).name}"
-            copy.write_text(_with_group_interval(Path(path).read_text(), evaluation_interval))
-            rules.append(str(copy))
+            copy.write_text(with_group_interval(Path(path).read_text(), evaluation_interval))
+            self.rule_origin[str(copy)] = str(path)
         config = {
             "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                        "evaluation_interval": evaluation_interval},
-            "rule_files": rules,
+            "rule_files": list(self.rule_origin),
             "scrape_configs": [{
                 "job_name": JOB,
                 "static_configs": [{"targets": [target], "labels": TARGET_LABELS}],
@@ -209,5 +209,5 @@ class PrometheusServer:
         out = []
         for group in self.api("rules")["groups"]:
             for rule in group["rules"]:
-                out.append({**rule, "group": group["name"], "file": group["file"]})
+                out.append({**rule, "group": group["name"], "file": self.rule_origin.get(group["file"], group["file"])})
         return out
