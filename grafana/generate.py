@@ -272,7 +272,8 @@ def query_variable(name: str, label: str, query: str, *, multi: bool = False, nu
     """A ``label_values`` variable; ``multi`` ones offer All, which matches every value (and a missing label)."""
     var = {
         "type": "query", "name": name, "label": label, "datasource": DS,
-        "definition": query, "query": query,
+        # The object form is what Grafana 10's Prometheus variable editor saves and reads.
+        "definition": query, "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
         "current": {}, "hide": 0, "options": [], "refresh": 2, "regex": "",
         "includeAll": multi, "multi": multi, "sort": 3 if numeric else 1,
     }
@@ -749,8 +750,8 @@ def variable_queries(values: Mapping[str, str | Sequence[str]] | None = None) ->
     for dash in (build() for build in DASHBOARDS.values()):
         for var in dash["templating"]["list"]:
             if var["type"] == "query":
-                m = _LABEL_VALUES.match(var["query"])
-                assert m, var["query"]
+                m = _LABEL_VALUES.match(var["definition"])
+                assert m, var["definition"]
                 out.append((dash["uid"], var["name"], substitute(m.group(1), merged), m.group(2)))
     return out
 
