@@ -29,18 +29,14 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 import pytest
 from agentproc import ROOT, AgentProcess, free_port
+from dashboards import dashboard_queries, variable_queries
 from promserver import JOB, PROMETHEUS, TARGET_LABELS, PrometheusServer, PromQLError, with_group_interval
-
-if str(ROOT) not in sys.path:  # grafana/ is a top-level folder of the repository, not installed
-    sys.path.insert(0, str(ROOT))
-from grafana.generate import dashboard_queries, variable_queries  # noqa: E402
 
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 EXPORTER_SOURCE = ROOT / "agent" / "exporter.py"
