@@ -1,0 +1,419 @@
+"""The proof against a real Prometheus: a fresh demo agent, scraped by Debian's Prometheus.
+
+One agent and one Prometheus serve every test of this module:
+
+1. Prometheus starts on loopback with the project's rule files (every group evaluated
+   each second) and a scrape config for a port on which nothing listens yet. Its first
+   target sync comes ~5 s after start (Prometheus' discovery reload interval); once it
+   has tried the empty port (``up == 0``), the agent starts there, so the first
+   successful scrape sees the agent within one scrape interval of it opening the port.
+2. The agent is ``gpu-cost-agent demo`` with no config (the bundled example tariff) and
+   an empty state directory:
+   5 s of trace per tick, one tick per second of wall time (``--speed 5``), so every tick
+   closes an energy-counter interval and the totals move every second, while the first
+   scrape (every 250 ms) lands before the second tick.
+3. After ``RUN_SECONDS`` of scraping, the tests read everything back over the HTTP API.
+   The recording rules use ``[5m]`` / ``[1h]`` windows; over a shorter stretch of data
+   ``rate()`` uses the samples there are, so the rules return data after two scrapes.
+   A rate alone is then not a meaningful value (the increase of a few seconds, at 5x
+   trace speed, divided by the whole window), but a ratio of two rates is, and is
+   checked: the effective price and facility / IT power against the agent's gauges.
+   ``increase()`` over the whole run, evaluated at the last scrape, is exact.
+
+The numbers that matter are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+from agentproc import ROOT, AgentProcess, free_port
+from dashboards import dashboard_queries, variable_queries
+from promserver import JOB, PROMETHEUS, TARGET_LABELS, PrometheusServer, PromQLError, with_group_interval
+
+RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
+EXPORTER_SOURCE = ROOT / "agent" / "exporter.py"
+
+SPEED = 5          # trace seconds per wall second
+TICK = 5           # trace seconds per tick: one tick per wall second
+SCRAPE = "250ms"   # well inside one tick, so the first scrape sees the agent's first snapshot
+AGENT_ARGS = ("demo", "--speed", str(SPEED), "--tick", str(TICK), "--log-level", "warning")
+RUN_SECONDS = 8    # wall seconds of scraping before the tests read back
+RULE_WAIT = 20     # at most this long for every recording rule to have data
+
+# A missing binary skips on a developer machine; under CI it must fail (the fixture does).
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+# Counters that are bookkeeping of the agent itself, not totals that start at 0: the
+# agent ticks once (and reads the energy counter once) before it opens its port.
+BOOKKEEPING = {"gpucost_agent_ticks_total", "gpucost_agent_gpu_energy_reads_total"}
+
+# Families a counter-method GPU in the demo must serve from the first scrape, with the
+# label values that must be there (issue 7 contract, item 1).
+ERROR_KINDS = {"gpu_lost", "gpu_read", "energy_counter", "energy_counter_stale", "counter_reset",
+               "power_samples", "samples_gap", "tick_skipped", "tick_exception", "host_read", "dcmi",
+               "state_write"}
+EXPECTED_AT_FIRST_SCRAPE = {
+    ("gpucost_gpu_energy_joules_total", "source"): {"counter", "polled"},
+    ("gpucost_energy_cost_total", "component"): {"gpu", "host"},
+    ("gpucost_node_it_energy_joules_total", "component"): {"gpu", "host"},
+    ("gpucost_node_facility_energy_joules_total", "component"): {"gpu", "host"},
+    ("gpucost_emissions_grams_total", "component"): {"gpu", "host"},
+    ("gpucost_hardware_cost_total", "component"): {"gpu", "node"},
+    ("gpucost_gpu_idle_cost_total", "gpu"): {"0"},
+    ("gpucost_agent_errors_total", "kind"): ERROR_KINDS,
+}
+
+# Recording rules allowed to have no data in the demo, each with the reason. Empty: every
+# rule's inputs exist there (the budget file ships an example gpucost:monthly_budget).
+NO_DATA_ALLOWED: dict[str, str] = {}
+
+# Metrics the agent exports only with hardware or a tariff the demo does not have; a rule
+# or panel may name them, but not require them (checked in the exporter's source instead).
+NOT_IN_DEMO = {
+    "gpucost_node_wall_power_watts": "IPMI wall power ([host.ipmi])",
+    "gpucost_demand_peak_watts": "a demand charge in the tariff",
+    "gpucost_demand_charge": "a demand charge in the tariff",
+}
+PROMETHEUS_OWN = {"up"}
+
+
+@dataclass
+class Stack:
+    prom: PrometheusServer
+    agent: AgentProcess
+    prom_started: float   # Unix time
+    agent_ready: float    # Unix time the agent answered /healthz
+
+
+@pytest.fixture(scope="module")
+def stack():
+    if PROMETHEUS is None and not IN_CI:
+        pytest.skip("prometheus not installed (apt install prometheus); under CI=true this fails")
+    rule_files = sorted(RULES_DIR.glob("*.yml")) + sorted(RULES_DIR.glob("*.yaml"))
+    port = free_port()
+    prom = PrometheusServer(f"127.0.0.1:{port}", rule_files=rule_files, scrape_interval=SCRAPE)
+    agent = state_dir = rc = None
+    began = time.time()
+    try:
+        prom.start()
+        prom.wait_for(f'up{{job="{JOB}"}}', timeout=20)  # the target is known and has been tried
+        print(f"\nprometheus ready and scraping after {time.time() - began:.1f} s")
+        # A fresh, empty state directory: the totals start at 0 and the agent exports
+        # when it last saved them (gpucost_state_last_save_timestamp_seconds), as a node does.
+        state_dir = tempfile.mkdtemp(prefix="gpucost-state-")
+        agent = AgentProcess(*AGENT_ARGS, "--state-dir", state_dir, port=port)
+        agent.wait_ready()
+        ready = time.time()
+        time.sleep(RUN_SECONDS)
+        yield Stack(prom, agent, began, ready)
+    finally:
+        if agent is not None:
+            rc = agent.stop()
+        prom.stop()
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        print(f"\nagent and prometheus stopped; module took {time.time() - began:.1f} s")
+    assert rc == 0, f"the agent exited with {rc}:\n{agent.output[-3000:]}"
+    print(f"agent log (warnings and errors):\n{agent.output}" if agent.output.strip() else "agent logged no warning")
+
+
+def _show(metric: dict) -> str:
+    """``name{labels}`` without the target's own labels (job, instance, cluster, team)."""
+    labels = ",".join(f'{k}="{v}"' for k, v in sorted(metric.items())
+                      if k not in ("__name__", "job", "instance", *TARGET_LABELS))
+    return f"{metric.get('__name__', '')}{{{labels}}}"
+
+
+def _counters(stack: Stack, at: float) -> list[dict]:
+    """Every raw sample of every gpucost_*_total series since Prometheus started."""
+    window = math.ceil(at - stack.prom_started) + 5
+    return stack.prom.query(f'{{__name__=~"gpucost_.*_total", job="{JOB}"}}[{window}s]', time=at)
+
+
+# -- a. counters start at their true value ---------------------------------
+
+
+def test_every_counter_starts_at_zero_in_prometheus(stack):
+    series = _counters(stack, time.time())
+    assert series, "no gpucost_*_total series in Prometheus"
+    ticks = [s for s in series if s["metric"]["__name__"] == "gpucost_agent_ticks_total"]
+    assert len(ticks) == 1
+    first_scrape, first_ticks = ticks[0]["values"][0]
+    # Precondition of the zero check: the first scrape saw the agent's first snapshot.
+    assert float(first_ticks) == 1, (
+        f"Prometheus first scraped the agent after {first_ticks} ticks, not 1: the machine was too slow "
+        "for this test's timing (the totals legitimately moved before the first scrape)")
+    print(f"first scrape {first_scrape - stack.agent_ready:+.2f} s from the agent's /healthz answering")
+    wrong, late = [], []
+    for s in series:
+        name, shown = s["metric"]["__name__"], _show(s["metric"])
+        t0, v0 = s["values"][0]
+        print(f"first sample {shown} = {v0} at {t0 - first_scrape:+.2f} s")
+        if t0 != first_scrape:
+            late.append(f"{shown} first at {t0 - first_scrape:+.2f} s = {v0}")
+        if name not in BOOKKEEPING and float(v0) != 0:
+            wrong.append(f"{shown} = {v0}")
+    assert not late, "series that appeared after the first scrape:\n" + "\n".join(late)
+    assert not wrong, "counters whose first sample is not 0:\n" + "\n".join(wrong)
+    missing = []
+    for (name, label), values in EXPECTED_AT_FIRST_SCRAPE.items():
+        seen = {s["metric"].get(label) for s in series if s["metric"]["__name__"] == name}
+        if not values <= seen:
+            missing.append(f"{name} {label}={sorted(values - seen)}")
+    assert not missing, "counter series absent from the first scrape:\n" + "\n".join(missing)
+
+
+# Every money, energy and emissions family: sum(increase(...)) over the run must equal
+# the agent's own total (sum over its series) at the same instant.
+INCREASE_FAMILIES = [
+    "gpucost_gpu_energy_joules_total",
+    "gpucost_node_it_energy_joules_total",
+    "gpucost_node_facility_energy_joules_total",
+    "gpucost_host_energy_joules_total",
+    "gpucost_energy_cost_total",
+    "gpucost_gpu_idle_cost_total",
+    "gpucost_hardware_cost_total",
+    "gpucost_emissions_grams_total",
+]
+
+
+def test_increase_over_the_run_equals_the_agents_total(stack):
+    prom = stack.prom
+    series = _counters(stack, time.time())
+    by_name: dict[str, list[dict]] = {}
+    for s in series:
+        by_name.setdefault(s["metric"]["__name__"], []).append(s)
+    # The instant of the last scrape: there, the agent's total is what it served then.
+    last_scrape = max(s["values"][-1][0] for s in series)
+    window = math.ceil(last_scrape - stack.prom_started) + 5
+    problems = []
+    for name in INCREASE_FAMILIES:
+        assert name in by_name, f"{name} not in Prometheus"
+        total = sum(float(s["values"][-1][1]) for s in by_name[name] if s["values"][-1][0] == last_scrape)
+        increase = prom.value(f'sum(increase({name}{{job="{JOB}"}}[{window}s]))', time=last_scrape)
+        diff = (increase - total) / total * 100 if total else (0.0 if increase == 0 else math.inf)
+        print(f"{name}: sum(increase[{window}s]) = {increase:.6g}, agent total = {total:.6g}, diff {diff:+.3f} %")
+        if abs(diff) > 1:
+            problems.append(f"{name}: increase {increase:.6g} vs total {total:.6g} ({diff:+.2f} %)")
+    assert not problems, "\n".join(problems)
+    # The run must have moved the totals in several energy-counter steps to mean anything.
+    [counter] = [s for s in by_name["gpucost_gpu_energy_joules_total"] if s["metric"]["source"] == "counter"]
+    steps = len({v for _, v in counter["values"]}) - 1
+    print(f"GPU energy counter: {steps} steps in {len(counter['values'])} scrapes")
+    assert steps >= 3, f"the GPU energy moved in only {steps} steps: the run was too short"
+
+
+def test_prometheus_holds_what_the_agent_serves(stack):
+    """The agent's /metrics, read between two scrapes, lies between Prometheus' two samples."""
+    prom, agent = stack.prom, stack.agent
+    name = "gpucost_gpu_energy_joules_total"
+    before = time.time()
+    served = sum(s.value for s in agent.metrics()["gpucost_gpu_energy_joules"] if s.name == name)
+    after = time.time()
+    time.sleep(1.0)  # a few more scrapes
+    values = prom.query(f'{name}{{job="{JOB}"}}[10s]')
+    by_ts: dict[float, float] = {}
+    for s in values:
+        for ts, v in s["values"]:
+            by_ts[ts] = by_ts.get(ts, 0.0) + float(v)
+    earlier = [v for ts, v in by_ts.items() if ts <= before]
+    later = [v for ts, v in by_ts.items() if ts >= after]
+    assert earlier and later, f"no scrape on both sides of the read: {sorted(by_ts)} vs {before}..{after}"
+    lower, upper = max(earlier), min(later)
+    print(f"agent served {served:.3f} J; Prometheus' samples around that read: {lower:.3f} .. {upper:.3f} J")
+    assert lower <= served <= upper
+
+
+# -- b. recording rules ----------------------------------------------------
+
+
+def _record_names_in_files() -> set[str]:
+    names = set()
+    for path in sorted(RULES_DIR.glob("*.y*ml")):
+        names |= set(re.findall(r"^\s*-?\s*record:\s*['\"]?([A-Za-z_:][A-Za-z0-9_:]*)", path.read_text(), re.M))
+    return names
+
+
+# The level of a rule name (`level:metric:operations`) names the labels its series keep.
+LEVEL_LABELS = {
+    "instance": {"cluster", "team", "job", "instance"},
+    "cluster": {"cluster"},
+    "team": {"team"},
+    "currency": {"currency"},
+    "gpu": {"gpu", "uuid"},
+}
+
+
+def test_every_recording_rule_returns_data(stack):
+    prom = stack.prom
+    in_files = _record_names_in_files()
+    assert in_files, f"no recording rule in {RULES_DIR}"
+    rules = prom.rules()
+    recording = {r["name"] for r in rules if r["type"] == "recording"}
+    assert recording == in_files, f"loaded {sorted(recording)} but the files define {sorted(in_files)}"
+    deadline = stack.agent_ready + RULE_WAIT
+    pending = set(recording)
+    results: dict[str, list] = {}
+    while True:
+        for name in sorted(pending):
+            results[name] = prom.query(name)
+        pending = {n for n in pending if not results[n]} - set(NO_DATA_ALLOWED)
+        if not pending or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    print(f"recording rules with data {time.time() - stack.agent_ready:.1f} s after the agent started")
+    problems = []
+    for r in prom.rules():  # health after the last evaluations
+        if r["health"] == "err":
+            problems.append(f"{r['type']} rule {r['name']} ({r['file']}): {r['lastError']}")
+    for name in sorted(recording):
+        result = results[name]
+        if not result:
+            if name not in NO_DATA_ALLOWED:
+                problems.append(f"recording rule {name}: no data")
+            continue
+        print(f"{name}: " + ", ".join(f"{s['value'][1]}" for s in result[:4]))
+        level = name.split(":")[0] if name.count(":") == 2 else ""
+        need = set().union(*(LEVEL_LABELS.get(part, set()) for part in level.split("_")))
+        for s in result:
+            if not need <= s["metric"].keys():
+                problems.append(f"recording rule {name}: series {s['metric']} lacks {sorted(need - s['metric'].keys())}")
+    assert not problems, "\n".join(problems)
+
+
+def test_ratio_rules_agree_with_the_agents_gauges(stack):
+    """Values, where a short run can give them: a ratio of two rates is exact however little
+    of its window holds data, while a rate alone is divided by the whole 5 m window."""
+    prom = stack.prom
+    window = f"{math.ceil(time.time() - stack.prom_started) + 5}s"
+    sel = f'job="{JOB}"'
+    checks = {
+        "effective price (EUR/kWh)": ("instance_currency:gpucost_effective_price_per_kwh:rate1h",
+                                      f"gpucost_energy_price_per_kwh{{{sel}}}"),
+        "facility / IT power (PUE)": ("instance:gpucost_facility_power_watts:rate5m"
+                                      " / instance:gpucost_it_power_watts:rate5m", f"gpucost_pue_ratio{{{sel}}}"),
+    }
+    for what, (rule, gauge) in checks.items():
+        got = prom.value(rule)
+        low = prom.value(f"min(min_over_time({gauge}[{window}]))")
+        high = prom.value(f"max(max_over_time({gauge}[{window}]))")
+        print(f"{what}: rules give {got:.6g}; the agent served {low:.6g} .. {high:.6g} during the run")
+        assert low * (1 - 1e-9) <= got <= high * (1 + 1e-9), what
+
+
+# -- c. every dashboard panel query ---------------------------------------
+
+
+def _dashboard_values(stack: Stack) -> dict[str, str]:
+    """Template variables as a user of this Prometheus would pick them (one node, one GPU)."""
+    return {"job": JOB, "instance": f"127.0.0.1:{stack.agent.port}", "cluster": TARGET_LABELS["cluster"],
+            "gpu": "0", "currency": "EUR"}
+
+
+def test_every_dashboard_query_returns_data(stack):
+    prom = stack.prom
+    queries = dashboard_queries(_dashboard_values(stack))
+    assert queries, "no dashboard queries"
+    # The panels read recording rules: give them the time test b gives them.
+    deadline = stack.agent_ready + RULE_WAIT
+    pending = list(queries)
+    errors: dict = {}
+    while True:
+        still = []
+        for q in pending:
+            try:
+                if not prom.query(q.expr):
+                    still.append(q)
+            except PromQLError as exc:  # the query is wrong: waiting will not help
+                errors[q] = str(exc)
+        pending = still
+        if not pending or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    problems = [f"{q.dashboard} / {q.panel}: {err}: {q.expr}" for q, err in errors.items()]
+    problems += [f"{q.dashboard} / {q.panel}: no data: {q.expr}" for q in pending]
+    # A template variable that offers no value leaves every panel of its dashboard empty.
+    variables = variable_queries(_dashboard_values(stack))
+    for uid, var, selector, label in variables:
+        values = {s["metric"].get(label) for s in prom.query(f"group by ({label}) ({selector})")} - {None, ""}
+        print(f"{uid} variable ${var}: {sorted(values)}")
+        if not values:
+            problems.append(f"{uid} variable ${var}: label_values({selector}, {label}) offers no value")
+    print(f"{len(queries)} panel queries of {len({q.dashboard for q in queries})} dashboards, "
+          f"{len(variables)} variables checked {time.time() - stack.agent_ready:.1f} s after the agent started")
+    assert not problems, "\n".join(problems)
+
+
+# -- d. every metric a rule or panel names is exported ---------------------
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_TOKEN = re.compile(r"(?P<num>0x[0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?[a-zA-Z]*)"
+                    r"|(?P<id>[a-zA-Z_:][a-zA-Z0-9_:]*)")
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+             "offset", "atan2", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (functions, keywords, labels and strings skipped).
+
+    A selector by ``{__name__=...}`` alone names no metric and yields nothing.
+    """
+    text = _STRING.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)      # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)     # ranges and subqueries
+    text = _GROUPING.sub(" ", text)             # label lists of by/on/group_left...
+    text = re.sub(r"@\s*(start|end)\s*\(\s*\)", " ", text)
+    names = set()
+    for m in _TOKEN.finditer(text):
+        word = m.group("id")
+        if word is None or word.lower() in _KEYWORDS:
+            continue
+        if text[m.end():].lstrip().startswith("("):  # a function or an aggregation
+            continue
+        names.add(word)
+    return names
+
+
+def test_rule_group_interval_is_rewritten():
+    text = "groups:\n  - name: a\n    interval: 1m\n    rules:\n      - record: x\n        expr: up\n" \
+           "  - interval: 30s\n    name: b\n"
+    assert with_group_interval(text, "1s") == text.replace("1m", "1s").replace("30s", "1s")
+
+
+def test_metric_name_tokenizer():
+    expr = ('sum by (cluster, currency) (rate(gpucost_energy_cost_total{job=~"$job", x="a(b)"}[5m])) * 3600 '
+            '+ on (instance) group_left (name) max without (x) (gpucost_gpu_info) > bool 1e3 '
+            'or label_replace(up, "dst", "$1", "src", "(.*)") unless x:y:z offset 5m '
+            'and topk(5, a_b) / scalar(time()) - sum(c) by (d) == Inf')
+    assert metric_names(expr) == {"gpucost_energy_cost_total", "gpucost_gpu_info", "up", "x:y:z", "a_b", "c"}
+
+
+def test_every_metric_named_is_exported(stack):
+    prom, agent = stack.prom, stack.agent
+    exported = {s.name for samples in agent.metrics().values() for s in samples}
+    rules = prom.rules()
+    recorded = {r["name"] for r in rules if r["type"] == "recording"}
+    exporter_source = EXPORTER_SOURCE.read_text()
+    exprs = [(f"{r['type']} rule {r['name']}", r["query"]) for r in rules]
+    values = _dashboard_values(stack)
+    exprs += [(f"panel {q.dashboard} / {q.panel}", q.expr) for q in dashboard_queries(values)]
+    exprs += [(f"variable {uid} ${var}", selector) for uid, var, selector, _ in variable_queries(values)]
+    problems = []
+    for where, expr in exprs:
+        for name in sorted(metric_names(expr)):
+            if name in exported or name in recorded or name in PROMETHEUS_OWN:
+                continue
+            if name in NOT_IN_DEMO and f'"{name.removesuffix("_total")}"' in exporter_source:
+                continue
+            problems.append(f"{where}: {name} is not a metric the agent exports: {expr}")
+    print(f"checked the metric names of {len(exprs)} expressions against {len(exported)} exported series names")
+    assert not problems, "\n".join(problems)
