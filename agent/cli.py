@@ -129,12 +129,13 @@ def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateSto
         directory = default_state_dir()
     store = StateStore(directory)
     store.check_writable()
+    store.remove_stale_temp_files()
     state = store.load()
     if state is not None:
         try:
-            ledger.load_state(state)
-        except (ValueError, TypeError, KeyError) as exc:
-            store.reject(str(exc))
+            ledger.load_state(state)  # all or nothing: on error the ledger stays at zero
+        except Exception as exc:  # whatever is wrong with the file, the agent starts
+            store.reject(str(exc) or type(exc).__name__)
         else:
             log.info("totals continue from %s (saved at %s)", store.path, state.get("saved_at"))
     return store

@@ -465,15 +465,19 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def health_of(snap: Snapshot, tick_seconds: float, now: float | None = None) -> tuple[bool, dict[str, Any]]:
-    """Healthy while ticks keep completing. A node without readable GPUs is
-    ``degraded`` but still healthy: the agent keeps serving host and agent metrics."""
+def health_of(
+    snap: Snapshot, tick_seconds: float, now: float | None = None, persist_error: str | None = None
+) -> tuple[bool, dict[str, Any]]:
+    """Healthy while ticks keep completing. A node without readable GPUs, or whose
+    totals could not be persisted (``persist_error``), is ``degraded`` but still
+    healthy: the agent keeps serving host and agent metrics."""
     now = time.time() if now is None else now
     a = snap.agent
     age = None if a.last_success_timestamp is None else now - a.last_success_timestamp
     finished = snap.replay is not None and snap.replay.finished
     stale = age is None or (age > max(3 * tick_seconds, 5.0) and not finished)
-    status = "stale" if stale else ("degraded" if not snap.source_up or not all(g.up for g in snap.gpus) else "ok")
+    degraded = not snap.source_up or not all(g.up for g in snap.gpus) or persist_error is not None
+    status = "stale" if stale else ("degraded" if degraded else "ok")
     body: dict[str, Any] = {
         "status": status,
         "source": snap.source_kind,
@@ -483,6 +487,8 @@ def health_of(snap: Snapshot, tick_seconds: float, now: float | None = None) -> 
     }
     if snap.source_error:
         body["error"] = snap.source_error
+    if persist_error is not None:
+        body["state_error"] = persist_error
     if finished:
         body["replay"] = "finished"
     return not stale, body

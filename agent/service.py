@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -62,6 +63,8 @@ class Service:
         self.tick_seconds = settings.agent.tick_seconds
         self.interval = self.tick_seconds / speed if replay is not None else self.tick_seconds
         self.store = store
+        #: Why the last persist failed; None once one succeeds. Shown in /healthz.
+        self.persist_error: str | None = None
         self.stopped = threading.Event()
         self._finished = False
         host, port = parse_listen(settings.agent.listen)
@@ -77,7 +80,7 @@ class Service:
             self.dcmi = DcmiPoller(ipmi)
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
-        return health_of(self.sampler.snapshot, self.tick_seconds)
+        return health_of(self.sampler.snapshot, self.tick_seconds, persist_error=self.persist_error)
 
     def _on_event(self, event: JobEvent) -> None:
         if event.code == EVENT_JOB_ERROR:
@@ -116,16 +119,21 @@ class Service:
             self.sampler.errors["dcmi"] += 1
         self.sampler.wall_power = reading
 
-    def persist(self) -> None:
-        """Write the totals now. A failed write is logged and counted; the next one retries."""
+    def persist(self) -> bool:
+        """Write the totals now. A failed write is logged, counted and shown in /healthz
+        (degraded) until a write succeeds; the next one retries. Returns whether it was written."""
         if self.store is None:
-            return
+            return True
         try:
             self.store.save(self.sampler.state())
-            self.sampler.saved(time.time())
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self.sampler.errors["state_write"] += 1
-            log.error("could not write state file %s: %s", self.store.path, exc)
+            self.persist_error = f"could not write state file {self.store.path}: {exc}"
+            log.error("%s", self.persist_error)
+            return False
+        self.persist_error = None
+        self.sampler.saved(time.time())
+        return True
 
     def _stop_schedule(self) -> None:
         try:
@@ -191,4 +199,8 @@ class Service:
         started = time.monotonic()
         self.stop()
         log.info("stopped in %.2f s", time.monotonic() - started)
+        if self.persist_error is not None:  # the final save failed: say so to systemd and the operator
+            print(f"gpu-cost-agent: the final save failed, totals since the last good save are lost: "
+                  f"{self.persist_error}", file=sys.stderr)
+            return 1
         return 0
