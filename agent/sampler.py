@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 #: so an alert on ``increase()`` sees the first error of each kind.
 ERROR_KINDS = (
     "gpu_lost", "gpu_read", "energy_counter", "energy_counter_stale", "counter_reset",
-    "power_samples", "samples_gap", "invalid_energy", "tick_skipped", "tick_exception", "host_read", "dcmi", "state_write",
+    "power_samples", "samples_gap", "invalid_energy", "tick_skipped", "tick_exception", "host_read", "dcmi",
+    "state_write",
 )
 
 #: The energy sources a GPU's total can have for each method: its own and the polled fallback.
