@@ -87,7 +87,9 @@ class HostConfig(BaseModel):
     #: Whole-CPU power at 100 % utilisation, W. Unset: 3.5 W × logical CPUs.
     cpu_max_watts: float | None = Field(default=None, ge=0, le=MAX_HOST_WATTS, allow_inf_nan=False)
     #: DRAM power per GiB of installed memory, W/GiB.
-    memory_watts_per_gib: float = Field(default=DEFAULT_MEMORY_WATTS_PER_GIB, ge=0, le=MAX_MEMORY_WATTS_PER_GIB, allow_inf_nan=False)
+    memory_watts_per_gib: float = Field(
+        default=DEFAULT_MEMORY_WATTS_PER_GIB, ge=0, le=MAX_MEMORY_WATTS_PER_GIB, allow_inf_nan=False
+    )
     #: Static overhead (fans, NICs, drives, BMC, PSU losses), W.
     platform_watts: float = Field(default=DEFAULT_PLATFORM_WATTS, ge=0, le=MAX_HOST_WATTS, allow_inf_nan=False)
     ipmi: IpmiConfig = Field(default_factory=IpmiConfig)
