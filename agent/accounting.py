@@ -8,6 +8,11 @@ and never to energy already counted. :meth:`Ledger.state` is what is persisted
 across restarts; GPUs are keyed by UUID, so a renumbering after a reboot does
 not move totals between GPUs.
 
+Nothing non-finite or negative ever enters a total: a slice with NaN, infinite
+or negative energy (a source gone wrong) is dropped and counted under
+``errors{kind="invalid_energy"}``, and :meth:`Ledger.load_state` takes a
+persisted state all or nothing, after checking every value.
+
 Component keys: ``gpu:<uuid>`` for each GPU, ``host`` (CPU, DRAM, platform),
 ``other`` (BMC wall power not seen by the components, when cost is computed
 from the wall reading), ``node`` (hardware amortisation of the host).
@@ -16,10 +21,12 @@ from the wall reading), ``node`` (hardware amortisation of the host).
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
 from .cost import Amortization, CostModel, DemandTracker, IdleConfig, is_idle
@@ -33,6 +40,19 @@ STATE_VERSION = 1
 
 #: Periods of ``cost_to_date``, in the tariff's time zone.
 PERIODS = ("day", "month")
+
+# Sanity bounds of a persisted total. A node drawing 10 kW for 30 years uses 1e13 J, and
+# its amortisation in the currency with the smallest unit (hardware in IRR or VND runs to
+# 1e10 per GPU) stays below 1e14: a value past these is corruption, not history.
+#: Units: J (IT and facility energy).
+MAX_STATE_JOULES = 1e15
+#: Units: currency.
+MAX_STATE_MONEY = 1e15
+#: Units: g CO2e.
+MAX_STATE_GRAMS = 1e15
+
+#: The error kind under which a rejected slice is counted.
+INVALID_ENERGY = "invalid_energy"
 
 
 def gpu_key(uuid: str) -> str:
@@ -92,6 +112,9 @@ class Ledger:
         tariff = self.cost.tariff
         self._zone: ZoneInfo = get_zone(tariff.config.timezone) if tariff is not None else get_zone("UTC")
         self._period_cache: tuple[float, float, dict[str, str]] | None = None
+        #: Called with an error kind when a slice is refused (the sampler counts it).
+        self.on_error: Callable[[str], None] = lambda kind: None
+        self._invalid_logged = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Ledger":
@@ -194,7 +217,7 @@ class Ledger:
     def add(self, slices: Iterable[EnergySlice]) -> None:
         """GPU energy slices."""
         for s in slices:
-            if s.joules <= 0:
+            if not self._valid(s.joules, s.t0, s.t1, f"GPU {s.gpu} ({s.source})"):
                 continue
             uuid = self.gpu_uuids.get(s.gpu, f"index-{s.gpu}")
             self.gpu_energy[(uuid, s.source)] += s.joules
@@ -204,14 +227,31 @@ class Ledger:
 
     def add_host(self, component: str, source: str, t0: float, t1: float, joules: float) -> None:
         """Host energy of one component over [t0, t1] (wall time). Units: J."""
-        if joules > 0:
+        if self._valid(joules, t0, t1, f"host {component} ({source})"):
             self.host_energy[(component, source)] += joules
             self._price("host", t0, t1, joules)
 
     def add_other(self, t0: float, t1: float, joules: float) -> None:
         """Wall energy the BMC saw beyond GPUs + host (PSU losses, fans). Units: J."""
-        if joules > 0:
+        if self._valid(joules, t0, t1, "other"):
             self._price("other", t0, t1, joules)
+
+    def _valid(self, joules: float, t0: float, t1: float, what: str) -> bool:
+        """Whether a slice may enter the totals: finite, positive energy over a finite, forward
+        stretch. Zero is skipped quietly; anything else refused is counted and logged (once)."""
+        if joules == 0:
+            return False
+        if joules > 0 and math.isfinite(joules) and math.isfinite(t0) and math.isfinite(t1) and t1 >= t0:
+            return True
+        self.on_error(INVALID_ENERGY)
+        log.log(
+            logging.DEBUG if self._invalid_logged else logging.WARNING,
+            "%s: refused %r J over [%r, %r]: energy must be finite and not negative "
+            "(counted as errors{kind=\"%s\"}; further ones are logged at debug level)",
+            what, joules, t0, t1, INVALID_ENERGY,
+        )
+        self._invalid_logged = True
+        return False
 
     def _price(self, key: str, t0: float, t1: float, joules: float) -> float | None:
         parts = self.cost.price(t0, t1, joules)
@@ -296,35 +336,153 @@ class Ledger:
             },
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from a persisted state. Raises ValueError on a malformed one."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
+    def load_state(self, state: Any) -> None:
+        """Continue from a persisted state, all or nothing.
 
-        def load_pairs(name: str, into: dict[tuple[str, str], float]) -> None:
-            for a, b, v in state.get(name, []):
-                into[(str(a), str(b))] = float(v)
+        Every value is checked (types, finite, not negative, below the sanity bounds)
+        before any total is touched. Raises ValueError with one line naming the first
+        bad value (``energy_cost[2][2]: -1.5 is negative``); then the ledger is unchanged.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a JSON object, got {_kind(state)}")
+        version = state.get("version")
+        if isinstance(version, bool) or version != STATE_VERSION:
+            raise ValueError(f"state version {version!r} is not {STATE_VERSION}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing")
+        if "saved_at" in state:
+            _number(state["saved_at"], "saved_at", _MAX_TIMESTAMP)
+        gpu = _pairs(state, "gpu_energy_joules", MAX_STATE_JOULES)
+        host = _pairs(state, "host_energy_joules", MAX_STATE_JOULES)
+        energy_cost = _pairs(state, "energy_cost", MAX_STATE_MONEY)
+        idle_cost = _pairs(state, "idle_cost", MAX_STATE_MONEY)
+        hardware_cost = _pairs(state, "hardware_cost", MAX_STATE_MONEY)
+        it = _map(state, "it_energy_joules", MAX_STATE_JOULES)
+        facility = _map(state, "facility_energy_joules", MAX_STATE_JOULES)
+        emissions = _map(state, "emissions_grams", MAX_STATE_GRAMS)
+        demand = state["demand"]
+        if demand is not None and not isinstance(demand, dict):
+            raise ValueError(f"demand: expected an object or null, got {_kind(demand)}")
+        period_keys, period_cost = _periods(state.get("periods"))  # absent in states saved before 0.2
+        if self.demand is not None and demand:
+            self.demand.load_state(demand)  # all or nothing too; the last check that can fail
+        for into, loaded in (
+            (self.gpu_energy, gpu),
+            (self.host_energy, host),
+            (self.energy_cost, energy_cost),
+            (self.idle_cost, idle_cost),
+            (self.hardware_cost, hardware_cost),
+            (self.it_energy, it),
+            (self.facility_energy, facility),
+            (self.emissions, emissions),
+            (self.period_cost, period_cost),
+        ):
+            into.update(loaded)
+        self.periods.update(period_keys)
 
-        def load_map(name: str, into: dict[str, float]) -> None:
-            for k, v in (state.get(name) or {}).items():
-                into[str(k)] = float(v)
 
-        load_pairs("gpu_energy_joules", self.gpu_energy)
-        load_pairs("host_energy_joules", self.host_energy)
-        load_pairs("energy_cost", self.energy_cost)
-        load_pairs("idle_cost", self.idle_cost)
-        load_pairs("hardware_cost", self.hardware_cost)
-        load_map("it_energy_joules", self.it_energy)
-        load_map("facility_energy_joules", self.facility_energy)
-        load_map("emissions_grams", self.emissions)
-        if self.demand is not None and state.get("demand"):
-            self.demand.load_state(state["demand"])
-        periods = state.get("periods")
-        if periods:
-            self.periods = {str(p): str(k) for p, k in periods["keys"].items() if p in PERIODS}
-            for p, kind, cur, v in periods["cost"]:
-                if p in self.periods:
-                    self.period_cost[(str(p), str(kind), str(cur))] = float(v)
+#: Keys :meth:`Ledger.state` always writes (``saved_at`` is added by the store).
+_STATE_KEYS = (
+    "gpu_energy_joules",
+    "host_energy_joules",
+    "it_energy_joules",
+    "facility_energy_joules",
+    "energy_cost",
+    "idle_cost",
+    "hardware_cost",
+    "emissions_grams",
+    "demand",
+)
+#: Unix time, s: year 5138. Beyond it a timestamp is corruption.
+_MAX_TIMESTAMP = 1e11
+_KEY = re.compile(r"[^\x00-\x1f]{1,256}")
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _number(v: Any, where: str, limit: float) -> float:
+    """A JSON number that is finite, not negative and at most ``limit``. Raises ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: expected a number, got {_kind(v)}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ValueError(f"{where}: {f} is not a finite number")
+    if f < 0:
+        raise ValueError(f"{where}: {f:g} is negative")
+    if f > limit:
+        raise ValueError(f"{where}: {f:g} is beyond the sanity bound {limit:g}")
+    return f
+
+
+def _key(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not _KEY.fullmatch(v):
+        raise ValueError(f"{where}: expected a name (1-256 printable characters), got {_kind(v)}")
+    return v
+
+
+def _pairs(state: dict[str, Any], name: str, limit: float) -> dict[tuple[str, str], float]:
+    """``[[key, key, number], ...]`` → {(key, key): number}."""
+    rows = state[name]
+    if not isinstance(rows, list):
+        raise ValueError(f"{name}: expected a list, got {_kind(rows)}")
+    out: dict[tuple[str, str], float] = {}
+    for i, row in enumerate(rows):
+        where = f"{name}[{i}]"
+        if not isinstance(row, list) or len(row) != 3:
+            raise ValueError(f"{where}: expected [name, name, number]")
+        key = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
+        if key in out:
+            raise ValueError(f"{where}: {list(key)} appears twice")
+        out[key] = _number(row[2], f"{where}[2]", limit)
+    return out
+
+
+def _periods(periods: Any) -> tuple[dict[str, str], dict[tuple[str, str, str], float]]:
+    """``{"keys": {period: "YYYY-MM[-DD]"}, "cost": [[period, kind, currency, number], ...]}``;
+    periods other than :data:`PERIODS` are ignored, as is cost of a period without a key."""
+    if periods is None:
+        return {}, {}
+    if not isinstance(periods, dict) or not isinstance(periods.get("keys"), dict):
+        raise ValueError("periods: expected an object with 'keys' and 'cost'")
+    keys: dict[str, str] = {}
+    for p, k in periods["keys"].items():
+        pattern = _PERIOD_KEY.get(p)
+        if pattern is None:
+            continue
+        if not isinstance(k, str) or not pattern.fullmatch(k):
+            raise ValueError(f"periods.keys[{p!r}]: expected a {p}, got {k!r:.40}")
+        keys[p] = k
+    rows = periods.get("cost")
+    if not isinstance(rows, list):
+        raise ValueError(f"periods.cost: expected a list, got {_kind(rows)}")
+    cost: dict[tuple[str, str, str], float] = {}
+    for i, row in enumerate(rows):
+        where = f"periods.cost[{i}]"
+        if not isinstance(row, list) or len(row) != 4:
+            raise ValueError(f"{where}: expected [period, kind, currency, number]")
+        key = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), _key(row[2], f"{where}[2]"))
+        value = _number(row[3], f"{where}[3]", MAX_STATE_MONEY)
+        if key[0] in keys:
+            cost[key] = value
+    return keys, cost
+
+
+_PERIOD_KEY = {"day": re.compile(r"\d{4}-\d{2}-\d{2}"), "month": re.compile(r"\d{4}-\d{2}")}
+
+
+def _map(state: dict[str, Any], name: str, limit: float) -> dict[str, float]:
+    """``{key: number}`` with every value checked."""
+    d = state[name]
+    if not isinstance(d, dict):
+        raise ValueError(f"{name}: expected an object, got {_kind(d)}")
+    return {_key(k, name): _number(v, f"{name}[{k!r}]", limit) for k, v in d.items()}
 
 
 def kwh(joules: float) -> float:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .accounting import Ledger
-from .config import ConfigError, Settings, load
+from .config import ConfigError, Settings, load, unknown_env_vars
 from .sampler import Sampler
 from .service import Service
 from .state import StateError, StateStore, default_state_dir
@@ -119,12 +119,13 @@ def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateSto
         directory = default_state_dir()
     store = StateStore(directory)
     store.check_writable()
+    store.remove_stale_temp_files()
     state = store.load()
     if state is not None:
         try:
-            ledger.load_state(state)
-        except (ValueError, TypeError, KeyError) as exc:
-            store.reject(str(exc))
+            ledger.load_state(state)  # all or nothing: on error the ledger stays at zero
+        except Exception as exc:  # whatever is wrong with the file, the agent starts
+            store.reject(str(exc) or type(exc).__name__)
         else:
             log.info("totals continue from %s (saved at %s)", store.path, state.get("saved_at"))
     return store
@@ -132,6 +133,11 @@ def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateSto
 
 #: Loads the configuration again for SIGHUP (set by main for the serving commands).
 _reload: Any = None
+
+
+def _rapl_refusal(exc: Exception) -> str:
+    """The one line with which ``run`` and ``check-config`` refuse ``[host] mode = "rapl"`` without RAPL."""
+    return f"gpu-cost-agent: {getattr(exc, 'reason', exc)}"  # the reason says '[host] mode = "rapl" but ...'
 
 
 def _serve(settings: Settings, sampler: Sampler, store: StateStore | None, **kw: Any) -> int:
@@ -160,7 +166,11 @@ def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace
         args.speed,
         ", looping" if loop else "",
     )
-    host = source.host_source(settings.host) if settings.host.enabled else None
+    try:
+        host = source.host_source(settings.host) if settings.host.enabled else None
+    except ValueError as exc:  # the CPU model's defaults scale with the trace's CPUs, not this machine's
+        print(f"gpu-cost-agent: config error: for this trace's host: {exc}", file=sys.stderr)
+        return 2
     ledger = _make_ledger(settings)
     store = _open_state(settings, ledger, replay=True)
     if loop:
@@ -208,7 +218,7 @@ def _serve_nvml(settings: Settings) -> int:
         try:
             host = HostPowerSource(settings.host)
         except RaplUnavailable as exc:  # only with [host] mode = "rapl"
-            print(f"gpu-cost-agent: host.mode = \"rapl\" but RAPL cannot be read: {exc.reason}", file=sys.stderr)
+            print(_rapl_refusal(exc), file=sys.stderr)
             return 2
         log.info(host.describe())
     ledger = _make_ledger(settings)
@@ -260,8 +270,24 @@ def _check_config(path: str) -> int:
     except ConfigError as exc:
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
         return 2
+    for line in unknown_env_vars():
+        print(f"gpu-cost-agent: warning: {line}", file=sys.stderr)
+    host_line = "host power: disabled ([host] enabled = false)"
+    if settings.host.enabled:  # what run does at start, so check-config refuses what run refuses
+        from .sources.host import HostPowerSource
+        from .sources.rapl import RaplUnavailable
+
+        quiet = logging.getLogger("agent.check_config")
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
+        try:
+            host_line = HostPowerSource(settings.host, logger=quiet).describe()
+        except RaplUnavailable as exc:
+            print(_rapl_refusal(exc), file=sys.stderr)
+            return 2
     a = settings.agent
     print(f"{path}: OK")
+    print(host_line)
     print(f"listen {a.listen}, tick {a.tick_seconds:g} s, energy counter every "
           f"{settings.gpu.energy_counter_interval_seconds:g} s, energy method {settings.gpu.energy_method}")
     print(f"state dir {a.state_dir or default_state_dir()} (persisted every {a.persist_interval_seconds:g} s)")
@@ -347,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.agent.log_level)
+    for line in unknown_env_vars():
+        log.warning("%s", line)
     _log_tariff(settings, origin, args.command)
 
     def reload() -> Settings:

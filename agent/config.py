@@ -3,21 +3,36 @@
 Precedence, highest first: command-line flags, environment, TOML file,
 defaults. Nested tables map to ``__`` in variable names, e.g.
 ``GPUCOST_GPU__ENERGY_METHOD=samples`` overrides ``[gpu] energy_method``.
-A wrong value is refused at start with a one-line message naming the field.
+A wrong value is refused at start with a one-line message naming the field
+(and the variable, when the value came from the environment). A ``GPUCOST_*``
+variable that names no setting is ignored and warned about by name
+(:func:`unknown_env_vars`), so a typo never passes unnoticed.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import os
 import tomllib
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from .cost import CarbonConfig, HardwareConfig, IdleConfig, PueConfig, TariffConfig, format_validation_error
-from .sources.host import HostConfig
+from .cost.config import field_error
+from .sources.host import (
+    DEFAULT_CPU_IDLE_WATTS_PER_CPU,
+    DEFAULT_CPU_MAX_WATTS_PER_CPU,
+    HostConfig,
+    logical_cpus,
+    resolve_cpu_watts,
+)
 
+ENV_PREFIX = "GPUCOST_"
 DEFAULT_PORT = 9842  # clear of node_exporter 9100, dcgm-exporter 9400, nvidia_gpu_exporter 9835
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 
@@ -41,14 +56,14 @@ class AgentSection(BaseModel):
     #: Address of the /metrics and /healthz endpoint.
     listen: str = DEFAULT_LISTEN
     #: Sampling interval of the cheap readings. Units: s.
-    tick_seconds: float = Field(1.0, gt=0, le=300)
+    tick_seconds: float = Field(1.0, gt=0, le=300, allow_inf_nan=False)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Where totals are persisted. Unset: $STATE_DIRECTORY (systemd), else
     #: /var/lib/gpu-cost-agent (root) or ~/.local/state/gpu-cost-agent. Replays
     #: persist only when this is set explicitly (or --state-dir is given).
     state_dir: Path | None = None
     #: How often totals are written to the state file (and always on SIGTERM). Units: s.
-    persist_interval_seconds: float = Field(60.0, gt=0, le=86400)
+    persist_interval_seconds: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
 
     @field_validator("listen")
     @classmethod
@@ -64,7 +79,7 @@ class GpuSection(BaseModel):
     #: ``auto`` picks the best the GPU supports: counter, then samples, then polled.
     energy_method: Literal["auto", "counter", "samples", "polled"] = "auto"
     #: How often the hardware energy counter is read (3.8 ms CPU per read on H100). Units: s.
-    energy_counter_interval_seconds: float = Field(5.0, gt=0, le=600)
+    energy_counter_interval_seconds: float = Field(5.0, gt=0, le=600, allow_inf_nan=False)
 
 
 class Settings(BaseSettings):
@@ -99,7 +114,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _KnownEnvSettings(settings_cls, env_settings)]
         if cls._toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
         return tuple(sources)
@@ -115,7 +130,29 @@ class Settings(BaseSettings):
         priced = hw.gpu_price > 0 or hw.node_price > 0 or bool(hw.gpus)
         if priced and not hw.currency and self.tariff is None:
             raise ValueError("hardware.currency is required when there is no [tariff] to take it from")
+        if self.host.enabled:
+            self._check_cpu_model(self.host)
         return self
+
+    @staticmethod
+    def _check_cpu_model(host: HostConfig) -> None:
+        """The CPU model's max must not be below its idle, with an unset figure resolved to
+        its default on this machine exactly as ``run`` resolves it."""
+        cpus = logical_cpus()
+        idle, peak = resolve_cpu_watts(host, cpus)
+        if peak >= idle:
+            return
+        if host.cpu_max_watts is None:
+            raise field_error("Settings", ("host", "cpu_idle_watts"), (
+                f"{idle:g} W is above cpu_max_watts, which is unset and defaults to {peak:g} W on this "
+                f"machine ({DEFAULT_CPU_MAX_WATTS_PER_CPU:g} W x {cpus} logical CPUs); set cpu_max_watts too"
+            ), idle)
+        if host.cpu_idle_watts is None:
+            raise field_error("Settings", ("host", "cpu_max_watts"), (
+                f"{peak:g} W is below cpu_idle_watts, which is unset and defaults to {idle:g} W on this "
+                f"machine ({DEFAULT_CPU_IDLE_WATTS_PER_CPU:g} W x {cpus} logical CPUs); set cpu_idle_watts too"
+            ), peak)
+        # Both set: HostConfig's own check has already refused it.
 
     @property
     def hardware_currency(self) -> str | None:
@@ -132,7 +169,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Load settings from ``path`` (TOML), the environment and ``overrides`` (CLI flags).
 
-    Raises :class:`ConfigError` with a one-line message naming the file or field.
+    Raises :class:`ConfigError` with a one-line message naming the file or field, and
+    the ``GPUCOST_*`` variable when the bad value came from the environment.
     """
     toml_path = None
     if path is not None:
@@ -146,14 +184,127 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{toml_path}: invalid TOML: {exc}") from exc
     Settings._toml_file = toml_path
     try:
-        # Flags are merged section by section so a flag does not wipe the
-        # rest of its table coming from the file or environment.
-        base = Settings()
+        try:
+            base = Settings()
+        except ValidationError as exc:
+            raise ConfigError(_describe_with_env(exc)) from exc
         if not overrides:
             return base
+        # Flags are merged section by section so a flag does not wipe the
+        # rest of its table coming from the file or environment.
         merged = _merge(base.model_dump(), overrides)
-        return Settings.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from exc
+        try:
+            return Settings.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from exc
     finally:
         Settings._toml_file = None
+
+
+# -- the environment ----------------------------------------------------------------------
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a field that is a table (``TariffConfig | None`` → TariffConfig)."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if inspect.isclass(arg) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _setting_paths(model: type[BaseModel] = Settings, above: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every path an environment variable may name: each table and each key in it."""
+    out = []
+    for name, field in model.model_fields.items():
+        path = (*above, name)
+        out.append(path)
+        sub = _section_model(field.annotation)
+        if sub is not None:
+            out.extend(_setting_paths(sub, path))
+    return out
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "__".join(path).upper()
+
+
+def _path_of(name: str) -> tuple[str, ...]:
+    return tuple(name[len(ENV_PREFIX):].lower().split("__"))
+
+
+def _gpucost_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``GPUCOST_*`` variables (names matched without regard to case, as pydantic-settings does)."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.upper().startswith(ENV_PREFIX)}
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line for each ``GPUCOST_*`` variable that names no setting (it is ignored)."""
+    known = set(_setting_paths())
+    names = [_env_name(p)[len(ENV_PREFIX):] for p in sorted(known)]
+    lines = []
+    for var in sorted(_gpucost_env(environ)):
+        path = _path_of(var)
+        if path in known:
+            continue
+        hint = difflib.get_close_matches(var[len(ENV_PREFIX):].upper(), names, n=1, cutoff=0.8)
+        lines.append(
+            f"ignoring environment variable {var}: there is no setting {'.'.join(path) or '(empty)'}"
+            + (f"; did you mean {ENV_PREFIX}{hint[0]}?" if hint else "")
+        )
+    return lines
+
+
+class _KnownEnvSettings(PydanticBaseSettingsSource):
+    """The environment source, without variables that name no setting: those are warned
+    about (:func:`unknown_env_vars`), never a reason to refuse the whole configuration."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.inner()
+        known = set(_setting_paths())
+        for var in _gpucost_env():
+            path = _path_of(var)
+            if path in known:
+                continue
+            node: Any = data
+            for part in path[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(path[-1], None)
+        return data
+
+
+def _env_origin(loc: tuple[Any, ...]) -> str | None:
+    """``NAME=value`` of the variable that set the value at ``loc``, or a table above it."""
+    env = {k.upper(): (k, v) for k, v in _gpucost_env().items()}
+    parts: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        parts.append(part)
+    for i in range(len(parts), 0, -1):
+        name = _env_name(tuple(parts[:i]))
+        if name in env:
+            var, value = env[name]
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            return f"{var}={shown}"
+    return None
+
+
+def _describe_with_env(exc: ValidationError) -> str:
+    """One line for the first error, preferring one whose value came from the environment,
+    prefixed with that variable: ``GPUCOST_TARIFF__FLAT_PRICE_PER_KWH=abc: tariff.flat_...``."""
+    for i, err in enumerate(exc.errors(include_url=False)):
+        origin = _env_origin(tuple(err.get("loc", ())))
+        if origin is not None:
+            return f"{origin}: {format_validation_error(exc, index=i)}"
+    return format_validation_error(exc)

@@ -465,16 +465,20 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def health_of(snap: Snapshot, tick_seconds: float, mono_now: float | None = None) -> tuple[bool, dict[str, Any]]:
-    """Healthy while ticks keep completing. A node without readable GPUs is
-    ``degraded`` but still healthy: the agent keeps serving host and agent metrics."""
+def health_of(
+    snap: Snapshot, tick_seconds: float, mono_now: float | None = None, persist_error: str | None = None
+) -> tuple[bool, dict[str, Any]]:
+    """Healthy while ticks keep completing. A node without readable GPUs, or whose
+    totals could not be persisted (``persist_error``), is ``degraded`` but still
+    healthy: the agent keeps serving host and agent metrics."""
     a = snap.agent
     # Age on the monotonic clock: a wall-clock step neither ages nor rejuvenates a sample.
     now = time.monotonic() if mono_now is None else mono_now
     age = None if a.last_success_monotonic is None else now - a.last_success_monotonic
     finished = snap.replay is not None and snap.replay.finished
     stale = age is None or (age > max(3 * tick_seconds, 5.0) and not finished)
-    status = "stale" if stale else ("degraded" if not snap.source_up or not all(g.up for g in snap.gpus) else "ok")
+    degraded = not snap.source_up or not all(g.up for g in snap.gpus) or persist_error is not None
+    status = "stale" if stale else ("degraded" if degraded else "ok")
     body: dict[str, Any] = {
         "status": status,
         "source": snap.source_kind,
@@ -484,6 +488,8 @@ def health_of(snap: Snapshot, tick_seconds: float, mono_now: float | None = None
     }
     if snap.source_error:
         body["error"] = snap.source_error
+    if persist_error is not None:
+        body["state_error"] = persist_error
     if finished:
         body["replay"] = "finished"
     return not stale, body

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 #: so an alert on ``increase()`` sees the first error of each kind.
 ERROR_KINDS = (
     "gpu_lost", "gpu_read", "energy_counter", "energy_counter_stale", "counter_reset",
-    "power_samples", "samples_gap", "tick_skipped", "tick_exception", "host_read", "dcmi", "state_write",
+    "power_samples", "samples_gap", "invalid_energy", "tick_skipped", "tick_exception", "host_read", "dcmi",
+    "state_write",
 )
 
 #: The energy sources a GPU's total can have for each method: its own and the polled fallback.
@@ -58,6 +59,7 @@ class Sampler:
         self.source = source
         self.clock = clock
         self.ledger = ledger or Ledger()
+        self.ledger.on_error = self._count
         self.host = host
         self.source_kind = source.kind if source is not None else source_kind
         self.source_error = source_error

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -142,6 +143,8 @@ class Service:
         self.tick_seconds = settings.agent.tick_seconds
         self.interval = self.tick_seconds / speed if replay is not None else self.tick_seconds
         self.store = store
+        #: Why the last persist failed; None once one succeeds. Shown in /healthz.
+        self.persist_error: str | None = None
         self.stopped = threading.Event()
         #: Set by a signal handler; the main loop acts on it (never inside the handler).
         self._wake = threading.Event()
@@ -165,7 +168,7 @@ class Service:
             self.dcmi = DcmiPoller(ipmi)
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
-        return health_of(self.sampler.snapshot, self.tick_seconds)
+        return health_of(self.sampler.snapshot, self.tick_seconds, persist_error=self.persist_error)
 
     def _on_event(self, event: JobEvent) -> None:
         if event.code == EVENT_JOB_ERROR:
@@ -209,17 +212,20 @@ class Service:
         self.sampler.wall_power = reading
 
     def persist(self) -> bool:
-        """Write the totals now. A failed write is logged and counted; the next one retries."""
+        """Write the totals now. A failed write is logged, counted and shown in /healthz
+        (degraded) until a write succeeds; the next one retries. Returns whether it was written."""
         if self.store is None:
             return True
         try:
             self.store.save(self.sampler.state())
-            self.sampler.saved(time.time())
-            return True
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self.sampler.errors["state_write"] += 1
-            log.error("could not write state file %s: %s", self.store.path, exc)
+            self.persist_error = f"could not write state file {self.store.path}: {exc}"
+            log.error("%s", self.persist_error)
             return False
+        self.persist_error = None
+        self.sampler.saved(time.time())
+        return True
 
     def start(self) -> None:
         self.sampler.tick()  # first snapshot before the endpoint opens
@@ -323,9 +329,9 @@ class Service:
         log.info("received %s, stopping", self._stop_signal or "a stop request")
         started = time.monotonic()
         saved = self.stop()
-        if not saved:
-            log.error("stopped in %.2f s, but the final save FAILED: totals since the last save are lost",
-                      time.monotonic() - started)
-            return 1
         log.info("stopped in %.2f s", time.monotonic() - started)
+        if not saved:  # the final save failed: say so to systemd and the operator
+            print(f"gpu-cost-agent: the final save failed, totals since the last good save are lost: "
+                  f"{self.persist_error}", file=sys.stderr)
+            return 1
         return 0

@@ -49,15 +49,34 @@ _DAY_SPEC_KEYS: dict[str, tuple[int, ...]] = {
     "holiday": (HOLIDAY_KEY,),
 }
 
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-PueFloat = Annotated[float, Field(ge=1.0, allow_inf_nan=False)]
+# Upper bounds where a typo (1e308, a price in cents) would poison totals for good. Each
+# sits well above any real value: a kWh costs at most a few thousand units even in IDR or
+# VND, and a GPU a few 1e10 in IRR.
+#: Units: currency per kWh.
+MAX_PRICE_PER_KWH = 100_000.0
+#: Units: currency per kW of monthly peak.
+MAX_DEMAND_CHARGE_PER_KW_MONTH = 1_000_000.0
+#: Facility / IT energy; real data centres run 1.1-2.
+MAX_PUE = 5.0
+#: Units: g CO2e per kWh; the dirtiest grids (lignite) are near 1,200.
+MAX_GRAMS_PER_KWH = 2_000.0
+#: Units: currency per GPU or node.
+MAX_HARDWARE_PRICE = 1e12
+#: Units: years. Shorter is a rental, not an amortisation; longer is no depreciation.
+MIN_LIFETIME_YEARS, MAX_LIFETIME_YEARS = 0.1, 100.0
+
+PriceFloat = Annotated[float, Field(ge=0, le=MAX_PRICE_PER_KWH, allow_inf_nan=False)]
+PueFloat = Annotated[float, Field(ge=1.0, le=MAX_PUE, allow_inf_nan=False)]
+GramsFloat = Annotated[float, Field(ge=0, le=MAX_GRAMS_PER_KWH, allow_inf_nan=False)]
+HardwarePrice = Annotated[float, Field(ge=0, le=MAX_HARDWARE_PRICE, allow_inf_nan=False)]
+LifetimeYears = Annotated[float, Field(ge=MIN_LIFETIME_YEARS, le=MAX_LIFETIME_YEARS, allow_inf_nan=False)]
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """The first error of ``exc`` as one line: ``dotted.path[i].field: message``.
+def format_validation_error(exc: ValidationError, prefix: str = "", index: int = 0) -> str:
+    """The first error of ``exc`` (or the one at ``index``) as one line: ``dotted.path[i].field: message``.
 
     ``prefix`` is prepended to the path (e.g. ``"tariff"`` when validating a
     section on its own). When there are more errors, says how many.
@@ -65,7 +84,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     errors = exc.errors(include_url=False)
     if not errors:
         return f"{prefix}: invalid" if prefix else "invalid"
-    err = errors[0]
+    err = errors[index]
     path = prefix
     for part in err.get("loc", ()):
         if isinstance(part, int):
@@ -87,7 +106,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return line
 
 
-def _fail(title: str, loc: tuple[str | int, ...], message: str, value: Any) -> ValidationError:
+def field_error(title: str, loc: tuple[str | int, ...], message: str, value: Any) -> ValidationError:
     """A ValidationError at ``loc`` (relative to the model being validated).
 
     Raised from a model validator, pydantic keeps ``loc`` and prefixes it with
@@ -157,7 +176,7 @@ def _layout(
                     other = f"bands[{row[taken]}]"
                     if names[row[taken]]:
                         other += f" {names[row[taken]]!r}"
-                    raise _fail(title, (field, index), f"overlaps {other} on {where}", None)
+                    raise field_error(title, (field, index), f"overlaps {other} on {where}", None)
                 row[a:b] = [index] * (b - a)
     for k in day_keys:
         row = grid[k]
@@ -167,7 +186,7 @@ def _layout(
             while b < MINUTES_PER_DAY and row[b] == -1:
                 b += 1
             where = f"{label(k)} {format_minute(a)}-{format_minute(b)}".strip()
-            raise _fail(title, (field,), f"no band covers {where}", None)
+            raise field_error(title, (field,), f"no band covers {where}", None)
     return [grid[k] for k in day_keys]
 
 
@@ -219,7 +238,7 @@ class TouBand(_HourBand):
     """One time-of-use band: a price on some days between two local clock times."""
 
     name: str = Field(min_length=1, description="Label exported with the cost, e.g. 'peak'.")
-    price_per_kwh: NonNegFloat = Field(description="Units: currency per kWh (facility energy).")
+    price_per_kwh: PriceFloat = Field(description="Units: currency per kWh (facility energy).")
     days: list[DaySpec] = Field(
         min_length=1,
         description="Calendar days: mon..sun, 'weekday' (mon-fri), 'weekend' (sat, sun), "
@@ -243,7 +262,7 @@ class TariffConfig(BaseModel):
 
     currency: str = Field(description="ISO 4217 code, e.g. 'EUR'.")
     timezone: str = Field(default="UTC", description="IANA zone the band times are in.")
-    flat_price_per_kwh: NonNegFloat | None = Field(
+    flat_price_per_kwh: PriceFloat | None = Field(
         default=None, description="Units: currency per kWh."
     )
     bands: list[TouBand] | None = Field(default=None, min_length=1)
@@ -255,8 +274,12 @@ class TariffConfig(BaseModel):
         description="A day name (holidays use that day's bands) or 'holiday' "
         "(bands listing 'holiday' apply).",
     )
-    demand_charge_per_kw_month: NonNegFloat | None = Field(
-        default=None, description="Units: currency per kW of monthly peak window-average power."
+    demand_charge_per_kw_month: float | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_DEMAND_CHARGE_PER_KW_MONTH,
+        allow_inf_nan=False,
+        description="Units: currency per kW of monthly peak window-average power.",
     )
     demand_window_minutes: int = Field(default=15, description="Averaging window; must divide 60.")
 
@@ -281,14 +304,14 @@ class TariffConfig(BaseModel):
     def _check_pricing(self) -> TariffConfig:
         title = type(self).__name__
         if self.flat_price_per_kwh is not None and self.bands is not None:
-            raise _fail(title, ("bands",), "set either flat_price_per_kwh or bands, not both", None)
+            raise field_error(title, ("bands",), "set either flat_price_per_kwh or bands, not both", None)
         if self.flat_price_per_kwh is None and self.bands is None:
-            raise _fail(title, (), "set flat_price_per_kwh or bands", None)
+            raise field_error(title, (), "set flat_price_per_kwh or bands", None)
         if self.bands is not None:
             if self.holidays_priced_as != "holiday":
                 for i, band in enumerate(self.bands):
                     if "holiday" in band.days:
-                        raise _fail(
+                        raise field_error(
                             title,
                             ("bands", i, "days"),
                             "'holiday' is only used with holidays_priced_as = 'holiday' "
@@ -329,7 +352,7 @@ class PueBand(_HourBand):
 class CarbonBand(_HourBand):
     """Grid carbon intensity between two local clock times, every day."""
 
-    grams_per_kwh: NonNegFloat = Field(description="Units: g CO2e per kWh.")
+    grams_per_kwh: GramsFloat = Field(description="Units: g CO2e per kWh.")
 
 
 def _hour_band_grid(bands: list[Any], title: str) -> list[int]:
@@ -340,7 +363,7 @@ def _hour_band_grid(bands: list[Any], title: str) -> list[int]:
 def _check_one_of(model: BaseModel, title: str, names: tuple[str, ...]) -> None:
     given = [n for n in names if n in model.model_fields_set and getattr(model, n) is not None]
     if len(given) > 1:
-        raise _fail(title, (given[1],), f"set only one of {', '.join(names)}", None)
+        raise field_error(title, (given[1],), f"set only one of {', '.join(names)}", None)
 
 
 class _ScheduleConfig(BaseModel):
@@ -392,8 +415,8 @@ class CarbonConfig(_ScheduleConfig):
 
     _constant: ClassVar[str] = "grams_per_kwh"
 
-    grams_per_kwh: NonNegFloat | None = Field(default=None, description="Units: g CO2e per kWh.")
-    by_month: list[NonNegFloat] | None = Field(default=None, min_length=12, max_length=12)
+    grams_per_kwh: GramsFloat | None = Field(default=None, description="Units: g CO2e per kWh.")
+    by_month: list[GramsFloat] | None = Field(default=None, min_length=12, max_length=12)
     bands: list[CarbonBand] | None = Field(default=None, min_length=1)
 
     @property
@@ -417,13 +440,13 @@ class GpuPriceOverride(BaseModel):
         description="Case-insensitive substring of the GPU name, e.g. 'H100' "
         "matches 'NVIDIA H100 80GB HBM3'.",
     )
-    price: NonNegFloat = Field(description="Units: currency per GPU.")
-    lifetime_years: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    price: HardwarePrice = Field(description="Units: currency per GPU.")
+    lifetime_years: LifetimeYears | None = None
 
     @model_validator(mode="after")
     def _one_selector(self) -> GpuPriceOverride:
         if (self.index is None) == (self.model is None):
-            raise _fail(type(self).__name__, ("index",), "set exactly one of index or model", None)
+            raise field_error(type(self).__name__, ("index",), "set exactly one of index or model", None)
         return self
 
     def matches(self, gpu_index: int, gpu_name: str | None) -> bool:
@@ -442,13 +465,13 @@ class HardwareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     currency: str | None = None
-    gpu_price: NonNegFloat = Field(default=0.0, description="Units: currency per GPU.")
-    gpu_lifetime_years: float = Field(default=5.0, gt=0, allow_inf_nan=False)
-    node_price: NonNegFloat = Field(
+    gpu_price: HardwarePrice = Field(default=0.0, description="Units: currency per GPU.")
+    gpu_lifetime_years: LifetimeYears = 5.0
+    node_price: HardwarePrice = Field(
         default=0.0,
         description="Units: currency for the host without its GPUs (chassis, CPUs, network).",
     )
-    node_lifetime_years: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    node_lifetime_years: LifetimeYears = 5.0
     gpus: list[GpuPriceOverride] = Field(
         default_factory=list, description="Per-GPU prices; the first entry that matches wins."
     )

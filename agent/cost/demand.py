@@ -14,6 +14,7 @@ peak / 1000 x ``demand_charge_per_kw_month``.
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -146,12 +147,50 @@ class DemandTracker:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state`. A snapshot taken with another window length is ignored
-        (its peak is not comparable), so the month restarts from zero."""
-        if state.get("window_s") != self.window_s:
+        """Restore :meth:`state`, all or nothing. A snapshot taken with another window length
+        is ignored (its peak is not comparable), so the month restarts from zero. Raises
+        ValueError naming the first bad value (``demand.peak_w: nan is not a finite number``);
+        then the tracker is unchanged."""
+        window_s = state.get("window_s")
+        if isinstance(window_s, bool) or not isinstance(window_s, (int, float)):
+            raise ValueError("demand.window_s: expected a number")
+        if window_s != self.window_s:
             return
-        self._set_month(state.get("month"))
-        self.peak_w = float(state.get("peak_w", 0.0))
+        month = state.get("month")
+        if month is not None and not (isinstance(month, str) and _MONTH.fullmatch(month)):
+            raise ValueError(f"demand.month: expected 'YYYY-MM' or null, got {month!r:.40}")
+        peak_w = _checked(state.get("peak_w", 0.0), "demand.peak_w", _MAX_PEAK_W)
         pws = state.get("peak_window_start")
-        self.peak_window_start = float(pws) if pws is not None else None
-        self._windows = {float(ws): float(j) for ws, j in state.get("windows", [])}
+        peak_start = None if pws is None else _checked(pws, "demand.peak_window_start", _MAX_TIMESTAMP)
+        rows = state.get("windows", [])
+        if not isinstance(rows, list):
+            raise ValueError("demand.windows: expected a list")
+        windows: dict[float, float] = {}
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != 2:
+                raise ValueError(f"demand.windows[{i}]: expected [start, joules]")
+            ws = _checked(row[0], f"demand.windows[{i}][0]", _MAX_TIMESTAMP)
+            windows[ws] = _checked(row[1], f"demand.windows[{i}][1]", _MAX_PEAK_W * self.window_s)
+        self._set_month(month)
+        self.peak_w = peak_w
+        self.peak_window_start = peak_start
+        self._windows = windows
+
+
+_MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+#: Sanity bounds of a persisted demand state: 1 GW for one node, and unix time in year 5138.
+_MAX_PEAK_W = 1e9
+_MAX_TIMESTAMP = 1e11
+
+
+def _checked(v: Any, where: str, limit: float) -> float:
+    """A finite number in [0, limit]. Raises ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: expected a number")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not (math.isfinite(f) and 0 <= f <= limit):
+        raise ValueError(f"{where}: {f:g} is not a number in [0, {limit:g}]")
+    return f

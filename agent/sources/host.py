@@ -63,6 +63,10 @@ DEFAULT_MEMORY_WATTS_PER_GIB = 0.375
 #: Default static platform power, W: 0 because in a VM the fans, NICs, drives
 #: and PSU losses are the provider's; set it on bare metal (see docs/host-power.md).
 DEFAULT_PLATFORM_WATTS = 0.0
+#: Upper bound of a configured whole-host watt figure: a typo (1e308) must not poison totals.
+MAX_HOST_WATTS = 100_000.0
+#: Upper bound of ``memory_watts_per_gib`` (DDR4/DDR5 draw well under 1 W/GiB).
+MAX_MEMORY_WATTS_PER_GIB = 10.0
 
 #: Below this interval (s), zero RAPL package energy is not taken as "frozen counters".
 _FROZEN_CHECK_MIN_DT = 0.5
@@ -79,13 +83,15 @@ class HostConfig(BaseModel):
     mode: Literal["auto", "rapl", "model"] = "auto"
     powercap_root: Path = DEFAULT_POWERCAP_ROOT
     #: Whole-CPU power at 0 % utilisation, W. Unset: 0.75 W × logical CPUs.
-    cpu_idle_watts: float | None = Field(default=None, ge=0)
+    cpu_idle_watts: float | None = Field(default=None, ge=0, le=MAX_HOST_WATTS, allow_inf_nan=False)
     #: Whole-CPU power at 100 % utilisation, W. Unset: 3.5 W × logical CPUs.
-    cpu_max_watts: float | None = Field(default=None, ge=0)
+    cpu_max_watts: float | None = Field(default=None, ge=0, le=MAX_HOST_WATTS, allow_inf_nan=False)
     #: DRAM power per GiB of installed memory, W/GiB.
-    memory_watts_per_gib: float = Field(default=DEFAULT_MEMORY_WATTS_PER_GIB, ge=0)
+    memory_watts_per_gib: float = Field(
+        default=DEFAULT_MEMORY_WATTS_PER_GIB, ge=0, le=MAX_MEMORY_WATTS_PER_GIB, allow_inf_nan=False
+    )
     #: Static overhead (fans, NICs, drives, BMC, PSU losses), W.
-    platform_watts: float = Field(default=DEFAULT_PLATFORM_WATTS, ge=0)
+    platform_watts: float = Field(default=DEFAULT_PLATFORM_WATTS, ge=0, le=MAX_HOST_WATTS, allow_inf_nan=False)
     ipmi: IpmiConfig = Field(default_factory=IpmiConfig)
 
     @model_validator(mode="after")
@@ -96,6 +102,20 @@ class HostConfig(BaseModel):
                     f"cpu_max_watts ({self.cpu_max_watts}) must be >= cpu_idle_watts ({self.cpu_idle_watts})"
                 )
         return self
+
+
+def logical_cpus() -> int:
+    """This machine's logical CPUs, which the default CPU figures are scaled by (1 if unknown)."""
+    n = psutil.cpu_count()
+    return int(n) if n and n > 0 else 1
+
+
+def resolve_cpu_watts(cfg: HostConfig, cpu_count: int) -> tuple[float, float]:
+    """Whole-CPU (idle, max) watts of the model: the configured figures, else the per-CPU
+    defaults × ``cpu_count``. The caller checks that max is not below idle."""
+    idle = cfg.cpu_idle_watts if cfg.cpu_idle_watts is not None else DEFAULT_CPU_IDLE_WATTS_PER_CPU * cpu_count
+    peak = cfg.cpu_max_watts if cfg.cpu_max_watts is not None else DEFAULT_CPU_MAX_WATTS_PER_CPU * cpu_count
+    return idle, peak
 
 
 @dataclass(frozen=True)
@@ -256,15 +276,10 @@ class HostPowerSource:
         self._log = logger or log
         self._cpu_percent = cpu_percent or CpuUtilMeter()
         self._virtual_memory = virtual_memory or psutil.virtual_memory
-        n = _as_callable(cpu_count if cpu_count is not None else psutil.cpu_count)()
+        n = _as_callable(cpu_count)() if cpu_count is not None else logical_cpus()
         #: Logical CPUs the default CPU figures are scaled by.
         self.cpu_count = int(n) if n and n > 0 else 1
-        self.cpu_idle_watts = (
-            cfg.cpu_idle_watts if cfg.cpu_idle_watts is not None else DEFAULT_CPU_IDLE_WATTS_PER_CPU * self.cpu_count
-        )
-        self.cpu_max_watts = (
-            cfg.cpu_max_watts if cfg.cpu_max_watts is not None else DEFAULT_CPU_MAX_WATTS_PER_CPU * self.cpu_count
-        )
+        self.cpu_idle_watts, self.cpu_max_watts = resolve_cpu_watts(cfg, self.cpu_count)
         if self.cpu_max_watts < self.cpu_idle_watts:
             raise ValueError(
                 f"[host] cpu_max_watts resolves to {self.cpu_max_watts:g} W, below cpu_idle_watts "

@@ -46,9 +46,9 @@ class IpmiConfig(BaseModel):
     #: argv of the command; its stdout must be ``ipmitool dcmi power reading`` output.
     command: list[str] = Field(default_factory=lambda: list(DEFAULT_COMMAND))
     #: Seconds between polls; the agent runs them on their own schedule, never in the tick.
-    interval_seconds: float = Field(default=10.0, gt=0)
+    interval_seconds: float = Field(default=10.0, gt=0, le=3600, allow_inf_nan=False)
     #: Seconds before the command is killed.
-    timeout_seconds: float = Field(default=5.0, gt=0)
+    timeout_seconds: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     #: "components": cost from GPU + host components; "wall": cost from the BMC reading.
     cost_basis: Literal["components", "wall"] = "components"
 

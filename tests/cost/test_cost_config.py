@@ -219,7 +219,33 @@ def test_good_tariff_normalises_currency_and_accepts_toml_times():
         ),
         (
             {"hardware": {"gpu_lifetime_years": 0}},
-            "hardware.gpu_lifetime_years: Input should be greater than 0",
+            "hardware.gpu_lifetime_years: Input should be greater than or equal to 0.1",
+        ),
+        # Upper bounds: a typo must not poison totals.
+        (
+            {"tariff": {"currency": "EUR", "flat_price_per_kwh": 1e308}},
+            "tariff.flat_price_per_kwh: Input should be less than or equal to 100000",
+        ),
+        (
+            {"tariff": {"currency": "EUR", "flat_price_per_kwh": float("inf")}},
+            "tariff.flat_price_per_kwh: Input should be a finite number",
+        ),
+        (
+            {"tariff": {"currency": "EUR", "bands": [{**GOOD_BANDS[0], "price_per_kwh": 3e5}, *GOOD_BANDS[1:]]}},
+            "tariff.bands[0].price_per_kwh: Input should be less than or equal to 100000",
+        ),
+        (
+            {"tariff": {"currency": "EUR", "flat_price_per_kwh": 0.3, "demand_charge_per_kw_month": 1e9}},
+            "tariff.demand_charge_per_kw_month: Input should be less than or equal to 1000000",
+        ),
+        ({"pue": {"value": 14}}, "pue.value: Input should be less than or equal to 5"),
+        ({"pue": {"by_month": [1.2] * 11 + [12]}}, "pue.by_month[11]: Input should be less than or equal to 5"),
+        ({"carbon": {"grams_per_kwh": 38000}}, "carbon.grams_per_kwh: Input should be less than or equal to 2000"),
+        ({"hardware": {"gpu_price": 1e15}}, "hardware.gpu_price: Input should be less than or equal to 1000000000000"),
+        ({"hardware": {"node_lifetime_years": 500}}, "hardware.node_lifetime_years: Input should be less than or equal to 100"),
+        (
+            {"hardware": {"gpus": [{"index": 0, "price": 1, "lifetime_years": 1e-9}]}},
+            "hardware.gpus[0].lifetime_years: Input should be greater than or equal to 0.1",
         ),
         (
             {"hardware": {"currency": "EURO"}},

@@ -1,0 +1,130 @@
+"""check-config refuses exactly what run and demo refuse, with the same line; unknown GPUCOST_*
+variables are warned about by name. All through the real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from agentproc import ROOT, AgentProcess, free_port
+
+TARIFF = '[tariff]\ncurrency = "EUR"\nflat_price_per_kwh = 0.30\n'
+
+#: (name, TOML, environment, the line every command must end with)
+CORPUS = [
+    ("cpu idle alone", "[host]\ncpu_idle_watts = 5000\n", {},
+     "config error: host.cpu_idle_watts: 5000 W is above cpu_max_watts, which is unset and defaults to "),
+    ("cpu max alone", "[host]\ncpu_max_watts = 0.1\n", {},
+     "config error: host.cpu_max_watts: 0.1 W is below cpu_idle_watts"),
+    ("cpu max below idle", "[host]\ncpu_idle_watts = 50\ncpu_max_watts = 40\n", {},
+     "config error: host: cpu_max_watts (40.0) must be >= cpu_idle_watts (50.0)"),
+    ("platform 1e308", "[host]\nplatform_watts = 1e308\n", {},
+     "config error: host.platform_watts: Input should be less than or equal to 100000"),
+    ("dram typo", "[host]\nmemory_watts_per_gib = 375\n", {},
+     "config error: host.memory_watts_per_gib: Input should be less than or equal to 10"),
+    ("rapl without rapl", '[host]\nmode = "rapl"\npowercap_root = "/nonexistent/powercap"\n', {},
+     '[host] mode = "rapl" but '),
+    ("price inf", '[tariff]\ncurrency = "EUR"\nflat_price_per_kwh = inf\n', {},
+     "config error: tariff.flat_price_per_kwh: Input should be a finite number"),
+    ("price 1e308", '[tariff]\ncurrency = "EUR"\nflat_price_per_kwh = 1e308\n', {},
+     "config error: tariff.flat_price_per_kwh: Input should be less than or equal to 100000"),
+    ("pue 14", "[pue]\nvalue = 14\n", {}, "config error: pue.value: Input should be less than or equal to 5"),
+    ("carbon nan", "[carbon]\ngrams_per_kwh = nan\n", {},
+     "config error: carbon.grams_per_kwh: Input should be a finite number"),
+    ("lifetime a second", '[hardware]\ncurrency = "EUR"\ngpu_price = 30000\ngpu_lifetime_years = 3e-8\n', {},
+     "config error: hardware.gpu_lifetime_years: Input should be greater than or equal to 0.1"),
+    ("tick 1e308", "[agent]\ntick_seconds = 1e308\n", {},
+     "config error: agent.tick_seconds: Input should be less than or equal to 300"),
+    ("ipmi interval", "[host.ipmi]\ninterval_seconds = 1e9\n", {},
+     "config error: host.ipmi.interval_seconds: Input should be less than or equal to 3600"),
+    ("counter faster than tick", "[agent]\ntick_seconds = 2\n[gpu]\nenergy_counter_interval_seconds = 1\n", {},
+     "config error: gpu.energy_counter_interval_seconds must be at least agent.tick_seconds"),
+    ("env price abc", TARIFF, {"GPUCOST_TARIFF__FLAT_PRICE_PER_KWH": "abc"},
+     "config error: GPUCOST_TARIFF__FLAT_PRICE_PER_KWH=abc: tariff.flat_price_per_kwh: Input should be a valid number"),
+    ("env cpu idle", "", {"GPUCOST_HOST__CPU_IDLE_WATTS": "5000"},
+     "config error: GPUCOST_HOST__CPU_IDLE_WATTS=5000: host.cpu_idle_watts: 5000 W is above cpu_max_watts"),
+    ("env pue", "", {"GPUCOST_PUE__VALUE": "1e308"},
+     "config error: GPUCOST_PUE__VALUE=1e308: pue.value: Input should be less than or equal to 5"),
+]
+
+
+#: A replay models the recorded host and never reads RAPL: the demo has nothing to refuse here.
+RUN_ONLY = {"rapl without rapl"}
+
+
+def _start(command: list[str], config: str, env: dict[str, str], state_dir: str) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "STATE_DIRECTORY": state_dir, **env}
+    return subprocess.Popen([sys.executable, "-m", "agent", *command], cwd=ROOT, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_check_config_refuses_exactly_what_run_and_demo_refuse(tmp_path):
+    """Every bad config: check-config, run and demo all exit 2, and all end with the same
+    one line (check-config and a config error print nothing else). The commands run side by
+    side: about 50 interpreter starts."""
+    procs = {}
+    for i, (name, toml, env, _) in enumerate(CORPUS):
+        cfg = tmp_path / f"{i}.toml"
+        cfg.write_text(toml)
+        state_dir = tempfile.mkdtemp(dir=tmp_path)
+        listen = ["--listen", f"127.0.0.1:{free_port()}"]
+        procs[name] = {
+            "check-config": _start(["check-config", str(cfg)], "", env, state_dir),
+            "run": _start(["run", "--config", str(cfg), *listen], "", env, state_dir),
+        }
+        if name not in RUN_ONLY:
+            procs[name]["demo"] = _start(["demo", "--config", str(cfg), *listen], "", env, state_dir)
+    results = {}
+    try:
+        for name, by_command in procs.items():
+            for command, proc in by_command.items():
+                _, err = proc.communicate(timeout=60)
+                results[(name, command)] = (proc.returncode, err.strip().splitlines())
+    finally:
+        for by_command in procs.values():
+            for proc in by_command.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    for name, _, _, expected in CORPUS:
+        rc, lines = results[(name, "check-config")]
+        assert rc == 2 and len(lines) == 1, (name, rc, lines)
+        line = lines[0]
+        assert line.startswith(f"gpu-cost-agent: {expected}"), (name, line)
+        for command in ("run",) if name in RUN_ONLY else ("run", "demo"):
+            rc, lines = results[(name, command)]
+            assert rc == 2 and lines and lines[-1] == line, (name, command, rc, lines)
+            assert not any("Traceback" in x for x in lines), (name, command)
+            if line.startswith("gpu-cost-agent: config error:"):
+                assert len(lines) == 1, (name, command, lines)  # refused before anything starts
+
+
+@pytest.mark.parametrize("command", [["check-config", "deploy/config.flat.toml"], ["demo", "--speed", "20"]])
+def test_unknown_environment_variables_are_named_once_each(command):
+    env = {"GPUCOST_TARRIF__FLAT_PRICE_PER_KWH": "0.25", "GPUCOST_GPU__ENERGY_MTHOD": "polled",
+           "GPUCOST_PUE__VALUE": "1.3"}
+    if command[0] == "check-config":
+        proc = subprocess.run([sys.executable, "-m", "agent", *command], cwd=ROOT, env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and "PUE: 1.3" in proc.stdout
+        output = proc.stderr
+    else:
+        agent = AgentProcess(*command, env=env)
+        try:
+            agent.wait_ready()
+            assert agent.get("/metrics")[0] == 200
+        finally:
+            assert agent.stop() == 0
+        output = agent.output
+    for var, setting, hint in [
+        ("GPUCOST_TARRIF__FLAT_PRICE_PER_KWH", "tarrif.flat_price_per_kwh", "GPUCOST_TARIFF__FLAT_PRICE_PER_KWH"),
+        ("GPUCOST_GPU__ENERGY_MTHOD", "gpu.energy_mthod", "GPUCOST_GPU__ENERGY_METHOD"),
+    ]:
+        lines = [line for line in output.splitlines() if var in line]
+        assert len(lines) == 1, (var, output)
+        assert lines[0].endswith(f"ignoring environment variable {var}: there is no setting {setting}; "
+                                 f"did you mean {hint}?"), lines[0]
+    assert "GPUCOST_PUE__VALUE" not in output  # a known one is not warned about
