@@ -40,5 +40,17 @@ def replay_through_sampler(
     return sampler
 
 
+def real_nvml_present() -> bool:
+    """True on a machine with a working NVIDIA driver (where "no GPU" cannot be tested for real)."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
 def exported_energy(sampler: Sampler, gpu: int = 0) -> float:
     return sum(sampler.snapshot.gpus[gpu].energy_joules.values())

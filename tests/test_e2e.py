@@ -6,7 +6,7 @@ import time
 
 import pytest
 from agentproc import AgentProcess, value
-from helpers import counter_delta_joules
+from helpers import counter_delta_joules, real_nvml_present
 
 UUID = "GPU-d9a96f9e-f458-7f0a-44e5-804222e7f75f"
 
@@ -65,6 +65,7 @@ def test_replay_with_counter_hidden_uses_the_sample_buffer(h100_trace):
         assert agent.stop() == 0
 
 
+@pytest.mark.skipif(real_nvml_present(), reason="a real NVIDIA driver is present: `run` serves the real GPU")
 def test_run_without_nvml_serves_host_and_agent_metrics_and_says_so():
     agent = AgentProcess("run", "--tick", "0.2")
     try:
