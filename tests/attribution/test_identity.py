@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import filecmp
 import importlib.util
 import logging
+import os
 import pwd
 import shutil
 from pathlib import Path
@@ -181,15 +181,31 @@ def test_unreadable_cgroup_keeps_the_uid():
     assert (ident.uid, ident.user, ident.pod_uid, ident.container_id) == (1000, "alice", None, None)
 
 
-def test_nested_pid_namespace_makes_every_pid_unknown(caplog):
+def test_nested_pid_namespace_is_warned_about_and_pids_still_resolved(caplog):
     with caplog.at_level(logging.WARNING):
         r = resolver(PROC / "nested_pidns")
-    assert r.nested_pid_namespace
-    assert sum("nested PID namespace" in m for m in caplog.messages) == 1
-    # PID 1 exists in this tree (the agent itself), but an NVML PID is the host's.
-    ident = r.resolve(1)
-    assert ident.unknown and ident.reason == "pid namespace"
-    assert not resolver().nested_pid_namespace
+    assert r.host_pid_namespace is False
+    assert sum("not in the host PID namespace" in m for m in caplog.messages) == 1
+    # NVML (driver 580) gives PIDs as this namespace numbers them: they resolve.
+    ident = r.resolve(7)
+    assert (ident.kind, ident.uid, ident.user) == ("user", 1000, "alice")
+
+
+def test_nested_pid_namespace_seen_through_the_host_proc_mount(tmp_path):
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "status").write_text("Name:\tgpu-cost-agent\nNSpid:\t4321\t1\n")
+    assert resolver(tmp_path).host_pid_namespace is False
+    (tmp_path / "self" / "status").write_text("Name:\tgpu-cost-agent\nNSpid:\t4321\n")
+    assert resolver(tmp_path).host_pid_namespace is None  # one PID: a namespace's own mount looks the same
+    (tmp_path / "self" / "ns").mkdir()
+    (tmp_path / "self" / "ns" / "pid").symlink_to("pid:[4026531836]")
+    assert resolver(tmp_path).host_pid_namespace is True
+
+
+def test_fixture_tree_without_self_cannot_tell(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert resolver().host_pid_namespace is None
+    assert caplog.messages == []
 
 
 # --- SLUID and the environment --------------------------------------------------------
@@ -490,11 +506,12 @@ def test_fixture_trees_match_their_script(tmp_path):
     spec.loader.exec_module(mod)
     mod.write(tmp_path)
     for tree in ("node", "nested_pidns"):
-        cmp = filecmp.dircmp(tmp_path / tree, PROC / tree)
-        stack = [cmp]
-        while stack:
-            c = stack.pop()
-            assert not (c.left_only or c.right_only), (c.left, c.left_only, c.right_only)
-            _, mismatch, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
-            assert not mismatch and not errors, (c.left, mismatch, errors)
-            stack.extend(c.subdirs.values())
+        made = sorted(p.relative_to(tmp_path / tree) for p in (tmp_path / tree).rglob("*"))
+        committed = sorted(p.relative_to(PROC / tree) for p in (PROC / tree).rglob("*"))
+        assert made == committed
+        for rel in made:
+            a, b = tmp_path / tree / rel, PROC / tree / rel
+            if a.is_symlink():  # self/ns/pid points at no file, as in /proc
+                assert b.is_symlink() and os.readlink(a) == os.readlink(b), rel
+            elif a.is_file():
+                assert a.read_bytes() == b.read_bytes(), rel
