@@ -16,7 +16,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from .config import Settings, parse_listen
-from .exporter import MetricsServer, health_of, make_registry
+from .exporter import health_of, make_registry
+from .http import Listener, MetricsServer
 from .sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Service:
         replay: Any = None,
         speed: float = 1.0,
         store: Any = None,
+        listener: Listener | None = None,
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -66,7 +68,9 @@ class Service:
         self._finished = False
         host, port = parse_listen(settings.agent.listen)
         registry = make_registry(lambda: self.sampler.snapshot)
-        self.server = MetricsServer(host, port, registry, self._health)
+        self.server = MetricsServer(
+            host, port, registry, self._health, snapshot=lambda: self.sampler.snapshot, listener=listener
+        )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_listener(self._on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         self.dcmi = None
@@ -162,7 +166,7 @@ class Service:
                 next_run_time=datetime.now(timezone.utc),
             )
         self.scheduler.start()
-        log.info("serving on http://%s:%d/metrics", self.server.httpd.server_address[0], self.server.port)
+        log.info("serving on %s/metrics", self.server.url)
 
     def stop(self) -> None:
         sd_notify("STOPPING=1")
