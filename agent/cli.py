@@ -328,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 1
     _setup_logging(settings.agent.log_level)
+    if listener.web is not None:
+        log.info("web config %s: %s", listener.web.path, listener.web.describe())
     try:
         if args.command == "run":
             return _serve_nvml(settings, listener)
