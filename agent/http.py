@@ -376,6 +376,10 @@ class MetricsServer:
             # A client that does not read its response: close() would keep the
             # unsent bytes (and the connection) until it does.
             abort = True
+        except asyncio.CancelledError:
+            # Shutting down. Finish rather than end cancelled: asyncio's stream
+            # callback logs a traceback for a cancelled connection task (3.11).
+            abort = True
         except Exception:  # a bug must cost one connection, never the endpoint
             abort = True
             log.exception("http: unexpected error")

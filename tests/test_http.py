@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import http.client
+import logging
 import socket
 import ssl
 import threading
@@ -317,7 +318,7 @@ def test_client_certificates_and_allowed_sans(endpoint, tls):
         https_get(e2.port, client_context(server[0], client))
 
 
-def test_stop_returns_promptly_with_connections_open(endpoint):
+def test_stop_returns_promptly_with_connections_open(endpoint, caplog):
     e = endpoint(idle_timeout=30)
     held = [e.connect() for _ in range(20)]
     time.sleep(0.1)
@@ -327,6 +328,7 @@ def test_stop_returns_promptly_with_connections_open(endpoint):
     for s in held:
         assert closed_within(s, 2.0) is not None
         s.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_concurrent_scrapes_all_succeed(endpoint):
