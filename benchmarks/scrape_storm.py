@@ -3,7 +3,7 @@
     python benchmarks/scrape_storm.py [--scrapers 200] [--duration 20] [--interval 0] [--new-connections]
 
 Starts ``gpu-cost-agent demo`` (the bundled H100 trace replayed in real time,
-1 s ticks) on a free loopback port, then runs ``--scrapers`` concurrent
+1 s ticks; ``--agent run`` for the node's own GPUs) on a free loopback port, then runs ``--scrapers`` concurrent
 scrapers for ``--duration`` seconds from this process (asyncio, raw sockets,
 so the client costs as little as it can on the same machine). Each scraper
 sends Prometheus' own ``Accept`` and ``Accept-Encoding: gzip`` headers and
@@ -24,10 +24,13 @@ import argparse
 import asyncio
 import os
 import re
+import shlex
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -174,13 +177,17 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--interval", type=float, default=0.0, help="seconds between one scraper's scrapes (0: back to back)")
     ap.add_argument("--new-connections", action="store_true", help="a new TCP connection per scrape")
+    ap.add_argument("--agent", default="demo", help="the agent's command and arguments (default: demo; "
+                    "'run' samples this node's GPUs)")
     args = ap.parse_args()
 
     port = free_port()
+    state = tempfile.mkdtemp(prefix="scrape-storm-")  # `run` persists: never the machine's own state
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "demo", "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
+        [sys.executable, "-m", "agent", *shlex.split(args.agent), "--listen", f"127.0.0.1:{port}",
+         "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "STATE_DIRECTORY": state},
     )
     try:
         deadline = time.monotonic() + 20
@@ -203,6 +210,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(20)
+        shutil.rmtree(state, ignore_errors=True)
 
     lat = storm.latencies
     failed = sum(storm.failures.values())
