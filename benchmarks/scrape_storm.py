@@ -219,7 +219,7 @@ def main() -> int:
     print(f"{args.scrapers} scrapers for {elapsed:.1f} s, "
           f"{'back to back' if not args.interval else f'every {args.interval:g} s'}, "
           f"{'a new connection per scrape' if args.new_connections else 'keep-alive'}, loopback, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+          f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print(f"scrapes: {len(lat)} ok ({len(lat) / elapsed:.0f}/s, {storm.bytes / max(1, len(lat)) / 1024:.1f} KiB "
           f"each), {failed} failed" + (f" {storm.failures}" if failed else ""))
     if lat:
