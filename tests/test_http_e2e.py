@@ -6,9 +6,14 @@
 from __future__ import annotations
 
 import http.client
+import json
+import shutil
 import socket
 import ssl
+import subprocess
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -81,3 +86,61 @@ def test_a_bad_web_config_stops_the_process_with_one_line(tmp_path):
     assert rc == 2
     assert agent.output.strip() == (f"gpu-cost-agent: config error: {web}: tls_server_config.cert_file: "
                                     f"cannot read {tmp_path}/nowhere.pem: no such file or directory")
+
+
+prometheus = shutil.which("prometheus")
+promtool = shutil.which("promtool")
+
+
+@pytest.mark.skipif(prometheus is None or promtool is None, reason="prometheus not installed (apt install prometheus)")
+def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_path):
+    """Prometheus itself (Go's TLS, gzip, keep-alive, OpenMetrics) against the agent; the same
+    web-config passes exporter-toolkit's own check (promtool check web-config)."""
+    cert, key = make_cert(tmp_path, "server")
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  min_version: TLS12\n"
+                   f"basic_auth_users:\n  prometheus: '{bcrypt_hash('scrape-me')}'\n"
+                   "http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+    check = subprocess.run([promtool, "check", "web-config", str(web)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    agent = AgentProcess("demo", "--speed", "10", "--web.config.file", str(web), context=client_context(cert),
+                         auth=("prometheus", "scrape-me"))
+    prom_port = free_port()
+    target = f"['127.0.0.1:{agent.port}']"
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, scrape_timeout: 1s}\nscrape_configs:\n"
+        f"- job_name: right\n  scheme: https\n  tls_config: {{ca_file: {cert}}}\n"
+        f"  basic_auth: {{username: prometheus, password: scrape-me}}\n  static_configs: [{{targets: {target}}}]\n"
+        f"- job_name: wrong\n  scheme: https\n  tls_config: {{ca_file: {cert}}}\n"
+        f"  basic_auth: {{username: prometheus, password: guess}}\n  static_configs: [{{targets: {target}}}]\n"
+    )
+    prom = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def query(expr: str) -> dict[str, float]:
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=2) as r:
+            result = json.load(r)["data"]["result"]
+        return {s["metric"].get("job", ""): float(s["value"][1]) for s in result}
+
+    try:
+        agent.wait_ready()
+        up: dict[str, float] = {}
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            try:
+                up = query("up")
+                if up.get("right") == 1 and "wrong" in up and query("gpucost_agent_ticks_total"):
+                    break
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert up == {"right": 1.0, "wrong": 0.0}
+        assert query("gpucost_agent_ticks_total")["right"] >= 1
+    finally:
+        prom.terminate()
+        prom.wait(10)
+        agent.stop()
