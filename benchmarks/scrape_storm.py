@@ -217,7 +217,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scrapers", type=int, default=200)
     ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--interval", type=float, default=0.0, help="seconds between one scraper's scrapes (0: back to back)")
+    ap.add_argument("--interval", type=float, default=0.0,
+                    help="seconds between one scraper's scrapes (0: back to back)")
     ap.add_argument("--new-connections", action="store_true", help="a new TCP connection per scrape")
     ap.add_argument("--agent", default="demo", help="the agent's command and arguments (default: demo; "
                     "'run' samples this node's GPUs)")
