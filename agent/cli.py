@@ -14,9 +14,12 @@ from typing import Any, Sequence
 from . import __version__
 from .accounting import Ledger
 from .config import ConfigError, Settings, load, unknown_env_vars
+from .http import Listener, ListenError, open_listener
 from .sampler import Sampler
 from .service import Service
 from .state import StateError, StateStore, default_state_dir
+from .webconfig import WebConfigError
+from .webconfig import load as load_web_config
 
 log = logging.getLogger("agent")
 
@@ -37,6 +40,8 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tick", metavar="SECONDS", type=float, help="sampling interval (trace time for replays)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--state-dir", metavar="DIR", help="where totals are persisted (see [agent] state_dir)")
+    p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                   help="TLS and basic auth for the endpoint, in the Prometheus exporters' web-config format")
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +99,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         agent["log_level"] = args.log_level
     if getattr(args, "state_dir", None):
         agent["state_dir"] = args.state_dir
+    if getattr(args, "web_config_file", None):
+        agent["web_config_file"] = args.web_config_file
     return {"agent": agent} if agent else {}
 
 
@@ -140,11 +147,13 @@ def _rapl_refusal(exc: Exception) -> str:
     return f"gpu-cost-agent: {getattr(exc, 'reason', exc)}"  # the reason says '[host] mode = "rapl" but ...'
 
 
-def _serve(settings: Settings, sampler: Sampler, store: StateStore | None, **kw: Any) -> int:
-    return Service(settings, sampler, store=store, reload=_reload, **kw).run_forever()
+def _serve(settings: Settings, sampler: Sampler, store: StateStore | None, listener: Listener, **kw: Any) -> int:
+    return Service(settings, sampler, store=store, listener=listener, reload=_reload, **kw).run_forever()
 
 
-def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace, loop: bool) -> int:
+def _serve_replay(
+    settings: Settings, listener: Listener, trace_path: Path, args: argparse.Namespace, loop: bool
+) -> int:
     from .sources.replay import ReplaySource
     from .trace import TraceError
     from .trace import load as load_trace
@@ -189,10 +198,10 @@ def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace
         host=host,
         ledger=ledger,
     )
-    return _serve(settings, sampler, store, replay=source, speed=args.speed)
+    return _serve(settings, sampler, store, listener, replay=source, speed=args.speed)
 
 
-def _serve_nvml(settings: Settings) -> int:
+def _serve_nvml(settings: Settings, listener: Listener) -> int:
     from .sources.gpu import SourceUnavailable
     from .sources.nvml import NvmlGpuSource
 
@@ -233,7 +242,7 @@ def _serve_nvml(settings: Settings) -> int:
         ledger=ledger,
         wall_cost_basis=settings.host.ipmi.enabled and settings.host.ipmi.cost_basis == "wall",
     )
-    return _serve(settings, sampler, store)
+    return _serve(settings, sampler, store, listener)
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -267,7 +276,8 @@ def _check_config(path: str) -> int:
 
     try:
         settings = load(path)
-    except ConfigError as exc:
+        web = load_web_config(settings.agent.web_config_file) if settings.agent.web_config_file else None
+    except (ConfigError, WebConfigError) as exc:
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
         return 2
     for line in unknown_env_vars():
@@ -288,6 +298,8 @@ def _check_config(path: str) -> int:
     a = settings.agent
     print(f"{path}: OK")
     print(host_line)
+    if web is not None:
+        print(f"web config {web.path}: OK ({web.describe()})")
     print(f"listen {a.listen}, tick {a.tick_seconds:g} s, energy counter every "
           f"{settings.gpu.energy_counter_interval_seconds:g} s, energy method {settings.gpu.energy_method}")
     print(f"state dir {a.state_dir or default_state_dir()} (persisted every {a.persist_interval_seconds:g} s)")
@@ -369,13 +381,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         origin = f"the demo's bundled example config ({config_path}; --config FILE replaces it)"
     try:
         settings = load(config_path, _overrides(args))
-    except ConfigError as exc:
+        # Bound before anything starts, so a taken port is the first and only thing said.
+        listener = open_listener(settings.agent.listen, settings.agent.web_config_file)
+    except (ConfigError, WebConfigError) as exc:
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
+        return 1
     _setup_logging(settings.agent.log_level)
     for line in unknown_env_vars():
         log.warning("%s", line)
     _log_tariff(settings, origin, args.command)
+    if listener.web is not None:
+        log.info("web config %s: %s", listener.web.path, listener.web.describe())
 
     def reload() -> Settings:
         new = load(config_path, _overrides(args))
@@ -386,16 +405,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _reload = reload
     try:
         if args.command == "run":
-            return _serve_nvml(settings)
+            return _serve_nvml(settings, listener)
         if args.command == "demo":
-            return _serve_replay(settings, demo_trace_path(), args, loop=True)
-        return _serve_replay(settings, Path(args.trace), args, loop=args.loop)
+            return _serve_replay(settings, listener, demo_trace_path(), args, loop=True)
+        return _serve_replay(settings, listener, Path(args.trace), args, loop=args.loop)
     except StateError as exc:  # a state directory that cannot be written: refuse to start
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # e.g. the port is taken
+    except OSError as exc:
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 1
+    finally:
+        listener.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

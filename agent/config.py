@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import ipaddress
 import tomllib
 import typing
 from pathlib import Path
@@ -42,12 +43,27 @@ class ConfigError(Exception):
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9842`` for IPv6, ``:9842`` for all interfaces) → (host, port)."""
+    """``HOST:PORT`` → (host, port). IPv6 in brackets (``[::1]:9842``, ``[::]:9842`` for
+    every address, IPv4 too); ``:9842`` listens on all IPv4 interfaces."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT with a port 0-65535, got {value!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1]
+        if not (host.startswith("[") and host.endswith("]")) or not _is_ipv6(inner):
+            raise ValueError(f"expected [IPv6 address]:PORT, got {value!r}")
+        return inner, int(port)
+    if ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port}, got {value!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class AgentSection(BaseModel):
@@ -64,6 +80,9 @@ class AgentSection(BaseModel):
     state_dir: Path | None = None
     #: How often totals are written to the state file (and always on SIGTERM). Units: s.
     persist_interval_seconds: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
+    #: TLS and basic auth for the endpoint: a web-config file in the format Prometheus
+    #: exporters share (exporter-toolkit, ``--web.config.file``). Unset: plain HTTP, no auth.
+    web_config_file: Path | None = None
 
     @field_validator("listen")
     @classmethod

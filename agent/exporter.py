@@ -1,4 +1,4 @@
-"""Prometheus exposition: a custom collector over the current snapshot, and the HTTP server.
+"""Prometheus exposition: a custom collector over the current snapshot, and the health verdict.
 
 ``collect()`` only reads the latest :class:`~agent.snapshot.Snapshot`; it never
 calls NVML. A value that is ``None`` in the snapshot is not exported at all, so
@@ -7,17 +7,13 @@ a GPU that does not report something shows no series rather than a fake 0.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 
 from . import __version__
 from .snapshot import Snapshot
@@ -405,64 +401,6 @@ def make_registry(get_snapshot: Callable[[], Snapshot], *, process_metrics: bool
         # must never be the problem on the node, and this is how you see it.
         ProcessCollector(registry=registry)
     return registry
-
-
-class MetricsServer:
-    """``/metrics``, ``/healthz`` and a small index page, on a threading HTTP server."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        registry: CollectorRegistry,
-        health: Callable[[], tuple[bool, dict[str, Any]]],
-    ) -> None:
-        registry_ = registry
-        health_ = health
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = f"gpu-cost-agent/{__version__}"
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                    self._send(200, content_type, encoder(registry_))
-                elif path == "/healthz":
-                    ok, body = health_()
-                    self._send(200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n")
-                elif path == "/":
-                    page = (
-                        "<html><head><title>gpu-cost-agent</title></head><body>"
-                        f"<h1>gpu-cost-agent {__version__}</h1>"
-                        '<p><a href="/metrics">Metrics</a> · <a href="/healthz">Health</a></p></body></html>'
-                    )
-                    self._send(200, "text/html; charset=utf-8", page.encode())
-                else:
-                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
-
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("http: " + fmt, *args)
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def health_of(

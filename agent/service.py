@@ -19,7 +19,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
 from .config import Settings, parse_listen
-from .exporter import MetricsServer, health_of, make_registry
+from .exporter import health_of, make_registry
+from .http import Listener, MetricsServer
 from .sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class Service:
         speed: float = 1.0,
         store: Any = None,
         reload: Callable[[], Settings] | None = None,
+        listener: Listener | None = None,
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -156,7 +158,9 @@ class Service:
         self._finished = False
         host, port = parse_listen(settings.agent.listen)
         registry = make_registry(lambda: self.sampler.snapshot)
-        self.server = MetricsServer(host, port, registry, self._health)
+        self.server = MetricsServer(
+            host, port, registry, self._health, snapshot=lambda: self.sampler.snapshot, listener=listener
+        )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_listener(self._on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         self.pacer = MonotonicPacer(self.scheduler, self._on_skip)
@@ -239,7 +243,7 @@ class Service:
             self.pacer.add("dcmi", self._poll_dcmi, self.settings.host.ipmi.interval_seconds, first_now=True)
         self.scheduler.start()
         self.pacer.start()
-        log.info("serving on http://%s:%d/metrics", self.server.httpd.server_address[0], self.server.port)
+        log.info("serving on %s/metrics", self.server.url)
 
     def stop(self) -> bool:
         """Stop sampling, settle and save the totals, close the endpoint. False if the final save failed."""

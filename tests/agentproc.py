@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -26,9 +28,18 @@ def free_port() -> int:
 
 
 class AgentProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    """``host`` is what the agent listens on and the tests connect to (``::1`` for IPv6);
+    ``context`` (an ``ssl.SSLContext``) scrapes over HTTPS, ``auth`` = (user, password)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None,
+                 host: str = "127.0.0.1", context: ssl.SSLContext | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
         self.port = port or free_port()
-        self.args = [sys.executable, "-m", "agent", *args, "--listen", f"127.0.0.1:{self.port}"]
+        bracketed = f"[{host}]" if ":" in host else host
+        self.base = f"{'https' if context else 'http'}://{bracketed}:{self.port}"
+        self.context = context
+        self.auth = auth
+        self.args = [sys.executable, "-m", "agent", *args, "--listen", f"{bracketed}:{self.port}"]
         # `run` persists to $STATE_DIRECTORY by default: never the test machine's /var/lib.
         self._tmp = tempfile.mkdtemp(prefix="gpucost-test-")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "STATE_DIRECTORY": self._tmp, **(env or {})}
@@ -36,9 +47,14 @@ class AgentProcess:
                                      stderr=subprocess.STDOUT, text=True)
         self.output = ""
 
-    def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    def get(self, path: str, timeout: float = 2.0, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+        request = urllib.request.Request(self.base + path)
+        user_password = auth or self.auth
+        if user_password is not None:
+            token = base64.b64encode(":".join(user_password).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import psutil
+import re
+
 import pytest
 
 from agent.cli import main
@@ -160,6 +162,16 @@ def test_cli_refuses_bad_config_with_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("value, expected", [("0.0.0.0:9842", ("0.0.0.0", 9842)), (":80", ("0.0.0.0", 80)),
-                                             ("[::1]:9842", ("::1", 9842))])
+                                             ("[::1]:9842", ("::1", 9842)), ("[::]:9842", ("::", 9842)),
+                                             ("localhost:9842", ("localhost", 9842))])
 def test_parse_listen(value, expected):
     assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize("value, message", [("::1:9842", "needs brackets: [::1]:9842"),
+                                            ("[::1:9842", "expected [IPv6 address]:PORT"),
+                                            ("[1.2.3.4]:80", "expected [IPv6 address]:PORT"),
+                                            ("host:99999", "port 0-65535")])
+def test_parse_listen_refuses(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_listen(value)

@@ -194,7 +194,8 @@ def test_corrupt_state_file_is_set_aside_and_the_agent_carries_on(tmp_path):
 def test_unwritable_state_dir_is_an_error_at_start(tmp_path, capsys):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    rc = main(["replay", "fixtures/h100_trace_a.jsonl", "--state-dir", str(blocker / "state")])
+    rc = main(["replay", "fixtures/h100_trace_a.jsonl", "--state-dir", str(blocker / "state"),
+               "--listen", "127.0.0.1:0"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "state directory" in err and "is not writable" in err
