@@ -182,6 +182,7 @@ def _serve_replay(settings: Settings, trace_path: Path, args: argparse.Namespace
         clock=clock,
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
+        tick_seconds=settings.agent.tick_seconds,
         host=host,
         ledger=ledger,
     )
@@ -224,6 +225,7 @@ def _serve_nvml(settings: Settings) -> int:
         host=host,
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
+        tick_seconds=settings.agent.tick_seconds,
         source_kind="nvml",
         source_error=error,
         ledger=ledger,

@@ -94,7 +94,9 @@ class Service:
             return
         final = False
         if self.replay is not None:
-            self.replay.seek(self.replay.t + self.tick_seconds)
+            # The sub-tick reads of the power-sample buffer happen at their trace times.
+            poll = self.sampler.samples_poll_seconds
+            self.replay.advance(self.tick_seconds, every=poll, on_step=self.sampler.poll_samples)
             final = self.replay.finished
         self.sampler.tick(final=final)
         sd_notify("WATCHDOG=1")
@@ -146,6 +148,13 @@ class Service:
             coalesce=True,
             misfire_grace_time=max(1, int(self.interval)),
         )
+        poll = self.sampler.samples_poll_seconds
+        if poll is not None and self.replay is None:
+            # GPUs without an energy counter: read their power-sample buffer (~2.4 s deep)
+            # between ticks longer than it, so no sample is lost (a replay does it in _job).
+            self.scheduler.add_job(
+                self.sampler.poll_samples, IntervalTrigger(seconds=poll), id="samples", max_instances=1, coalesce=True
+            )
         if self.store is not None:
             self.scheduler.add_job(
                 self.persist,
