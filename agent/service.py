@@ -150,8 +150,8 @@ class Service:
         )
         poll = self.sampler.samples_poll_seconds
         if poll is not None and self.replay is None:
-            # GPUs without an energy counter: read their power-sample buffer (~2.4 s deep)
-            # between ticks longer than it, so no sample is lost (a replay does it in _job).
+            # GPUs without an energy counter: their power-sample buffer holds ~2.4 s, so with
+            # ticks longer than 1 s it is also read every second between them (replays: _job).
             self.scheduler.add_job(
                 self.sampler.poll_samples, IntervalTrigger(seconds=poll), id="samples", max_instances=1, coalesce=True
             )

@@ -79,7 +79,8 @@ def counter_delay_seconds(trace: Trace, gpu: str = "0") -> float:
     samples integrated up to that row's time less the delay (an offset left free). The
     counter moves in ~100 ms steps, so a read is on average tens of ms stale.
     """
-    samples = sorted((ts / 1e6, mw / 1000.0) for r in trace.rows for ts, mw in r["gpus"].get(gpu, {}).get("samples", ()))
+    rows = (r["gpus"].get(gpu, {}) for r in trace.rows)
+    samples = sorted((ts / 1e6, mw / 1000.0) for g in rows for ts, mw in g.get("samples", ()))
     st = [s[0] for s in samples]
     cum = [0.0]
     for (t0, p0), (t1, p1) in zip(samples, samples[1:]):
