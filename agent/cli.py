@@ -195,6 +195,7 @@ def _serve_replay(
         clock=clock,
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
+        tick_seconds=settings.agent.tick_seconds,
         host=host,
         ledger=ledger,
     )
@@ -237,6 +238,7 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         host=host,
         energy_method=settings.gpu.energy_method,
         counter_interval=settings.gpu.energy_counter_interval_seconds,
+        tick_seconds=settings.agent.tick_seconds,
         source_kind="nvml",
         source_error=error,
         ledger=ledger,

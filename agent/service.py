@@ -193,7 +193,9 @@ class Service:
             return
         final = False
         if self.replay is not None:
-            self.replay.seek(self.replay.t + self.tick_seconds)
+            # The sub-tick reads of the power-sample buffer happen at their trace times.
+            poll = self.sampler.samples_poll_seconds
+            self.replay.advance(self.tick_seconds, every=poll, on_step=self.sampler.poll_samples)
             final = self.replay.finished
         self.sampler.tick(final=final)
         sd_notify("WATCHDOG=1")
@@ -237,6 +239,11 @@ class Service:
         self.server.start()
         sd_notify("READY=1")  # serving from here on; WATCHDOG=1 follows every tick
         self.pacer.add("sample", self._job, self.interval)
+        poll = self.sampler.samples_poll_seconds
+        if poll is not None and self.replay is None:
+            # GPUs without an energy counter: their power-sample buffer holds ~2.4 s, so with
+            # ticks longer than 1 s it is also read every second between them (replays: _job).
+            self.pacer.add("samples", self.sampler.poll_samples, poll)
         if self.store is not None:
             self.pacer.add("persist", self.persist, self.settings.agent.persist_interval_seconds)
         if self.dcmi is not None:

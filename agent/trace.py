@@ -33,6 +33,10 @@ GPU_FIELDS = {
     "power_limit_mw": "nvmlDeviceGetEnforcedPowerLimit, mW",
     "samples": "nvmlDeviceGetSamples(TOTAL_POWER_SAMPLES) new since the previous read: [[timestamp_us, mW], ...]",
     "processes": "nvmlDeviceGetComputeRunningProcesses: [[pid, used_bytes], ...]",
+    "process_utilization": (
+        "nvmlDeviceGetProcessUtilization(last_seen) new since the previous read: "
+        "[[pid, timestamp_us, sm_pct, mem_pct], ...], [] where it answered NotFound"
+    ),
 }
 
 

@@ -17,3 +17,12 @@ def h100_trace():
     from agent.trace import load
 
     return load(H100_TRACE)
+
+
+@pytest.fixture(scope="session")
+def h100_trace_c():
+    from helpers import H100_TRACE_C
+
+    from agent.trace import load
+
+    return load(H100_TRACE_C)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import random
+import threading
+import time
 
 import pytest
 from fakes import FakeGpu, FakeSource, make_sampler
 
 from agent.energy import GpuEnergy
+from agent.sources.gpu import GpuError
 
 
 def bursty(t: float) -> float:
@@ -244,3 +248,149 @@ def test_never_a_nan_or_negative_slice():
         values.append(total(s))
     assert all(v == v and v >= 0 for v in values)
     assert values == sorted(values)
+
+
+# -- counter cadence -------------------------------------------------------------------
+
+
+def test_counter_is_read_every_fifth_tick_despite_scheduler_jitter():
+    """Ticks 20 ms early or late: the 5 s counter interval is read every 5 ticks, never 6."""
+    rng = random.Random(8)
+    src = FakeSource([FakeGpu(lambda t: 300.0)])
+    s = make_sampler(src, counter_interval=5.0, tick_seconds=1.0)
+    base, reads, read_at = src.t, s.counter_reads, []
+    for k in range(1, 101):
+        src.t = base + k + rng.uniform(-0.02, 0.02)
+        s.tick()
+        if s.counter_reads > reads:
+            read_at.append(k)
+        reads = s.counter_reads
+    assert read_at == list(range(5, 101, 5))
+
+
+def test_counter_read_on_the_tick_nearest_the_interval_end():
+    e = GpuEnergy(0, "counter", counter_interval=5.0, tick_seconds=2.0)
+    e.tick(0.0, 0.0, 100.0, counter_mj=0)
+    # 2 s ticks: the read due at 5 s falls on the 4 s tick (within half a tick), not the 6 s one.
+    assert not e.counter_due(2.0)
+    assert e.counter_due(4.0)
+
+
+# -- sample buffer at long ticks -------------------------------------------------------
+
+
+def _long_ticks(src: FakeSource, s, ticks: int, tick: float, poll: bool) -> None:
+    """What the service does: ``poll_samples`` every second between ticks longer than that."""
+    every = s.samples_poll_seconds if poll else None
+    for _ in range(ticks):
+        start = src.t
+        if every:
+            for k in range(1, int(tick / every)):
+                src.t = start + k * every
+                s.poll_samples()
+        src.t = start + tick
+        s.tick()
+
+
+def test_reads_between_long_ticks_keep_every_sample():
+    src = FakeSource([FakeGpu(bursty, counter=False)])
+    s = make_sampler(src, tick_seconds=5.0)
+    assert s.energy_method(0) == "samples" and s.samples_poll_seconds == 1.0
+    _long_ticks(src, s, 12, 5.0, poll=True)
+    truth = src.energy_between(0, src.t0, src.t)
+    e = s.snapshot.gpus[0].energy_joules
+    assert e["polled"] == 0.0 and s.errors["samples_gap"] == 0
+    assert e["samples"] == pytest.approx(truth, rel=0.005)
+    # The same ticks without the reads in between: the 2.4 s buffer lost the rest of each tick.
+    src2 = FakeSource([FakeGpu(bursty, counter=False)])
+    s2 = make_sampler(src2, tick_seconds=5.0)
+    _long_ticks(src2, s2, 12, 5.0, poll=False)
+    assert s2.snapshot.gpus[0].energy_joules["polled"] > 0.3 * truth
+    assert s2.errors["samples_gap"] == 12
+
+
+def test_no_reads_between_ticks_where_none_are_needed():
+    short = make_sampler(FakeSource([FakeGpu(bursty, counter=False)]), tick_seconds=1.0)
+    assert short.samples_poll_seconds is None  # the tick itself reads the buffer every second
+    counter = make_sampler(FakeSource([FakeGpu(bursty)]), tick_seconds=5.0)
+    assert counter.samples_poll_seconds is None  # no GPU measured from the buffer
+    src = counter.source
+    before = src.calls.get("power_samples", 0)
+    counter.poll_samples()
+    assert src.calls.get("power_samples", 0) == before
+
+
+def test_poll_samples_never_raises_and_counts_failures():
+    src = FakeSource([FakeGpu(lambda t: 200.0, counter=False), FakeGpu(lambda t: 300.0)])
+    s = make_sampler(src, tick_seconds=5.0)
+
+    def broken(index, since_us):
+        raise RuntimeError("driver bug")
+
+    def failing(index, since_us):
+        raise GpuError("NVML_ERROR_UNKNOWN")
+
+    src.power_samples = broken
+    s.poll_samples()
+    src.power_samples = failing
+    s.poll_samples()
+    assert s.errors["power_samples"] == 2  # GPU 1 has the counter: its buffer is not read
+
+
+def test_poll_samples_skips_a_lost_gpu():
+    src = FakeSource([FakeGpu(lambda t: 200.0, counter=False)])
+    s = make_sampler(src, tick_seconds=5.0)
+    src.gpus[0].lost = True
+    src.t += 5.0
+    s.tick()
+    before = src.calls["power_samples"]
+    s.poll_samples()
+    assert src.calls["power_samples"] == before
+
+
+def test_poll_samples_waits_for_a_running_tick():
+    src = FakeSource([FakeGpu(lambda t: 200.0, counter=False)])
+    s = make_sampler(src, tick_seconds=5.0)
+    before = src.calls["power_samples"]
+    with s._lock:  # as a tick holds it
+        poller = threading.Thread(target=s.poll_samples)
+        poller.start()
+        poller.join(0.2)
+        assert poller.is_alive() and src.calls["power_samples"] == before
+    poller.join(5.0)
+    assert not poller.is_alive() and src.calls["power_samples"] == before + 1
+
+
+def test_samples_lost_before_a_fallback_are_not_counted_twice():
+    """A long tick with no buffer read falls back to polled power; the buffer read after it
+    must not bring back samples from that stretch (they would be counted twice)."""
+    src = FakeSource([FakeGpu(lambda t: 500.0, counter=False)])
+    s = make_sampler(src, tick_seconds=1.0)
+    run(src, s, 3.0, final=False)
+    real = src.power_samples
+    src.power_samples = lambda index, since_us: (_ for _ in ()).throw(GpuError("busy"))
+    src.t += 2.0  # one 2 s tick without samples: filled from polled power
+    s.tick()
+    src.power_samples = real
+    run(src, s, 3.0, final=False)
+    assert total(s) == pytest.approx(500.0 * 8.0, rel=0.01)
+
+
+def test_service_reads_the_buffer_between_long_ticks():
+    """The running service schedules the reads: with 5 s ticks, the buffer is read every second."""
+    from agent.config import AgentSection, Settings
+    from agent.service import Service
+
+    src = FakeSource([FakeGpu(lambda t: 200.0, counter=False)])
+    s = make_sampler(src, tick_seconds=5.0)
+    service = Service(Settings(agent=AgentSection(tick_seconds=5.0, listen="127.0.0.1:0")), s)
+    service.start()
+    try:
+        before = src.calls["power_samples"]
+        time.sleep(2.5)
+        ticks = s.ticks
+        reads = src.calls["power_samples"] - before
+    finally:
+        service.stop()
+    assert ticks == 2  # make_sampler's and start()'s: no scheduled 5 s tick has run yet
+    assert reads >= 2  # ... but the buffer was read at 1 s and 2 s

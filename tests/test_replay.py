@@ -126,3 +126,33 @@ def test_gzip_trace_roundtrip(tmp_path, h100_trace):
     again = load(p)
     assert again.rows == h100_trace.rows[:50]
     assert H100_TRACE.stat().st_size > p.stat().st_size * 5
+
+
+def test_trace_c_is_the_real_two_process_recording(h100_trace_c):
+    rows = h100_trace_c.rows
+    assert len(rows) == 291
+    assert h100_trace_c.end - h100_trace_c.start == pytest.approx(29.0, abs=0.01)
+    samples = sorted(s for r in rows for s in r["gpus"]["0"].get("samples", ()))
+    assert len(samples) == 1449  # the driver's own buffer, 20 ms apart, read about once a second
+    spacing = [(b[0] - a[0]) / 1e6 for a, b in zip(samples, samples[1:])]
+    assert max(spacing) < 0.05
+    # No process listed until 8.5 s, then A (PID 402), then A and B (PID 428).
+    pids = [sorted(p[0] for p in r["gpus"]["0"]["processes"]) for r in rows]
+    assert pids[0] == [] and pids[100] == [402] and pids[-1] == [402, 428]
+    assert rows[-1]["gpus"]["0"]["processes"] == [[402, 916455424], [428, 715128832]]
+    util = [u for r in rows for u in r["gpus"]["0"]["process_utilization"]]
+    assert {u[0] for u in util} == {402, 428} and all(len(u) == 4 for u in util)
+
+
+def test_advance_stops_on_the_way_and_never_past_the_end(h100_trace_c):
+    src = ReplaySource(h100_trace_c)
+    stops = []
+    src.advance(5.0, every=1.0, on_step=lambda: stops.append(round(src.t - src.start, 6)))
+    assert stops == [1.0, 2.0, 3.0, 4.0] and src.t - src.start == pytest.approx(5.0)
+    src.seek(src.end - 2.5)
+    stops.clear()
+    src.advance(5.0, every=1.0, on_step=lambda: stops.append(round(src.end - src.t, 6)))
+    assert stops == [1.5, 0.5] and src.finished
+    src2 = ReplaySource(h100_trace_c)
+    src2.advance(5.0)
+    assert src2.t - src2.start == pytest.approx(5.0)

@@ -19,7 +19,7 @@ import bisect
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..trace import Trace
 from .gpu import GpuError, GpuInfo, GpuNotSupported, GpuReading, PowerSample
@@ -137,6 +137,24 @@ class ReplaySource:
         if t < self.t:
             raise ValueError("the replay clock only moves forward")
         self.t = t if self.loop else min(t, self.end)
+
+    def advance(self, seconds: float, *, every: float | None = None, on_step: Callable[[], None] | None = None) -> None:
+        """Move the clock ``seconds`` forward, stopping every ``every`` seconds on the way to call ``on_step``.
+
+        A live agent reads the power-sample buffer between ticks on its own
+        schedule; a replay makes the same reads at the same trace times by
+        stopping its clock there (the last stop is before the target, which the
+        tick itself reads).
+        """
+        target = self.t + seconds
+        if every and on_step is not None:
+            start, k = self.t, 1
+            limit = target if self.loop else min(target, self.end)
+            while start + k * every < limit - 1e-9:
+                self.seek(start + k * every)
+                on_step()
+                k += 1
+        self.seek(target)
 
     def _split(self, t: float) -> tuple[int, float]:
         """Virtual time → (loop number, time within the trace)."""
