@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
-import psutil
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .ipmi import IpmiConfig
@@ -106,7 +106,7 @@ class HostConfig(BaseModel):
 
 def logical_cpus() -> int:
     """This machine's logical CPUs, which the default CPU figures are scaled by (1 if unknown)."""
-    n = psutil.cpu_count()
+    n = os.cpu_count()  # what psutil.cpu_count() reads on Linux: online CPUs from sysconf
     return int(n) if n and n > 0 else 1
 
 
@@ -216,6 +216,84 @@ class HostSample:
             raise ValueError(f"bad host sample: missing or wrong field {exc}") from None
 
 
+# -- per-tick reads of /proc ------------------------------------------------
+# The values psutil.cpu_times() and psutil.virtual_memory() give, read through a file
+# descriptor kept open (one pread per tick, no open/close) and without parsing every field
+# of /proc/meminfo: the host read was the largest part of an 8-GPU tick.
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class CpuTimes(NamedTuple):
+    """Whole-machine CPU times since boot, as psutil.cpu_times() (first line of /proc/stat). Units: s."""
+
+    user: float
+    nice: float
+    system: float
+    idle: float
+    iowait: float
+    irq: float
+    softirq: float
+    steal: float
+
+
+class MemoryTotals(NamedTuple):
+    """Installed and available memory, as psutil.virtual_memory() gives them. Units: bytes."""
+
+    total: int
+    available: int
+
+
+class _ProcHead:
+    """The first ``size`` bytes of a /proc file, fresh at every call, through one open descriptor."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._fd: int | None = None
+
+    def __call__(self) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(self._fd, self.size, 0)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise
+
+
+_stat_head = _ProcHead("/proc/stat", 512)
+_meminfo_head = _ProcHead("/proc/meminfo", 512)
+
+
+def proc_cpu_times() -> Any:
+    """CPU times from ``/proc/stat``; psutil's reading where the line is not what Linux writes."""
+    fields = _stat_head().split(b"\n", 1)[0].split()
+    if len(fields) < 9 or fields[0] != b"cpu":
+        import psutil
+
+        return psutil.cpu_times()
+    return CpuTimes(*[float(x) / _CLK_TCK for x in fields[1:9]])
+
+
+def proc_memory() -> Any:
+    """MemTotal and MemAvailable from ``/proc/meminfo``; psutil's estimate where MemAvailable
+    is missing (Linux before 3.14) or odd (0, above the total)."""
+    total = available = None
+    for line in _meminfo_head().split(b"\n"):
+        if line.startswith(b"MemTotal:"):
+            total = int(line.split()[1]) * 1024
+        elif line.startswith(b"MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+            break
+    if total is None or not available or available > total:
+        import psutil
+
+        return psutil.virtual_memory()
+    return MemoryTotals(total, available)
+
+
 class CpuUtilMeter:
     """CPU utilisation since the previous call, percent (0..100), from CPU-time deltas.
 
@@ -225,7 +303,7 @@ class CpuUtilMeter:
     steal is time the hypervisor gave to someone else, so it is not ours.
     """
 
-    def __init__(self, cpu_times: Callable[[], Any] = psutil.cpu_times) -> None:
+    def __init__(self, cpu_times: Callable[[], Any] = proc_cpu_times) -> None:
         self._times = cpu_times
         self._last = self._split(cpu_times())
 
@@ -275,7 +353,7 @@ class HostPowerSource:
         self.cfg = cfg
         self._log = logger or log
         self._cpu_percent = cpu_percent or CpuUtilMeter()
-        self._virtual_memory = virtual_memory or psutil.virtual_memory
+        self._virtual_memory = virtual_memory or proc_memory
         n = _as_callable(cpu_count)() if cpu_count is not None else logical_cpus()
         #: Logical CPUs the default CPU figures are scaled by.
         self.cpu_count = int(n) if n and n > 0 else 1
