@@ -230,7 +230,6 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         except RaplUnavailable as exc:  # only with [host] mode = "rapl"
             print(_rapl_refusal(exc), file=sys.stderr)
             return 2
-        log.info(host.describe())
     ledger = _make_ledger(settings)
     store = _open_state(settings, ledger, replay=False)
     sampler = Sampler(
