@@ -281,7 +281,8 @@ class Attributor:
                 procs = source.processes(index)
             except GpuNotSupported:
                 g.lists_supported = False
-                log.warning("GPU %d: the driver does not list its processes; its energy is not attributed", index)
+                log.warning("GPU %d: no process list (not supported by the driver, or not in the trace); "
+                            "its energy is not attributed to workloads", index)
             except GpuError as exc:
                 self.on_error(PROCESS_READ)
                 log.debug("GPU %d: process list failed: %s", index, exc)
