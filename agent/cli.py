@@ -117,6 +117,18 @@ def _make_ledger(settings: Settings) -> Ledger:
     return Ledger.from_settings(settings)
 
 
+def _attribution(settings: Settings, ledger: Ledger, *, replay: bool) -> Any:
+    """The workload attribution stage, or None when ``[attribution] enabled = false``."""
+    from .attribution.split import from_settings
+
+    stage = from_settings(settings, ledger.workloads, replay=replay)
+    a = settings.attribution
+    if stage is not None and a.pod_resources:
+        log.warning("[attribution] pod_resources: pod names from the kubelet are not wired into attribution yet; "
+                    "namespace and pod stay empty (pod_uid is read from /proc)")
+    return stage
+
+
 def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateStore | None:
     """The state store, with its totals loaded into ``ledger``. Raises StateError."""
     directory = settings.agent.state_dir
@@ -198,6 +210,7 @@ def _serve_replay(
         tick_seconds=settings.agent.tick_seconds,
         host=host,
         ledger=ledger,
+        attribution=_attribution(settings, ledger, replay=True),
     )
     return _serve(settings, sampler, store, listener, replay=source, speed=args.speed)
 
@@ -242,6 +255,7 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         source_error=error,
         ledger=ledger,
         wall_cost_basis=settings.host.ipmi.enabled and settings.host.ipmi.cost_basis == "wall",
+        attribution=_attribution(settings, ledger, replay=False) if source is not None else None,
     )
     return _serve(settings, sampler, store, listener)
 
@@ -314,6 +328,16 @@ def _check_config(path: str) -> int:
         print(f"hardware: {settings.hardware_currency} {amort.node_cost_per_hour():.4f}/h for the node, "
               f"{amort.gpu_cost_per_hour(0):.4f}/h per GPU (GPU 0; overrides by index or model apply)")
     print(f"idle: GPU utilisation below {settings.idle.utilization_threshold:.0%} counts as idle")
+    at = settings.attribution
+    if not at.enabled:
+        print("attribution: off ([attribution] enabled = false): no workload series")
+    else:
+        idle = ("lowest power seen at 0 % utilisation" if at.idle_watts is None else
+                f"{at.idle_watts:g} W" if isinstance(at.idle_watts, (int, float)) else
+                ", ".join(f"{k} {v:g} W" for k, v in sorted(at.idle_watts.items())))
+        print(f"attribution: at most {at.max_workloads} workloads (then 'other'), kept {at.retention_seconds:g} s "
+              f"after they end, SM window {at.window_seconds:g} s, idle power {idle}, user names "
+              f"{'on' if at.user_names else 'off'}, pod names from the kubelet {'on' if at.pod_resources else 'off'}")
     if settings.tariff is None:
         print("tariff: none ([tariff] absent): energy is exported, cost is not")
     else:

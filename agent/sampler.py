@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 ERROR_KINDS = (
     "gpu_lost", "gpu_read", "energy_counter", "energy_counter_stale", "counter_reset",
     "power_samples", "samples_gap", "invalid_energy", "tick_skipped", "tick_exception", "host_read", "dcmi",
-    "state_write",
+    "state_write", "process_read",
 )
 
 #: The energy sources a GPU's total can have for each method: its own and the polled fallback.
@@ -60,6 +60,7 @@ class Sampler:
         source_kind: str = "nvml",
         source_error: str = "",
         wall_cost_basis: bool = False,
+        attribution: Any = None,
     ) -> None:
         self.source = source
         self.clock = clock
@@ -105,6 +106,10 @@ class Sampler:
                 on_event=self._count,
             )
             log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
+        #: The stage that splits each GPU slice among workloads (agent.attribution.split.Attributor), or None.
+        self.attribution = attribution
+        if attribution is not None:
+            attribution.bind(self.devices, self._count)
         self._open_accounts()
         self.snapshot = self._build(None)
 
@@ -313,7 +318,11 @@ class Sampler:
                 self._count("power_samples")
                 log.debug("GPU %d: power samples failed: %s", index, exc)
         slices = acc.tick(mono, wall, reading.power_watts, reading.utilization_gpu_ratio, counter, samples)
-        self.ledger.add(slices)
+        if self.attribution is None:
+            self.ledger.add(slices)
+            return
+        self.attribution.observe(index, wall, reading, src)
+        self.attribution.account(index, self.ledger.add(slices), self.ledger.cost.currency)
 
     def _build(self, wall: float | None) -> Snapshot:
         gpus = tuple(
@@ -356,6 +365,7 @@ class Sampler:
             cost=self._cost_view(wall),
             replay=replay,
             t_wall=wall,
+            workloads=self.ledger.workloads.rows() if self.attribution is not None else None,
         )
 
 

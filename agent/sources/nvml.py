@@ -16,8 +16,10 @@ from .gpu import (
     GpuInfo,
     GpuLost,
     GpuNotSupported,
+    GpuProcess,
     GpuReading,
     PowerSample,
+    ProcessUtilSample,
     SourceUnavailable,
 )
 
@@ -173,11 +175,52 @@ class NvmlGpuSource:
         attr = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}.get(vtype, "uiVal")
         return [(int(s.timeStamp), int(getattr(s.sampleValue, attr))) for s in samples]
 
-    def processes(self, index: int) -> list[tuple[int, int | None]]:
-        """Compute processes on the GPU: (pid, used GPU memory in bytes or None)."""
+    def processes(self, index: int) -> list[GpuProcess]:
+        """Compute and graphics processes on the GPU, merged: (pid, used GPU memory in bytes or None).
+
+        A PID in both lists (a process using CUDA and graphics) appears once, with the
+        larger memory figure. A GPU without a graphics list (most data-centre GPUs answer
+        NotSupported) gives its compute list alone.
+        """
+        nv = self._nv
         with self._lock:
-            procs = self._call(index, "processes", self._nv.nvmlDeviceGetComputeRunningProcesses)
-        return [(int(p.pid), getattr(p, "usedGpuMemory", None)) for p in procs]
+            compute = self._call(index, "processes", nv.nvmlDeviceGetComputeRunningProcesses)
+            graphics_fn = getattr(nv, "nvmlDeviceGetGraphicsRunningProcesses", None)
+            try:
+                graphics = self._call(index, "graphics_processes", graphics_fn) if graphics_fn else []
+            except GpuNotSupported:
+                graphics = []
+        merged: dict[int, int | None] = {}
+        for p in list(compute) + list(graphics):
+            pid = int(p.pid)
+            used = getattr(p, "usedGpuMemory", None)
+            used = int(used) if used is not None else None
+            if pid not in merged or (used is not None and (merged[pid] is None or used > merged[pid])):  # type: ignore[operator]
+                merged[pid] = used
+        return list(merged.items())
+
+    def process_utilization(self, index: int, since_us: int) -> list[ProcessUtilSample]:
+        """``nvmlDeviceGetProcessUtilization(handle, since_us)``: samples newer than ``since_us``.
+
+        NotFound means no process has a sample newer than ``since_us``: an empty list.
+        (The binding also raises for a first call that succeeds with no samples; that
+        too is an empty list.)
+        """
+        nv = self._nv
+        with self._lock:
+            try:
+                fn = getattr(nv, "nvmlDeviceGetProcessUtilization", None)
+                if fn is None:  # binding too old
+                    self._unsupported.add((index, "process_utilization"))
+                    raise GpuNotSupported("process_utilization")
+                samples = self._call(index, "process_utilization", fn, int(since_us))
+            except GpuError as exc:
+                code = getattr(exc.__cause__, "value", None)
+                if code in (getattr(nv, "NVML_ERROR_NOT_FOUND", -1), getattr(nv, "NVML_SUCCESS", -1)):
+                    return []
+                raise
+        out = [(int(s.pid), int(s.timeStamp), int(s.smUtil), int(s.memUtil)) for s in samples]
+        return sorted((s for s in out if s[1] > since_us), key=lambda s: s[1])
 
     def close(self) -> None:
         try:
