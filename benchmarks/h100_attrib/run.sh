@@ -20,8 +20,13 @@ sleep ${IDLE:-10}                                   # nobody on the GPU: unalloc
 python3 benchmarks/h100_live/load.py "$OUT/load.jsonl" worker A ${SECS:-40} &
 WA=$!
 sleep 8
-python3 benchmarks/h100_live/load.py "$OUT/load.jsonl" worker B $(( ${SECS:-40} - 12 )) &
+# Worker B runs as another user (uid 65534 unless B_UID says otherwise), so the two processes are
+# two workloads (user:0 and user:65534) even where no container or Slurm cgroup tells them apart.
+touch "$OUT/loadB.jsonl"; chmod 666 "$OUT/loadB.jsonl"
+setpriv --reuid=${B_UID:-65534} --regid=${B_UID:-65534} --clear-groups env HOME=/tmp \
+  python3 benchmarks/h100_live/load.py "$OUT/loadB.jsonl" worker B $(( ${SECS:-40} - 12 )) &
 WB=$!
+(sleep 15; echo "nvidia-smi compute apps:"; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader; ps -o pid,uid,cmd -p $WA,$WB) &
 wait $WA $WB
 sleep ${TAIL:-10}
 python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:$PORT/metrics').read().decode())" \
@@ -48,4 +53,4 @@ st = json.load(open(f"{out}/state.json"))
 sj = sum(r[2] for r in st["workloads"]["rows"]); gj = sum(r[2] for r in st["gpu_energy_joules"])
 print(f"state.json after SIGTERM: GPU {gj:.3f} J, workloads {sj:.3f} J ({(sj - gj) / gj:+.2e} rel)")
 PY
-grep -E '"event"' "$OUT/load.jsonl" | head
+grep -hE '"event"' "$OUT/load.jsonl" "$OUT/loadB.jsonl" | head
