@@ -22,9 +22,10 @@ WA=$!
 sleep 8
 # Worker B runs as another user (uid 65534 unless B_UID says otherwise), so the two processes are
 # two workloads (user:0 and user:65534) even where no container or Slurm cgroup tells them apart.
-touch "$OUT/loadB.jsonl"; chmod 666 "$OUT/loadB.jsonl"
+# (its log lives in /tmp: $OUT may sit under a directory the other user cannot enter)
+LOGB=/tmp/attrib_loadB.jsonl; rm -f $LOGB; touch $LOGB; chmod 666 $LOGB
 setpriv --reuid=${B_UID:-65534} --regid=${B_UID:-65534} --clear-groups env HOME=/tmp \
-  python3 benchmarks/h100_live/load.py "$OUT/loadB.jsonl" worker B $(( ${SECS:-40} - 12 )) &
+  python3 benchmarks/h100_live/load.py $LOGB worker B $(( ${SECS:-40} - 12 )) &
 WB=$!
 (sleep 15; echo "nvidia-smi compute apps:"; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader; ps -o pid,uid,cmd -p $WA,$WB) &
 wait $WA $WB
@@ -53,4 +54,5 @@ st = json.load(open(f"{out}/state.json"))
 sj = sum(r[2] for r in st["workloads"]["rows"]); gj = sum(r[2] for r in st["gpu_energy_joules"])
 print(f"state.json after SIGTERM: GPU {gj:.3f} J, workloads {sj:.3f} J ({(sj - gj) / gj:+.2e} rel)")
 PY
+cp $LOGB "$OUT/loadB.jsonl"
 grep -hE '"event"' "$OUT/load.jsonl" "$OUT/loadB.jsonl" | head
