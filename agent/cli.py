@@ -117,11 +117,11 @@ def _make_ledger(settings: Settings) -> Ledger:
     return Ledger.from_settings(settings)
 
 
-def _attribution(settings: Settings, ledger: Ledger, *, replay: bool) -> Any:
+def _attribution(settings: Settings, ledger: Ledger, *, replay: bool, identities: Any = None) -> Any:
     """The workload attribution stage, or None when ``[attribution] enabled = false``."""
     from .attribution.split import from_settings
 
-    stage = from_settings(settings, ledger.workloads, replay=replay)
+    stage = from_settings(settings, ledger.workloads, replay=replay, identities=identities)
     a = settings.attribution
     if stage is not None and a.pod_resources:
         log.warning("[attribution] pod_resources: pod names from the kubelet are not wired into attribution yet; "
@@ -210,7 +210,7 @@ def _serve_replay(
         tick_seconds=settings.agent.tick_seconds,
         host=host,
         ledger=ledger,
-        attribution=_attribution(settings, ledger, replay=True),
+        attribution=_attribution(settings, ledger, replay=True, identities=source.identities),
     )
     return _serve(settings, sampler, store, listener, replay=source, speed=args.speed)
 

@@ -176,6 +176,21 @@ def replay_keys(pid: int) -> tuple[str, Mapping[str, str]]:
     return f"pid:{pid}", labels
 
 
+def recorded_keys(identities: Mapping[int, Mapping[str, Any]]) -> KeyOf:
+    """Workloads of replayed PIDs from the identity facts the recorder wrote (``identities``
+    in the trace); a PID without facts falls back to :func:`replay_keys`."""
+
+    def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
+        facts = identities.get(pid)
+        if not facts:
+            return replay_keys(pid)
+        labels = {name: "" for name in IDENTITY_LABELS}
+        labels.update({k: str(v) for k, v in (facts.get("labels") or {}).items() if k in labels})
+        return str(facts.get("workload") or f"pid:{pid}"), labels
+
+    return key_of
+
+
 # -- per GPU ----------------------------------------------------------------------------
 
 
@@ -371,18 +386,21 @@ def _unknown_labels() -> dict[str, str]:
     return labels
 
 
-def from_settings(settings: Any, totals: WorkloadTotals, *, replay: bool) -> Attributor | None:
+def from_settings(
+    settings: Any, totals: WorkloadTotals, *, replay: bool, identities: Mapping[int, Mapping[str, Any]] | None = None
+) -> Attributor | None:
     """The attribution stage configured by ``settings.attribution``; None when switched off.
 
-    Live, PIDs are resolved through ``/proc``; in a replay they are the recording machine's,
-    so each becomes its own ``pid:<pid>`` workload of kind ``unknown``.
+    Live, PIDs are resolved through ``/proc``; in a replay they are the recording machine's:
+    their identities come from the facts the recorder wrote, else each PID becomes its own
+    ``pid:<pid>`` workload of kind ``unknown``.
     """
     a = getattr(settings, "attribution", None)
     if a is None or not a.enabled:
         return None
     totals.configure(a.max_workloads, a.retention_seconds)
     if replay:
-        key_of: KeyOf = replay_keys
+        key_of: KeyOf = recorded_keys(identities) if identities else replay_keys
     else:
         key_of = resolver_keys(IdentityResolver(user_names=a.user_names, cmdline=a.cmdline))
     return Attributor(totals, key_of, window_seconds=a.window_seconds, idle_watts=a.idle_watts)
