@@ -108,3 +108,19 @@ def make_sampler(source: FakeSource, **kw: Any):
     sampler = Sampler(source, clock=source.clock, **kw)
     sampler.tick()  # the baseline tick at t0, as Service.start() does
     return sampler
+
+
+def real_time_source(gpus: list[FakeGpu]) -> FakeSource:
+    """A FakeSource whose clock follows the real one on every read (for ``record``, which
+    samples in real time)."""
+    import time
+
+    live = FakeSource(gpus, t0=time.time())
+    fake_read = live.read
+
+    def read(i: int) -> GpuReading:
+        live.t = time.time()
+        return fake_read(i)
+
+    live.read = read  # type: ignore[method-assign]
+    return live

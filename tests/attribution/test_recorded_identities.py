@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
-from fakes import FakeGpu, FakeSource
+from fakes import FakeGpu, real_time_source
 from helpers import replay_through_sampler
 
 from agent.attribution.identity import IdentityResolver
@@ -19,14 +18,7 @@ from agent.trace import load
 
 def test_record_writes_identities_once_and_replay_uses_them(tmp_path):
     me = os.getpid()  # a real process of this machine, resolved from /proc at record time
-    live = FakeSource([FakeGpu(lambda t: 400.0)], t0=time.time())
-    fake_read = live.read
-
-    def read(i):
-        live.t = time.time()
-        return fake_read(i)
-
-    live.read = read  # type: ignore[method-assign]
+    live = real_time_source([FakeGpu(lambda t: 400.0)])
     t0 = live.t0
     live.gpus[0].procs = lambda t: [(me, 1 << 30)] if t > t0 + 0.3 else []
     live.gpus[0].util_samples = [(me, int((t0 + 0.4 + k * 0.1) * 1e6), 95, 30) for k in range(20)]
