@@ -280,6 +280,8 @@ def _faults(g: _Gpu, fn: str) -> None:
     """The scripted behaviour of one call (slow path: only for a GPU with faults set)."""
     if fn in g.unsupported:
         raise NVMLError(_NOT_SUPPORTED)
+    if g.hang and _applies(g, fn):
+        _write_stats(force=True)  # the file shows the call that is about to hang
     while g.hang and _applies(g, fn):
         time.sleep(0.02)
         _poll_script(force=True)
