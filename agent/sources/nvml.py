@@ -2,7 +2,9 @@
 
 Every ``NVMLError`` is translated here into :mod:`agent.sources.gpu` errors.
 A field that answers NotSupported (or whose function the driver lacks) is
-remembered per GPU and never asked again, and logged once.
+remembered per GPU and never asked again, and logged once. Calls to one GPU
+never wait for another GPU's (a lock per GPU, none for the whole source), so
+a GPU that hangs in NVML holds up only its own calls.
 """
 
 from __future__ import annotations
@@ -48,18 +50,26 @@ class NvmlGpuSource:
             self._nv.nvmlInit()
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
             raise SourceUnavailable(f"NVML could not be initialised: {exc}") from exc
-        self._lock = threading.Lock()
         self._unsupported: set[tuple[int, str]] = set()
         self._handles: dict[int, Any] = {}
+        self._locks: dict[int, threading.Lock] = {}
         self._devices: list[GpuInfo] = []
         try:
             self.driver_version = _text(self._nv.nvmlSystemGetDriverVersion())
         except Exception:
             self.driver_version = ""
-        count = self._nv.nvmlDeviceGetCount()
+        try:
+            count = self._nv.nvmlDeviceGetCount()
+        except self._nv.NVMLError as exc:
+            raise SourceUnavailable(f"NVML could not count the GPUs: {exc}") from exc
         for i in range(count):
-            handle = self._nv.nvmlDeviceGetHandleByIndex(i)
+            try:
+                handle = self._nv.nvmlDeviceGetHandleByIndex(i)
+            except self._nv.NVMLError as exc:  # lost already: without a UUID it cannot be told apart
+                log.error("GPU %d cannot be opened (%s); it is left out until the agent restarts", i, exc)
+                continue
             self._handles[i] = handle
+            self._locks[i] = threading.Lock()
             self._devices.append(self._inventory(i, handle))
 
     # -- inventory -------------------------------------------------------
@@ -112,6 +122,32 @@ class NvmlGpuSource:
             self._unsupported.add((index, field))
             raise GpuNotSupported(field) from exc
 
+    def reacquire(self, index: int) -> None:
+        """A new handle for a GPU that was lost, looked up by its UUID (the index may change).
+
+        NVML is initialised once more around the lookup, which attaches a GPU
+        that came back from a reset; the reference count is left as it was, so
+        the other GPUs' handles stay valid while they are being read. Raises
+        :class:`GpuLost` while the GPU is still gone.
+        """
+        nv = self._nv
+        uuid = next(d.uuid for d in self._devices if d.index == index)
+        try:
+            nv.nvmlInit()
+        except nv.NVMLError as exc:
+            raise GpuLost(f"GPU {index}: NVML could not be initialised again: {exc}") from exc
+        try:
+            handle = nv.nvmlDeviceGetHandleByUUID(uuid)
+        except nv.NVMLError as exc:
+            raise GpuLost(f"GPU {index} ({uuid}) is still gone: {exc}") from exc
+        finally:
+            try:
+                nv.nvmlShutdown()
+            except nv.NVMLError:
+                pass
+        with self._locks[index]:
+            self._handles[index] = handle
+
     # -- per tick ---------------------------------------------------------
 
     def read(self, index: int) -> GpuReading:
@@ -130,7 +166,7 @@ class NvmlGpuSource:
                 failed.append(field)
                 return None
 
-        with self._lock:
+        with self._locks[index]:
             power = get("power", nv.nvmlDeviceGetPowerUsage)
             values["power_watts"] = power / 1000.0 if power is not None else None
             util = get("utilization", nv.nvmlDeviceGetUtilizationRates)
@@ -154,14 +190,14 @@ class NvmlGpuSource:
         return GpuReading(failed=tuple(failed), **values)
 
     def energy_mj(self, index: int) -> int:
-        with self._lock:
+        with self._locks[index]:
             return int(
                 self._call(index, "energy_counter", self._nv.nvmlDeviceGetTotalEnergyConsumption)
             )
 
     def power_samples(self, index: int, since_us: int) -> list[PowerSample]:
         nv = self._nv
-        with self._lock:
+        with self._locks[index]:
             try:
                 vtype, samples = self._call(
                     index, "power_samples", nv.nvmlDeviceGetSamples, nv.NVML_TOTAL_POWER_SAMPLES, since_us
@@ -183,7 +219,7 @@ class NvmlGpuSource:
         NotSupported) gives its compute list alone.
         """
         nv = self._nv
-        with self._lock:
+        with self._locks[index]:
             compute = self._call(index, "processes", nv.nvmlDeviceGetComputeRunningProcesses)
             graphics_fn = getattr(nv, "nvmlDeviceGetGraphicsRunningProcesses", None)
             try:
@@ -207,7 +243,7 @@ class NvmlGpuSource:
         too is an empty list.)
         """
         nv = self._nv
-        with self._lock:
+        with self._locks[index]:
             try:
                 fn = getattr(nv, "nvmlDeviceGetProcessUtilization", None)
                 if fn is None:  # binding too old
