@@ -329,7 +329,8 @@ def test_args_ports_volumes_and_config_fit_together():
     assert sport == {"name": "metrics", "port": port["containerPort"], "targetPort": "metrics", "protocol": "TCP"}
     pod_labels = one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
-    assert one("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
+    account = one("ServiceAccount")["metadata"]["name"]
+    assert one("DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == account
 
 
 def test_the_configmap_config_is_accepted_by_the_agent(tmp_path):
