@@ -343,6 +343,25 @@ def test_the_configmap_config_is_accepted_by_the_agent(tmp_path):
     assert f"{path}: OK" in result.stdout
 
 
+def test_pod_names_come_from_the_mounted_socket():
+    """The ConfigMap asks the kubelet for pod names through the socket the DaemonSet mounts, once
+    the agent has the [attribution] table; until then the table waits there, commented out."""
+    from agent.config import Settings
+
+    text = one("ConfigMap")["data"]["config.toml"]
+    socket = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    mount, _ = _mount(agent_container(), str(Path(socket).parent))
+    assert mount["readOnly"] is True
+    if "attribution" not in Settings.model_fields:
+        assert f'# pod_resources_socket = "{socket}"' in text
+        return
+    import tomllib
+
+    table = tomllib.loads(text).get("attribution")
+    assert table is not None, "uncomment [attribution] in deploy/kubernetes/config.toml: the agent has it now"
+    assert table["pod_resources"] is True and table["pod_resources_socket"] == socket
+
+
 def test_servicemonitor_scrapes_the_service_as_the_rules_expect():
     sm, svc = one("ServiceMonitor"), one("Service")
     spec = sm["spec"]

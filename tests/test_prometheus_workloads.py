@@ -75,8 +75,11 @@ def stack():
     try:
         agent.wait_ready()
         prom.start()
-        prom.wait_for(f'gpucost_workload_cost_total{{job="{JOB}"}}', timeout=WAIT)
-        print(f"\nworkload series in Prometheus {time.time() - began:.1f} s after start")
+        # Both processes charged (from 16.6 s of trace on), and the totals seen moving: the first
+        # scrapes of an agent started before Prometheus hold a flat stretch (rate 0).
+        prom.wait_for(f'gpucost_workload_cost_total{{job="{JOB}", workload="pid:428"}} > 0', timeout=WAIT)
+        prom.wait_for("sum(instance_kind_currency:gpucost_workload_cost_per_hour:rate5m) > 0", timeout=WAIT)
+        print(f"\nboth processes charged and the rules above 0 in Prometheus {time.time() - began:.1f} s after start")
         yield prom, agent
     finally:
         rc = agent.stop()
