@@ -33,6 +33,7 @@ from .cost import Amortization, CostModel, DemandTracker, IdleConfig, is_idle
 from .cost.model import JOULES_PER_KWH
 from .cost.timeutil import get_zone, local_date, wall_to_utc
 from .energy import EnergySlice
+from .attribution.workloads import WorkloadTotals
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class Ledger:
         self.period_cost: dict[tuple[str, str, str], float] = defaultdict(float)
         #: period → its key now ("2026-11-24" for day, "2026-11" for month)
         self.periods: dict[str, str] = {}
+        #: GPU energy and cost split among workloads (filled by agent.attribution.split)
+        self.workloads = WorkloadTotals()
         tariff = self.cost.tariff
         self._zone: ZoneInfo = get_zone(tariff.config.timezone) if tariff is not None else get_zone("UTC")
         self._period_cache: tuple[float, float, dict[str, str]] | None = None
@@ -138,6 +141,9 @@ class Ledger:
             self.demand = new_demand
         amort = Amortization(settings.hardware)
         self.amortization = amort if amort.enabled else None
+        a = getattr(settings, "attribution", None)
+        if a is not None:
+            self.workloads.configure(a.max_workloads, a.retention_seconds)
         self.hardware_currency = settings.hardware_currency
         self.idle = settings.idle
         self._zone = get_zone(t.timezone) if t is not None else get_zone("UTC")
@@ -214,8 +220,10 @@ class Ledger:
 
     # -- adding energy ----------------------------------------------------
 
-    def add(self, slices: Iterable[EnergySlice]) -> None:
-        """GPU energy slices."""
+    def add(self, slices: Iterable[EnergySlice]) -> list[tuple[EnergySlice, float | None]]:
+        """GPU energy slices. Returns those counted, each with its cost (None without a tariff),
+        for the attribution stage to split among workloads in the same proportions."""
+        counted: list[tuple[EnergySlice, float | None]] = []
         for s in slices:
             if not self._valid(s.joules, s.t0, s.t1, f"GPU {s.gpu} ({s.source})"):
                 continue
@@ -224,6 +232,8 @@ class Ledger:
             cost = self._price(gpu_key(uuid), s.t0, s.t1, s.joules)
             if cost is not None and s.utilization is not None and is_idle(s.utilization, self.idle):
                 self.idle_cost[(gpu_key(uuid), self.cost.currency)] += cost  # type: ignore[index]
+            counted.append((s, cost))
+        return counted
 
     def add_host(self, component: str, source: str, t0: float, t1: float, joules: float) -> None:
         """Host energy of one component over [t0, t1] (wall time). Units: J."""
@@ -334,6 +344,7 @@ class Ledger:
                 "keys": dict(self.periods),
                 "cost": [[p, k, c, v] for (p, k, c), v in sorted(self.period_cost.items())],
             },
+            "workloads": self.workloads.state(),
         }
 
     def load_state(self, state: Any) -> None:
@@ -365,6 +376,8 @@ class Ledger:
         if demand is not None and not isinstance(demand, dict):
             raise ValueError(f"demand: expected an object or null, got {_kind(demand)}")
         period_keys, period_cost = _periods(state.get("periods"))  # absent in states saved before 0.2
+        # Absent in states saved before workload attribution.
+        workloads = WorkloadTotals.parse_state(state["workloads"]) if state.get("workloads") is not None else None
         if self.demand is not None and demand:
             self.demand.load_state(demand)  # all or nothing too; the last check that can fail
         for into, loaded in (
@@ -380,6 +393,8 @@ class Ledger:
         ):
             into.update(loaded)
         self.periods.update(period_keys)
+        if workloads is not None:
+            self.workloads.take(workloads)
 
 
 #: Keys :meth:`Ledger.state` always writes (``saved_at`` is added by the store).

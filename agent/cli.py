@@ -16,7 +16,7 @@ from .accounting import Ledger
 from .config import ConfigError, Settings, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
 from .sampler import Sampler
-from .service import Service
+from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
 from .state import StateError, StateStore, default_state_dir
 from .webconfig import WebConfigError
 from .webconfig import load as load_web_config
@@ -117,6 +117,17 @@ def _make_ledger(settings: Settings) -> Ledger:
     return Ledger.from_settings(settings)
 
 
+def _attribution(settings: Settings, ledger: Ledger, *, replay: bool, identities: Any = None) -> Any:
+    """The workload attribution stage, or None when ``[attribution] enabled = false``."""
+    from .attribution.split import from_settings
+
+    stage = from_settings(settings, ledger.workloads, replay=replay, identities=identities)
+    if stage is not None and stage.pods is not None:
+        log.info("pod names from the kubelet: on (%s, asked every %.0f s)",
+                 settings.attribution.pod_resources_socket, POD_RESOURCES_INTERVAL_SECONDS)
+    return stage
+
+
 def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateStore | None:
     """The state store, with its totals loaded into ``ledger``. Raises StateError."""
     directory = settings.agent.state_dir
@@ -198,24 +209,44 @@ def _serve_replay(
         tick_seconds=settings.agent.tick_seconds,
         host=host,
         ledger=ledger,
+        attribution=_attribution(settings, ledger, replay=True, identities=source.identities),
     )
     return _serve(settings, sampler, store, listener, replay=source, speed=args.speed)
 
 
+#: How long `run` waits for NVML to open at start before it serves without GPUs (and keeps trying). Units: s.
+NVML_OPEN_TIMEOUT_SECONDS = 10.0
+
+
 def _serve_nvml(settings: Settings, listener: Listener) -> int:
+    from .gpucalls import call_with_timeout
+    from .sampler import probe_methods
     from .sources.gpu import SourceUnavailable
     from .sources.nvml import NvmlGpuSource
 
+    def open_source() -> tuple[NvmlGpuSource, dict[int, str]]:
+        source = NvmlGpuSource()
+        return source, probe_methods(source, settings.gpu.energy_method)
+
     source = None
+    methods = None
     error = ""
     if settings.gpu.enabled:
-        try:
-            source = NvmlGpuSource()
-        except SourceUnavailable as exc:
-            error = str(exc)
+        # On its own thread: an NVML that hangs at init must not keep the agent from serving.
+        outcome = call_with_timeout(open_source, NVML_OPEN_TIMEOUT_SECONDS, "nvml-open")
+        if outcome is None:
+            error = f"NVML did not answer within {NVML_OPEN_TIMEOUT_SECONDS:.0f} s"
+        elif outcome[0]:
+            source, methods = outcome[1]
+        elif isinstance(outcome[1], SourceUnavailable):
+            error = str(outcome[1])
+        else:
+            raise outcome[1]
+        if source is None:
             log.error(
                 "no GPU can be read: %s. Serving host and agent metrics only "
-                "(gpucost_gpu_source_up 0); use 'gpu-cost-agent demo' to see recorded data.",
+                "(gpucost_gpu_source_up 0) and trying again with back-off; "
+                "use 'gpu-cost-agent demo' to see recorded data.",
                 error,
             )
     else:
@@ -230,7 +261,6 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         except RaplUnavailable as exc:  # only with [host] mode = "rapl"
             print(_rapl_refusal(exc), file=sys.stderr)
             return 2
-        log.info(host.describe())
     ledger = _make_ledger(settings)
     store = _open_state(settings, ledger, replay=False)
     sampler = Sampler(
@@ -243,8 +273,11 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         source_error=error,
         ledger=ledger,
         wall_cost_basis=settings.host.ipmi.enabled and settings.host.ipmi.cost_basis == "wall",
+        attribution=_attribution(settings, ledger, replay=False) if settings.gpu.enabled else None,
+        methods=methods,
     )
-    return _serve(settings, sampler, store, listener)
+    retry = open_source if settings.gpu.enabled and source is None else None
+    return _serve(settings, sampler, store, listener, open_source=retry)
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -315,6 +348,16 @@ def _check_config(path: str) -> int:
         print(f"hardware: {settings.hardware_currency} {amort.node_cost_per_hour():.4f}/h for the node, "
               f"{amort.gpu_cost_per_hour(0):.4f}/h per GPU (GPU 0; overrides by index or model apply)")
     print(f"idle: GPU utilisation below {settings.idle.utilization_threshold:.0%} counts as idle")
+    at = settings.attribution
+    if not at.enabled:
+        print("attribution: off ([attribution] enabled = false): no workload series")
+    else:
+        idle = ("lowest power seen at 0 % utilisation" if at.idle_watts is None else
+                f"{at.idle_watts:g} W" if isinstance(at.idle_watts, (int, float)) else
+                ", ".join(f"{k} {v:g} W" for k, v in sorted(at.idle_watts.items())))
+        print(f"attribution: at most {at.max_workloads} workloads (then 'other'), kept {at.retention_seconds:g} s "
+              f"after they end, SM window {at.window_seconds:g} s, idle power {idle}, user names "
+              f"{'on' if at.user_names else 'off'}, pod names from the kubelet {'on' if at.pod_resources else 'off'}")
     if settings.tariff is None:
         print("tariff: none ([tariff] absent): energy is exported, cost is not")
     else:

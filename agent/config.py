@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from .attribution.config import AttributionConfig
 from .cost import CarbonConfig, HardwareConfig, IdleConfig, PueConfig, TariffConfig, format_validation_error
 from .cost.config import field_error
 from .sources.host import (
@@ -120,6 +121,7 @@ class Settings(BaseSettings):
     carbon: CarbonConfig = CarbonConfig()
     hardware: HardwareConfig = HardwareConfig()
     idle: IdleConfig = IdleConfig()
+    attribution: AttributionConfig = AttributionConfig()
 
     # Set by load() for the duration of one construction.
     _toml_file: ClassVar[Path | None] = None

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import __version__
+from .exporter_workloads import workload_families
 from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class SnapshotCollector:
         yield from self._host(snap)
         if snap.cost is not None:
             yield from self._cost(snap)
+        yield from workload_families(snap)
 
     # -- agent ------------------------------------------------------------
 

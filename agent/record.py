@@ -2,8 +2,9 @@
 
 Records everything the replay can answer with: the cheap readings every
 ``interval``, the energy counter every ``energy_interval`` and the new
-entries of the driver's power-sample buffer every ``samples_interval``, plus
-the compute processes and host CPU and memory. Recording is a short-lived
+entries of the driver's power-sample buffer every ``samples_interval``; the
+process list (9 µs on H100) and the new per-process utilisation samples
+(``last_seen`` advanced) on every row; host CPU and memory. Recording is a short-lived
 diagnostic, so it may read the costly counter far more often than the agent.
 """
 
@@ -86,6 +87,15 @@ def record(
     no_counter: set[int] = set()
     no_samples: set[int] = set()
     no_procs: set[int] = set()
+    no_util: set[int] = set()
+    util_seen = {d.index: 0 for d in devices}
+    # Who each PID is, written once per PID the first time it is listed, so a replay
+    # attributes energy to the recorded users, jobs and pods (never this machine's PIDs).
+    from .attribution.identity import IdentityResolver
+    from .attribution.split import identity_labels, workload_key
+
+    resolver = IdentityResolver()
+    described: set[int] = set()
     psutil.cpu_percent(None)
     start = time.monotonic()
     next_energy = next_samples = start
@@ -115,14 +125,31 @@ def record(
                         no_samples.add(d.index)
                     except GpuError:
                         pass
-                procs = getattr(src, "processes", None)
-                if read_samples and procs is not None and d.index not in no_procs:
+                if d.index not in no_procs:
                     try:
-                        g["processes"] = [[pid, used] for pid, used in procs(d.index)]
+                        g["processes"] = [[pid, used] for pid, used in src.processes(d.index)]
                     except GpuNotSupported:
                         no_procs.add(d.index)
                     except GpuError:
-                        pass
+                        g["processes"] = None
+                new_pids = [p for p, _ in (g.get("processes") or ()) if p not in described]
+                if new_pids:
+                    facts = {}
+                    for pid in new_pids:
+                        ident = resolver.resolve(pid)
+                        facts[str(pid)] = {"workload": workload_key(ident), "labels": identity_labels(ident)}
+                        described.add(pid)
+                    g["identities"] = facts
+                if d.index not in no_util:
+                    try:
+                        util = src.process_utilization(d.index, util_seen[d.index])
+                        if util:
+                            util_seen[d.index] = max(u[1] for u in util)
+                        g["process_utilization"] = [list(u) for u in util]
+                    except GpuNotSupported:
+                        no_util.add(d.index)
+                    except GpuError:
+                        g["process_utilization"] = None
                 row["gpus"][str(d.index)] = g
             vm = psutil.virtual_memory()
             row["host"] = {"cpu_util_pct": psutil.cpu_percent(None), "mem_used_bytes": vm.total - vm.available}

@@ -90,3 +90,6 @@ class Snapshot:
     cost: CostView | None = None
     #: Source time of the tick (trace time for a replay). Units: s since the epoch.
     t_wall: float | None = None
+    #: GPU energy and cost split among workloads (:class:`agent.attribution.workloads.WorkloadRow`);
+    #: None when attribution is off.
+    workloads: tuple[Any, ...] | None = None

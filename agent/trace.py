@@ -37,6 +37,7 @@ GPU_FIELDS = {
         "nvmlDeviceGetProcessUtilization(last_seen) new since the previous read: "
         "[[pid, timestamp_us, sm_pct, mem_pct], ...], [] where it answered NotFound"
     ),
+    "identities": "who each PID is, once per PID: {pid: {workload: key, labels: {kind, user, ...}}}",
 }
 
 

@@ -20,6 +20,14 @@ class FakeGpu:
         self.counter_offset_mj = 0.0  # set negative to simulate a reset
         self.lost = False
         self.fail_counter = False
+        #: Processes on the GPU: a function of time giving [(pid, used bytes or None)], or None
+        #: (the GPU does not list processes: NotSupported).
+        self.procs: Callable[[float], list[tuple[int, int | None]]] | None = lambda t: []
+        #: Per-process utilisation samples the driver holds: (pid, timestamp µs, SM %, mem %);
+        #: a read returns those taken by now and newer than ``since_us``. None: NotSupported.
+        self.util_samples: list[tuple[int, int, int, int]] | None = []
+        #: Utilisation reading of the whole GPU (ratio).
+        self.utilization = 0.5
 
 
 class FakeSource:
@@ -53,7 +61,7 @@ class FakeSource:
         g = self.gpus[index]
         if g.lost:
             raise GpuLost(f"GPU {index} fell off the bus")
-        return GpuReading(power_watts=g.watts(self.t), utilization_gpu_ratio=0.5,
+        return GpuReading(power_watts=g.watts(self.t), utilization_gpu_ratio=g.utilization,
                           temperature_celsius=g.temperature, power_limit_watts=g.limit_w)
 
     def energy_mj(self, index: int) -> int:
@@ -75,6 +83,21 @@ class FakeSource:
         first = (lo // 20_000 + 1) * 20_000
         return [(ts, int(round(g.watts(ts / 1e6) * 1000))) for ts in range(first, now_us + 1, 20_000)]
 
+    def processes(self, index: int) -> list[tuple[int, int | None]]:
+        self._count("processes")
+        g = self.gpus[index]
+        if g.procs is None:
+            raise GpuNotSupported("processes")
+        return list(g.procs(self.t))
+
+    def process_utilization(self, index: int, since_us: int) -> list[tuple[int, int, int, int]]:
+        self._count("process_utilization")
+        g = self.gpus[index]
+        if g.util_samples is None:
+            raise GpuNotSupported("process_utilization")
+        now_us = int(round(self.t * 1e6))
+        return sorted((s for s in g.util_samples if since_us < s[1] <= now_us), key=lambda s: s[1])
+
     def close(self) -> None:
         pass
 
@@ -85,3 +108,19 @@ def make_sampler(source: FakeSource, **kw: Any):
     sampler = Sampler(source, clock=source.clock, **kw)
     sampler.tick()  # the baseline tick at t0, as Service.start() does
     return sampler
+
+
+def real_time_source(gpus: list[FakeGpu]) -> FakeSource:
+    """A FakeSource whose clock follows the real one on every read (for ``record``, which
+    samples in real time)."""
+    import time
+
+    live = FakeSource(gpus, t0=time.time())
+    fake_read = live.read
+
+    def read(i: int) -> GpuReading:
+        live.t = time.time()
+        return fake_read(i)
+
+    live.read = read  # type: ignore[method-assign]
+    return live

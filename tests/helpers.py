@@ -31,6 +31,8 @@ def replay_through_sampler(
     counter_interval: float = 5.0,
     start_offset: float = 0.0,
     poll: bool = True,
+    attribution: bool = False,
+    ledger=None,
 ) -> Sampler:
     """Play ``trace`` once through the real Sampler with a ``tick`` (trace seconds) and return it.
 
@@ -38,8 +40,16 @@ def replay_through_sampler(
     power-sample buffer (``poll=False``: no reads between ticks, as before they existed).
     """
     src = ReplaySource(trace, hide=hide)
+    stage = None
+    if attribution:
+        from agent.accounting import Ledger
+        from agent.attribution.split import Attributor, recorded_keys, replay_keys
+
+        ledger = ledger or Ledger()
+        stage = Attributor(ledger.workloads, recorded_keys(src.identities) if src.identities else replay_keys)
     sampler = Sampler(
-        src, clock=lambda: (src.t, src.t), energy_method=method, counter_interval=counter_interval, tick_seconds=tick
+        src, clock=lambda: (src.t, src.t), energy_method=method, counter_interval=counter_interval, tick_seconds=tick,
+        ledger=ledger, attribution=stage,
     )
     if start_offset:
         src.seek(src.t + start_offset)

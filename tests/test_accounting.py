@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
-from fakes import FakeGpu, FakeSource
+from fakes import FakeGpu, FakeSource, real_time_source
 from helpers import counter_delta_joules, replay_through_sampler
 
 from agent.accounting import Ledger
@@ -81,14 +80,10 @@ def test_replay_carries_host_readings_through_the_model(h100_trace):
 
 def test_record_writes_a_trace_that_replays_to_the_same_energy(tmp_path):
     # record() samples in real time: the fake GPU's clock follows the real one.
-    live = FakeSource([FakeGpu(lambda t: 200.0 + 100.0 * ((t * 2) % 2 > 1))], t0=time.time())
-    fake_read = live.read
-
-    def read(i):
-        live.t = time.time()
-        return fake_read(i)
-
-    live.read = read  # type: ignore[method-assign]
+    live = real_time_source([FakeGpu(lambda t: 200.0 + 100.0 * ((t * 2) % 2 > 1))])
+    t0 = live.t0
+    live.gpus[0].procs = lambda t: [(77, 1 << 30)] if t > t0 + 0.5 else []
+    live.gpus[0].util_samples = [(77, int((t0 + 0.6 + k * 0.2) * 1e6), 90, 20) for k in range(20)]
     path = tmp_path / "rec.jsonl.gz"
     rows = record(live, str(path), duration=1.5, interval=0.05, energy_interval=0.05, samples_interval=0.5)
     assert rows >= 20
@@ -98,6 +93,11 @@ def test_record_writes_a_trace_that_replays_to_the_same_energy(tmp_path):
     assert {"power_mw", "energy_mj", "samples", "temp_c", "power_limit_mw"} <= set(first)
     assert "mem_used_bytes" not in first  # the fake does not report it: absent, not 0
     assert "cpu_util_pct" in trace.rows[0]["host"]
+    # The process list and the new per-process samples on every row, each sample once.
+    assert all("processes" in r["gpus"]["0"] and "process_utilization" in r["gpus"]["0"] for r in trace.rows)
+    assert trace.rows[-1]["gpus"]["0"]["processes"] == [[77, 1 << 30]]
+    util = [tuple(u) for r in trace.rows for u in r["gpus"]["0"]["process_utilization"]]
+    assert util == sorted(set(util)) and len(util) >= 3
     sampler = replay_through_sampler(trace, tick=0.25)
     assert sampler.energy_method(0) == "counter"
     assert sum(sampler.snapshot.gpus[0].energy_joules.values()) == pytest.approx(counter_delta_joules(trace), rel=1e-6)

@@ -173,3 +173,63 @@ def test_real_binding_without_gpu_is_source_unavailable():
     else:  # pragma: no cover - only on a GPU machine
         pynvml.nvmlShutdown()
         pytest.skip("a real NVIDIA driver is present")
+
+
+def test_process_lists_merged_one_entry_per_pid():
+    nv = fake_nvml(
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [
+            SimpleNamespace(pid=398, usedGpuMemory=916455424), SimpleNamespace(pid=402, usedGpuMemory=None)],
+        nvmlDeviceGetGraphicsRunningProcesses=lambda h: [
+            SimpleNamespace(pid=402, usedGpuMemory=1048576), SimpleNamespace(pid=500, usedGpuMemory=2048)],
+    )
+    src = NvmlGpuSource(nv)
+    assert sorted(src.processes(0)) == [(398, 916455424), (402, 1048576), (500, 2048)]
+
+
+def test_graphics_list_not_supported_leaves_the_compute_list():
+    nv = fake_nvml()
+    nv.nvmlDeviceGetGraphicsRunningProcesses = nv.not_supported
+    src = NvmlGpuSource(nv)
+    assert src.processes(0) == [(398, 916455424)]
+    assert src.processes(0) == [(398, 916455424)]
+
+
+def sample(pid, ts, sm, mem):
+    return SimpleNamespace(pid=pid, timeStamp=ts, smUtil=sm, memUtil=mem, encUtil=0, decUtil=0)
+
+
+def test_process_utilization_not_found_is_no_new_samples():
+    answers = [FakeNVMLError(6), [sample(402, 2_000, 97, 30), sample(428, 1_000, 55, 10)], FakeNVMLError(0)]
+    seen = []
+
+    def util(h, since):
+        seen.append(since)
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    nv = fake_nvml(nvmlDeviceGetProcessUtilization=util, NVML_SUCCESS=0)
+    src = NvmlGpuSource(nv)
+    assert src.process_utilization(0, 0) == []
+    # oldest first, as (pid, timestamp µs, SM %, memory %); the caller's since_us is passed through
+    assert src.process_utilization(0, 500) == [(428, 1_000, 55, 10), (402, 2_000, 97, 30)]
+    assert src.process_utilization(0, 2_000) == []  # the binding's "error" SUCCESS: nothing new
+    assert seen == [0, 500, 2_000]
+
+
+def test_process_utilization_errors_translated():
+    def lost(h, since):
+        raise FakeNVMLError(15)
+
+    src = NvmlGpuSource(fake_nvml(nvmlDeviceGetProcessUtilization=lost))
+    with pytest.raises(GpuLost):
+        src.process_utilization(0, 0)
+    nv = fake_nvml()
+    nv.nvmlDeviceGetProcessUtilization = nv.not_supported
+    src = NvmlGpuSource(nv)
+    with pytest.raises(GpuNotSupported):
+        src.process_utilization(0, 0)
+    del nv.nvmlDeviceGetProcessUtilization
+    with pytest.raises(GpuNotSupported):
+        NvmlGpuSource(nv).process_utilization(0, 0)

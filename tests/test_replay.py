@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.sources.gpu import GpuError, GpuNotSupported
+from agent.sources.gpu import GpuNotSupported
 from agent.sources.replay import ReplaySource
 from agent.trace import FORMAT, TraceError, load, write
 
@@ -156,3 +156,26 @@ def test_advance_stops_on_the_way_and_never_past_the_end(h100_trace_c):
     src2 = ReplaySource(h100_trace_c)
     src2.advance(5.0)
     assert src2.t - src2.start == pytest.approx(5.0)
+
+
+def test_process_reads_replay_as_recorded_honouring_last_seen(h100_trace_c, h100_trace):
+    src = ReplaySource(h100_trace_c)
+    assert src.processes(0) == [] and src.process_utilization(0, 0) == []
+    got, seen = [], 0
+    while not src.finished:
+        src.seek(src.t + 0.5)
+        new = src.process_utilization(0, seen)
+        assert all(u[1] > seen for u in new)
+        if new:
+            seen = new[-1][1]
+        got.extend(new)
+        if src.t - src.start < 8.4:
+            assert src.processes(0) == []
+    recorded = [tuple(u) for r in h100_trace_c.rows for u in r["gpus"]["0"]["process_utilization"]]
+    assert got == sorted(recorded, key=lambda u: u[1])  # every sample once, none before it was read
+    assert src.processes(0) == [(402, 916455424), (428, 715128832)]
+    bare = ReplaySource(h100_trace)  # trace_a recorded no process reads
+    with pytest.raises(GpuNotSupported):
+        bare.process_utilization(0, 0)
+    with pytest.raises(GpuNotSupported):
+        bare.processes(0)

@@ -73,6 +73,12 @@ class GpuReading:
 #: A sample of the driver's power ring buffer: (timestamp in µs, power in mW).
 PowerSample = tuple[int, int]
 
+#: A process on a GPU: (PID as the agent's PID namespace numbers it, GPU memory in bytes or None).
+GpuProcess = tuple[int, "int | None"]
+
+#: A per-process utilisation sample: (PID, timestamp in µs, SM %, memory %).
+ProcessUtilSample = tuple[int, int, int, int]
+
 
 class GpuSource(Protocol):
     """One vendor's (or a trace's) view of the node's GPUs."""
@@ -98,6 +104,21 @@ class GpuSource(Protocol):
 
         The driver keeps a ring buffer (one sample per 20 ms, ~2.4 s deep on
         H100); samples older than that are gone. Raises :class:`GpuNotSupported`.
+        """
+
+    def processes(self, index: int) -> list[GpuProcess]:
+        """Processes holding the GPU: compute and graphics lists merged, one entry per PID.
+
+        Cheap (9 µs on H100). Raises :class:`GpuNotSupported`.
+        """
+
+    def process_utilization(self, index: int, since_us: int) -> list[ProcessUtilSample]:
+        """Per-process utilisation samples newer than ``since_us``, oldest first.
+
+        ``nvmlDeviceGetProcessUtilization(handle, last_seen)``: on an H100 shared by
+        two processes it gives one process per call and answers NotFound (here: an
+        empty list) on most calls, ~5 samples a second in all. Raises
+        :class:`GpuNotSupported`.
         """
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from ..trace import Trace
-from .gpu import GpuError, GpuInfo, GpuNotSupported, GpuReading, PowerSample
+from .gpu import GpuError, GpuInfo, GpuNotSupported, GpuProcess, GpuReading, PowerSample, ProcessUtilSample
 
 _CHEAP = (
     "power_mw",
@@ -78,7 +78,12 @@ class ReplaySource:
         self.buffer_us = int(1e6 * (buffer_seconds or float(trace.header.get("sample_buffer_seconds", 2.4))))
         self._devices = [self._info(g, trace.header) for g in sorted(trace.gpus, key=lambda g: g["index"])]
         self._series: dict[int, dict[str, _Series]] = {}
+        #: Identity facts the recorder wrote for each PID (``identities`` rows):
+        #: {"workload": key, "labels": {...}}; a PID without facts has none here.
+        self.identities: dict[int, dict[str, Any]] = {}
         self._samples: dict[int, tuple[list[int], list[int]]] = {}
+        #: Per GPU: the recorded per-process utilisation samples with the trace time each was read.
+        self._proc_util: dict[int, tuple[list[float], list[ProcessUtilSample]]] = {}
         self._loop_energy_mj: dict[int, int] = {}
         self._row_times = times
         for info in self._devices:
@@ -105,6 +110,8 @@ class ReplaySource:
         key = str(index)
         series: dict[str, _Series] = {}
         sample_ts: dict[int, int] = {}
+        util_read: list[tuple[float, ProcessUtilSample]] = []
+        has_util = False
         for row in self.trace.rows:
             g = row.get("gpus", {}).get(key)
             if not g:
@@ -115,11 +122,22 @@ class ReplaySource:
                     for ts, mw in value or ():
                         sample_ts[int(ts)] = int(mw)
                     continue
+                if name == "identities":
+                    for pid, facts in (value or {}).items():
+                        self.identities.setdefault(int(pid), facts)
+                    continue
+                if name == "process_utilization":
+                    has_util = True
+                    for pid, ts, sm, mem in value or ():
+                        util_read.append((t, (int(pid), int(ts), int(sm), int(mem))))
+                    continue
                 s = series.setdefault(name, _Series([], []))
                 s.times.append(t)
                 s.values.append(value)
         self._series[index] = series
         ordered = sorted(sample_ts.items())
+        if has_util:
+            self._proc_util[index] = ([t for t, _ in util_read], [u for _, u in util_read])
         if "samples" not in self.hidden and ordered:
             self._samples[index] = ([ts for ts, _ in ordered], [mw for _, mw in ordered])
         if "energy_mj" in series:
@@ -251,10 +269,35 @@ class ReplaySource:
             out.extend((ts[n] + shift, mw[n]) for n in range(i, j))
         return out
 
-    def processes(self, index: int) -> list[tuple[int, int | None]]:
+    def processes(self, index: int) -> list[GpuProcess]:
         _, t = self._split(self.t)
         procs = self._field(index, "processes", t)
-        return [(int(p[0]), p[1]) for p in procs]
+        return [(int(p[0]), int(p[1]) if p[1] is not None else None) for p in procs]
+
+    def process_utilization(self, index: int, since_us: int) -> list[ProcessUtilSample]:
+        """The samples recorded at or before the replay time, newer than ``since_us``.
+
+        A sample is available from the trace time of the row that read it (as on the
+        recording machine), and returned once to a caller that advances ``since_us``
+        to the newest timestamp, as NVML's ``last_seen`` works.
+        """
+        if index not in self._proc_util:
+            raise GpuNotSupported("process_utilization")
+        read_at, samples = self._proc_util[index]
+        k_now = self._split(self.t)[0]
+        out: list[ProcessUtilSample] = []
+        for k in (k_now - 1, k_now):  # a read may span the seam between two loops
+            if k < 0:
+                continue
+            shift = k * self.period
+            j = bisect.bisect_right(read_at, self.t - shift)
+            # A sample is read after it is taken: those read a minute before since_us are older.
+            i = bisect.bisect_left(read_at, since_us / 1e6 - shift - 60.0) if since_us else 0
+            shift_us = int(round(shift * 1e6))
+            out.extend(
+                (pid, ts + shift_us, sm, mem) for pid, ts, sm, mem in samples[i:j] if ts + shift_us > since_us
+            )
+        return sorted(out, key=lambda s: s[1])
 
     def host_row(self) -> dict[str, Any] | None:
         """The host readings recorded at the current instant, if any."""

@@ -162,3 +162,35 @@ def test_grpc_error_is_one_line(tmp_path):
         c.close()
     finally:
         server.stop(None)
+
+
+def test_attribution_asks_the_socket_named_in_the_config(answer, tmp_path):
+    """[attribution] pod_resources = true: the stage the agent builds asks that socket (a fake
+    kubelet over real gRPC) and labels by its answer; without the socket it stays off."""
+    grpc = pytest.importorskip("grpc")
+    from agent.accounting import Ledger
+    from agent.attribution.split import from_settings
+    from agent.config import Settings
+
+    sock = tmp_path / "kubelet.sock"
+    handler = grpc.method_handlers_generic_handler(
+        "v1.PodResourcesLister",
+        {"List": grpc.unary_unary_rpc_method_handler(lambda req, ctx: answer, lambda b: b, lambda b: b)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        settings = Settings(attribution={"pod_resources": True, "pod_resources_socket": str(sock)})
+        stage = from_settings(settings, Ledger().workloads, replay=False)
+        assert stage.pods is not None
+        stage.refresh_pods()
+        labels = {"kind": "kubernetes", "pod_uid": "u", "namespace": "", "pod": ""}
+        assert stage._with_pod_names(GPU0, labels) == {**labels, "namespace": "ml", "pod": "trainer-0"}
+        assert stage._with_pod_names(GPU1, labels) == labels  # two pods share it: not guessed
+        assert stage._with_pod_names(GPU0, {**labels, "kind": "user"})["pod"] == ""
+    finally:
+        server.stop(None)
+    off = Settings(attribution={"pod_resources": True, "pod_resources_socket": str(tmp_path / "none.sock")})
+    assert from_settings(off, Ledger().workloads, replay=False).pods is None

@@ -1,0 +1,488 @@
+"""Split each GPU energy slice among the workloads on the GPU, conserving energy exactly.
+
+A stage after the ledger: the sampler hands every tick's process list and new
+per-process utilisation samples to :meth:`Attributor.observe`, and every priced GPU
+slice to :meth:`Attributor.account`, which divides the slice's joules and its cost
+among workloads and adds them to the ledger's :class:`~.workloads.WorkloadTotals`.
+
+The split of one slice (``t0``, ``t1``, ``joules``) of a GPU:
+
+1. The processes are those of the process list read on the tick that ended the slice
+   (at ``t1``), grouped into workloads by identity key. No process: the whole slice goes
+   to ``unallocated`` (idle waste made visible).
+2. The idle part, ``min(joules, idle_watts × (t1 − t0))``, is split by each workload's
+   share of GPU memory (evenly when NVML does not give every process's memory).
+   ``idle_watts`` is ``[attribution] idle_watts`` for the GPU when set, else the lowest
+   polled power seen so far on a tick whose GPU utilisation was 0 (unknown until such a
+   tick: then there is no idle part).
+3. The rest, the active part, is split by each workload's share of SM activity: the sum
+   of its processes' SM % samples read in the window ending at ``t1`` (the slice's own
+   stretch, widened to ``window_seconds``), over the sum of all. NVML gives ~5 samples a
+   second on an H100, one process per call, so one second says little; a window of
+   seconds does. A process holding memory but absent from the window's samples did no SM
+   work in it and gets no active share. No SM sample at all in the window: the whole
+   slice goes by memory share.
+4. The parts add up to the slice: the largest part is the slice minus all the others.
+   The slice's cost (priced once, by the ledger, at the band in force when the energy was
+   used) is split in the same proportions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
+
+from ..energy import EnergySlice
+from ..sources.gpu import GpuError, GpuNotSupported, GpuReading
+from .identity import (
+    KIND_CONTAINER,
+    KIND_KUBERNETES,
+    KIND_SLURM,
+    KIND_SYSTEMD,
+    KIND_UNKNOWN,
+    KIND_USER,
+    IdentityResolver,
+    WorkloadIdentity,
+)
+from .workloads import IDENTITY_LABELS, UNALLOCATED, WorkloadTotals, pseudo_labels
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+#: Default length of the window of per-process SM samples a slice's active part is split by. Units: s.
+DEFAULT_WINDOW_SECONDS = 5.0
+#: The error kind under which failed process reads are counted.
+PROCESS_READ = "process_read"
+#: Most ticks of history kept per GPU (process lists, samples): a bound should slices stop.
+_MAX_HISTORY = 4096
+
+#: (workload key, identity labels) of a PID.
+KeyOf = Callable[[int], tuple[str, Mapping[str, str]]]
+
+
+# -- the arithmetic -------------------------------------------------------------------
+
+
+def apportion(total: float, weights: Mapping[K, float]) -> dict[K, float]:
+    """``total`` split in proportion to ``weights`` (not negative, sum > 0), adding up to ``total``.
+
+    The largest weight's part is ``total`` minus the sum of the others, so the rounding
+    remainder goes there.
+    """
+    s = math.fsum(weights.values())
+    if not s > 0:
+        raise ValueError("weights must have a positive sum")
+    order = sorted(weights, key=lambda k: -weights[k])
+    parts = {k: total * (weights[k] / s) for k in order[1:]}
+    parts[order[0]] = total - math.fsum(parts.values())
+    return parts
+
+
+def split_slice(
+    joules: float, idle_joules: float, sm: Mapping[K, float], memory: Mapping[K, int | None]
+) -> dict[K, float]:
+    """Divide one slice of a GPU among workloads (keys of ``memory``; needs at least one).
+
+    ``idle_joules`` (clipped to ``[0, joules]``) goes by memory share (evenly when any
+    memory figure is unknown or all are 0); the rest by ``sm`` (SM % summed over the
+    window; keys absent from it did no SM work). Without any SM activity everything goes
+    by memory share. The parts add up to ``joules``, the remainder on the largest.
+    """
+    if not memory:
+        raise ValueError("no workload to split among")
+    mem_w: dict[K, float]
+    if all(m is not None for m in memory.values()) and sum(memory.values()) > 0:  # type: ignore[arg-type]
+        mem_w = {k: float(m) for k, m in memory.items()}  # type: ignore[arg-type]
+    else:
+        mem_w = {k: 1.0 for k in memory}
+    sm_w = {k: max(0.0, float(sm.get(k, 0.0))) for k in memory}
+    if not math.fsum(sm_w.values()) > 0:
+        return apportion(joules, mem_w)
+    idle = min(max(idle_joules, 0.0), joules)
+    parts = apportion(joules - idle, sm_w)
+    if idle > 0:
+        for k, v in apportion(idle, mem_w).items():
+            parts[k] += v
+    largest = max(parts, key=lambda k: parts[k])
+    parts[largest] = joules - math.fsum(v for k, v in parts.items() if k != largest)
+    return parts
+
+
+# -- identities -----------------------------------------------------------------------
+
+
+def workload_key(ident: WorkloadIdentity) -> str:
+    """The identity key of a process's workload (contract of issue 9)."""
+    k = ident.kind
+    if k == KIND_KUBERNETES and ident.pod_uid:
+        return f"pod:{ident.pod_uid}"
+    if k == KIND_CONTAINER and ident.container_id:
+        return f"container:{ident.container_id}"
+    if k == KIND_SLURM and (ident.slurm_job_id or ident.slurm_sluid):
+        return f"slurm:{ident.slurm_job_id or ident.slurm_sluid}"
+    if k == KIND_SYSTEMD and ident.systemd_unit:
+        return f"unit:{ident.systemd_unit}"
+    if k == KIND_USER and ident.uid is not None:
+        return f"user:{ident.uid}"
+    return KIND_UNKNOWN
+
+
+def identity_labels(ident: WorkloadIdentity) -> dict[str, str]:
+    """The exported identity labels of a process; "" where not known.
+
+    ``user`` is the user name, or the uid where there is no name (no NSS entry, or
+    ``user_names = false``). ``namespace`` and ``pod`` come from the kubelet, not from
+    ``/proc``: "" here.
+    """
+    user = ident.user or (str(ident.uid) if ident.uid is not None else "")
+    if ident.kind == KIND_UNKNOWN:
+        user = ""
+    return {
+        "kind": ident.kind,
+        "user": user,
+        "slurm_job": ident.slurm_job_id or ident.slurm_sluid or "",
+        "container": ident.container_id or "",
+        "pod_uid": ident.pod_uid or "",
+        "namespace": "",
+        "pod": "",
+        "unit": ident.systemd_unit or "",
+    }
+
+
+def resolver_keys(resolver: IdentityResolver) -> KeyOf:
+    """Workloads of live PIDs, from ``/proc`` through ``resolver``."""
+
+    def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
+        ident = resolver.resolve(pid)
+        return workload_key(ident), identity_labels(ident)
+
+    return key_of
+
+
+def replay_keys(pid: int) -> tuple[str, Mapping[str, str]]:
+    """Workloads of replayed PIDs: ``pid:<pid>``, kind ``unknown``.
+
+    A trace's PIDs are the recording machine's, not this one's: looking them up in this
+    machine's ``/proc`` would name whatever process has that PID here. Traces do not
+    carry identity facts yet.
+    """
+    labels = {name: "" for name in IDENTITY_LABELS}
+    labels["kind"] = KIND_UNKNOWN
+    return f"pid:{pid}", labels
+
+
+def recorded_keys(identities: Mapping[int, Mapping[str, Any]]) -> KeyOf:
+    """Workloads of replayed PIDs from the identity facts the recorder wrote (``identities``
+    in the trace); a PID without facts falls back to :func:`replay_keys`."""
+
+    def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
+        facts = identities.get(pid)
+        if not facts:
+            return replay_keys(pid)
+        labels = {name: "" for name in IDENTITY_LABELS}
+        labels.update({k: str(v) for k, v in (facts.get("labels") or {}).items() if k in labels})
+        return str(facts.get("workload") or f"pid:{pid}"), labels
+
+    return key_of
+
+
+# -- per GPU ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Listing:
+    """The process list read on one tick, grouped into workloads."""
+
+    t: float
+    #: pid → workload key
+    keys: dict[int, str]
+    #: workload key → GPU memory (bytes; None when NVML did not give it for every process)
+    memory: dict[str, int | None]
+
+
+@dataclass
+class _ProcessRead:
+    """One GPU's process reads in one tick: answers or errors, as the source gave them."""
+
+    procs: list[tuple[int, int | None]] | None = None
+    procs_error: GpuError | None = None
+    samples: list[tuple[int, int, int, int]] | None = None
+    samples_error: GpuError | None = None
+
+
+@dataclass
+class _Gpu:
+    index: int
+    uuid: str
+    idle_override: float | None = None
+    #: Lowest polled power seen on a tick with GPU utilisation 0. Units: W.
+    idle_seen: float | None = None
+    listings: deque[_Listing] = field(default_factory=lambda: deque(maxlen=_MAX_HISTORY))
+    #: (tick wall time it was read, pid, SM %), in reading order.
+    samples: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=_MAX_HISTORY * 8))
+    util_seen_us: int = 0
+    lists_supported: bool = True
+    util_supported: bool = True
+
+    @property
+    def idle_watts(self) -> float | None:
+        return self.idle_override if self.idle_override is not None else self.idle_seen
+
+    def listing_at(self, t: float) -> _Listing | None:
+        """The process list of the latest tick not after ``t``."""
+        best = None
+        for lst in reversed(self.listings):
+            if lst.t <= t + 1e-6:
+                best = lst
+                break
+        return best
+
+    def prune(self, before: float) -> None:
+        """Forget what no later slice can need: what was read before ``before``
+        (keeping the latest process list from before it)."""
+        while self.samples and self.samples[0][0] < before:
+            self.samples.popleft()
+        while len(self.listings) > 1 and self.listings[1].t <= before:
+            self.listings.popleft()
+
+
+class Attributor:
+    """Splits the node's GPU energy slices among workloads into ``totals``."""
+
+    def __init__(
+        self,
+        totals: WorkloadTotals,
+        key_of: KeyOf,
+        *,
+        window_seconds: float = DEFAULT_WINDOW_SECONDS,
+        idle_watts: float | Mapping[str, float] | None = None,
+        on_error: Callable[[str], None] = lambda kind: None,
+    ) -> None:
+        self.totals = totals
+        self.key_of = key_of
+        self.window_seconds = window_seconds
+        self.idle_watts = idle_watts
+        self.on_error = on_error
+        self._gpus: dict[int, _Gpu] = {}
+        #: workload key → identity labels of the process that last mapped to it
+        self._labels: dict[str, Mapping[str, str]] = {}
+        #: Where pod names come from: a callable giving GPU (or MIG device) UUID → the pod
+        #: containers holding it (the kubelet's pod-resources API), or None.
+        self.pods: Callable[[], Mapping[str, tuple[Any, ...]]] | None = None
+        #: Its latest answer (refreshed by :meth:`refresh_pods`, off the tick).
+        self._pod_map: Mapping[str, tuple[Any, ...]] = {}
+        self._pod_error: str | None = None
+
+    def refresh_pods(self) -> None:
+        """Ask the kubelet which pods hold which GPUs (a slow job of its own, never the tick).
+
+        On failure the previous answer stays in use; the failure is logged once per change.
+        """
+        if self.pods is None:
+            return
+        try:
+            answer = self.pods()
+        except Exception as exc:  # a kubelet restart, a timeout: keep the last map
+            why = str(exc)
+            if why != self._pod_error:
+                log.warning("pod names from the kubelet: %s; keeping the previous answer", why)
+            self._pod_error = why
+            self.on_error(PROCESS_READ)
+            return
+        if self._pod_error is not None:
+            log.info("pod names from the kubelet: answering again")
+        self._pod_error = None
+        self._pod_map = dict(answer)
+
+    def _with_pod_names(self, uuid: str, labels: Mapping[str, str]) -> Mapping[str, str]:
+        """A pod's process on GPU ``uuid``: namespace and pod name from the pod that holds the GPU.
+
+        Only when exactly one pod holds it: with time-slicing or MPS several pods share a GPU and
+        the kubelet's answer does not say which PID is whose (it names no pod UID), so the names
+        stay empty rather than guessed.
+        """
+        if labels.get("kind") != KIND_KUBERNETES or labels.get("pod"):
+            return labels
+        holders = {(h.namespace, h.pod) for h in self._pod_map.get(uuid, ())}
+        if len(holders) != 1:
+            return labels
+        namespace, pod = holders.pop()
+        return {**labels, "namespace": namespace, "pod": pod}
+
+    def bind(self, devices: Iterable[Any], on_error: Callable[[str], None] | None = None) -> None:
+        """The GPUs to attribute (:class:`~agent.sources.gpu.GpuInfo`)."""
+        if on_error is not None:
+            self.on_error = on_error
+        for d in devices:
+            self._gpus[d.index] = _Gpu(d.index, d.uuid, self._idle_override(d.index, d.uuid))
+
+    def _idle_override(self, index: int, uuid: str) -> float | None:
+        w = self.idle_watts
+        if w is None or isinstance(w, (int, float)):
+            return float(w) if w is not None else None
+        for key in (uuid, str(index)):
+            if key in w:
+                return float(w[key])
+        return w.get("default")
+
+    def idle_watts_of(self, index: int) -> float | None:
+        return self._gpus[index].idle_watts
+
+    # -- per tick -----------------------------------------------------------
+
+    def fetch(self, source: Any, index: int) -> _ProcessRead | None:
+        """The GPU's process list and its per-process samples newer than the last seen.
+
+        Source calls only (run on the sampler's GPU worker thread, under its deadline);
+        what they answered is applied by :meth:`observe` on the tick's thread.
+        """
+        g = self._gpus.get(index)
+        if g is None or not g.lists_supported:
+            return None
+        read = _ProcessRead()
+        try:
+            read.procs = source.processes(index)
+        except GpuError as exc:  # GpuNotSupported included
+            read.procs_error = exc
+            return read
+        if g.util_supported:
+            try:
+                read.samples = source.process_utilization(index, g.util_seen_us)
+            except GpuError as exc:
+                read.samples_error = exc
+        return read
+
+    def observe(self, index: int, wall: float, reading: GpuReading | None, read: _ProcessRead | None) -> None:
+        """Apply one tick's process reads (from :meth:`fetch`) for the tick at ``wall``."""
+        g = self._gpus.get(index)
+        if g is None:
+            return
+        if reading is not None and reading.power_watts is not None and reading.utilization_gpu_ratio == 0:
+            if g.idle_seen is None or reading.power_watts < g.idle_seen:
+                g.idle_seen = reading.power_watts
+        if read is None:
+            return
+        if isinstance(read.procs_error, GpuNotSupported):
+            if g.lists_supported:
+                g.lists_supported = False
+                log.warning("GPU %d: no process list (not supported by the driver, or not in the trace); "
+                            "its energy is not attributed to workloads", index)
+            return
+        if read.procs_error is not None:
+            self.on_error(PROCESS_READ)
+            log.debug("GPU %d: process list failed: %s", index, read.procs_error)
+        elif read.procs is not None:
+            g.listings.append(self._listing(wall, read.procs, g.uuid))
+        if isinstance(read.samples_error, GpuNotSupported):
+            if g.util_supported:
+                g.util_supported = False
+                log.info("GPU %d: no per-process utilisation; energy is split by GPU memory", index)
+        elif read.samples_error is not None:
+            self.on_error(PROCESS_READ)
+            log.debug("GPU %d: process utilisation failed: %s", index, read.samples_error)
+        elif read.samples is not None:
+            for pid, ts, sm, _mem in read.samples:
+                g.samples.append((wall, pid, float(sm)))
+                g.util_seen_us = max(g.util_seen_us, ts)
+
+    def _listing(self, wall: float, procs: list[tuple[int, int | None]], uuid: str = "") -> _Listing:
+        keys: dict[int, str] = {}
+        memory: dict[str, int | None] = {}
+        for pid, used in procs:
+            key, labels = self.key_of(pid)
+            if self._pod_map:
+                labels = self._with_pod_names(uuid, labels)
+            keys[pid] = key
+            self._labels[key] = labels
+            if key in memory:
+                prev = memory[key]
+                memory[key] = prev + used if (prev is not None and used is not None) else None
+            else:
+                memory[key] = used
+        return _Listing(wall, keys, memory)
+
+    # -- per slice ------------------------------------------------------------
+
+    def account(self, index: int, priced: Iterable[tuple[EnergySlice, float | None]], currency: str | None) -> None:
+        """Split priced slices of GPU ``index`` (each with its cost, or None) into the totals."""
+        g = self._gpus.get(index)
+        if g is None or not g.lists_supported:
+            return
+        newest = None
+        for s, cost in priced:
+            self._account_one(g, s, cost, currency)
+            newest = s.t1 if newest is None else max(newest, s.t1)
+        if newest is not None:
+            g.prune(newest - self.window_seconds - 1.0)
+            self.totals.expire(newest)
+            self.totals.enforce_max()
+
+    def split(self, index: int, s: EnergySlice) -> dict[str, float]:
+        """How slice ``s`` of GPU ``index`` divides among workload keys (joules)."""
+        g = self._gpus[index]
+        listing = g.listing_at(s.t1)
+        if listing is None:
+            return {KIND_UNKNOWN: s.joules}  # no process list read yet: who used it is not known
+        if not listing.memory:
+            return {UNALLOCATED: s.joules}
+        start = s.t1 - max(self.window_seconds, s.t1 - s.t0)
+        sm: dict[str, float] = {}
+        times = [x[0] for x in g.samples]
+        lo = bisect.bisect_right(times, start)
+        hi = bisect.bisect_right(times, s.t1 + 1e-6)
+        for _, pid, pct in list(g.samples)[lo:hi]:
+            key = listing.keys.get(pid)
+            if key is not None:  # a PID not in the list (exited) cannot be charged by identity
+                sm[key] = sm.get(key, 0.0) + pct
+        idle_w = g.idle_watts
+        idle_j = idle_w * (s.t1 - s.t0) if idle_w is not None else 0.0
+        return split_slice(s.joules, idle_j, sm, listing.memory)
+
+    def _account_one(self, g: _Gpu, s: EnergySlice, cost: float | None, currency: str | None) -> None:
+        parts = self.split(g.index, s)
+        costs: dict[str, float] = {}
+        if cost is not None and s.joules > 0:
+            weights = {k: v for k, v in parts.items() if v > 0}
+            costs = apportion(cost, weights) if weights else {}
+        for key, joules in parts.items():
+            labels = pseudo_labels(key) if key == UNALLOCATED else self._labels.get(key) or _unknown_labels()
+            self.totals.charge(g.uuid, key, labels, joules, costs.get(key, 0.0 if cost is not None else None),
+                               currency, s.t1)
+
+
+def _unknown_labels() -> dict[str, str]:
+    labels = {name: "" for name in IDENTITY_LABELS}
+    labels["kind"] = KIND_UNKNOWN
+    return labels
+
+
+def from_settings(
+    settings: Any, totals: WorkloadTotals, *, replay: bool, identities: Mapping[int, Mapping[str, Any]] | None = None
+) -> Attributor | None:
+    """The attribution stage configured by ``settings.attribution``; None when switched off.
+
+    Live, PIDs are resolved through ``/proc``; in a replay they are the recording machine's:
+    their identities come from the facts the recorder wrote, else each PID becomes its own
+    ``pid:<pid>`` workload of kind ``unknown``.
+    """
+    a = getattr(settings, "attribution", None)
+    if a is None or not a.enabled:
+        return None
+    totals.configure(a.max_workloads, a.retention_seconds)
+    if replay:
+        key_of: KeyOf = recorded_keys(identities) if identities else replay_keys
+    else:
+        key_of = resolver_keys(IdentityResolver(user_names=a.user_names, cmdline=a.cmdline))
+    stage = Attributor(totals, key_of, window_seconds=a.window_seconds, idle_watts=a.idle_watts)
+    if a.pod_resources and not replay:
+        from .podresources import PodResourcesClient
+
+        client = PodResourcesClient(a.pod_resources_socket)
+        if client.available:
+            stage.pods = client.gpu_devices
+    return stage

@@ -1,0 +1,223 @@
+"""Per-workload totals: each GPU's energy and cost, split among the workloads that used it.
+
+Keyed by (GPU UUID, workload key). Workload keys (see docs/attribution.md): ``pod:<uid>``,
+``container:<id>``, ``slurm:<job>``, ``unit:<unit>``, ``user:<uid>``, ``unknown``,
+``pid:<pid>`` (replays only), and the pseudo-workloads ``unallocated`` (energy of a GPU
+with no process) and ``other`` (workloads merged beyond ``max_workloads``).
+
+Cardinality is bounded two ways:
+
+- **retention**: a workload not charged for ``retention_seconds`` is dropped (its last
+  value has been exported that long, so Prometheus saw it); its joules stay inside the
+  GPU's own total, which never shrinks.
+- **max_workloads**: beyond that many live workload series on the node (``other`` and
+  ``unallocated`` not counted), the smallest by energy are merged into their GPU's
+  ``other``: energy and cost move, so per GPU the workloads still add up. A merged workload's
+  later energy goes to ``other`` too, until it has not been seen for ``retention_seconds``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+UNALLOCATED = "unallocated"
+OTHER = "other"
+#: Pseudo-workloads: not counted against ``max_workloads``.
+PSEUDO = (UNALLOCATED, OTHER)
+
+#: Identity labels of a workload, besides gpu, uuid, gpu_instance and workload (contract of issue 9).
+IDENTITY_LABELS = ("kind", "user", "slurm_job", "container", "pod_uid", "namespace", "pod", "unit")
+
+DEFAULT_MAX_WORKLOADS = 100
+DEFAULT_RETENTION_SECONDS = 300.0
+
+Key = tuple[str, str]  # (gpu uuid, workload key)
+
+
+def pseudo_labels(key: str) -> dict[str, str]:
+    """Labels of ``unallocated`` and ``other``: the kind says which, nothing else is known."""
+    return {name: (key if name == "kind" else "") for name in IDENTITY_LABELS}
+
+
+@dataclass(frozen=True)
+class WorkloadRow:
+    """One workload on one GPU, as exported."""
+
+    uuid: str
+    workload: str
+    labels: Mapping[str, str]
+    energy_joules: float
+    #: currency → cost of that energy
+    cost: Mapping[str, float]
+
+
+class WorkloadTotals:
+    """Energy (J) and cost (by currency) per (GPU UUID, workload key). Held by the ledger."""
+
+    def __init__(
+        self, max_workloads: int = DEFAULT_MAX_WORKLOADS, retention_seconds: float = DEFAULT_RETENTION_SECONDS
+    ) -> None:
+        self.max_workloads = max_workloads
+        self.retention_seconds = retention_seconds
+        self.energy: dict[Key, float] = defaultdict(float)
+        self.cost: dict[tuple[str, str, str], float] = defaultdict(float)
+        self.labels: dict[Key, dict[str, str]] = {}
+        self.last_seen: dict[Key, float] = {}
+        #: Workloads folded into ``other``, with when they were last seen.
+        self.merged: dict[Key, float] = {}
+
+    def configure(self, max_workloads: int, retention_seconds: float) -> None:
+        self.max_workloads = max_workloads
+        self.retention_seconds = retention_seconds
+
+    def __len__(self) -> int:
+        return len(self.energy)
+
+    # -- charging ---------------------------------------------------------
+
+    def charge(
+        self,
+        uuid: str,
+        key: str,
+        labels: Mapping[str, str],
+        joules: float,
+        cost: float | None,
+        currency: str | None,
+        t: float,
+    ) -> None:
+        """Add ``joules`` (and their ``cost``) used at wall time ``t`` to a workload."""
+        k = (uuid, key)
+        if k in self.merged:
+            self.merged[k] = t
+            k = (uuid, OTHER)
+            labels = pseudo_labels(OTHER)
+        self.energy[k] += joules
+        if cost is not None and currency:
+            self.cost[(k[0], k[1], currency)] += cost
+        if k not in self.labels:
+            self.labels[k] = dict(labels)
+        self.last_seen[k] = max(t, self.last_seen.get(k, t))
+
+    def expire(self, now: float) -> int:
+        """Drop workloads (and merge records) not seen for ``retention_seconds``. Returns how many."""
+        limit = now - self.retention_seconds
+        gone = [k for k, seen in self.last_seen.items() if seen < limit]
+        for k in gone:
+            self._drop(k)
+        for k in [k for k, seen in self.merged.items() if seen < limit]:
+            del self.merged[k]
+        return len(gone)
+
+    def _drop(self, k: Key) -> None:
+        self.energy.pop(k, None)
+        self.labels.pop(k, None)
+        self.last_seen.pop(k, None)
+        for ck in [ck for ck in self.cost if (ck[0], ck[1]) == k]:
+            del self.cost[ck]
+
+    def enforce_max(self) -> int:
+        """Merge the smallest live workloads into their GPU's ``other`` beyond ``max_workloads``.
+
+        Returns how many were merged. Energy and cost move, so sums per GPU are unchanged.
+        """
+        live = [k for k in self.energy if k[1] not in PSEUDO]
+        excess = len(live) - self.max_workloads
+        if excess <= 0:
+            return 0
+        live.sort(key=lambda k: (self.energy[k], k))
+        for k in live[:excess]:
+            other = (k[0], OTHER)
+            seen = self.last_seen.get(k, 0.0)
+            self.energy[other] += self.energy[k]
+            for ck in [ck for ck in self.cost if (ck[0], ck[1]) == k]:
+                self.cost[(k[0], OTHER, ck[2])] += self.cost[ck]
+            self.labels.setdefault(other, pseudo_labels(OTHER))
+            self.last_seen[other] = max(seen, self.last_seen.get(other, seen))
+            self.merged[k] = seen
+            self._drop(k)
+        return excess
+
+    # -- reading ----------------------------------------------------------
+
+    def rows(self) -> tuple[WorkloadRow, ...]:
+        by_key: dict[Key, dict[str, float]] = defaultdict(dict)
+        for (uuid, key, cur), v in self.cost.items():
+            by_key[(uuid, key)][cur] = v
+        return tuple(
+            WorkloadRow(k[0], k[1], dict(self.labels.get(k, {})), j, dict(by_key.get(k, {})))
+            for k, j in sorted(self.energy.items())
+        )
+
+    def energy_of_gpu(self, uuid: str) -> float:
+        return sum(j for (u, _), j in self.energy.items() if u == uuid)
+
+    # -- persistence ------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "rows": [
+                [u, k, j, self.last_seen.get((u, k), 0.0), dict(self.labels.get((u, k), {}))]
+                for (u, k), j in sorted(self.energy.items())
+            ],
+            "cost": [[u, k, c, v] for (u, k, c), v in sorted(self.cost.items())],
+            "merged": [[u, k, t] for (u, k), t in sorted(self.merged.items())],
+        }
+
+    @staticmethod
+    def parse_state(data: Any) -> "WorkloadTotals":
+        """A :class:`WorkloadTotals` from :meth:`state`'s output, every value checked.
+
+        Raises ValueError naming the first bad value (``workloads.rows[3][2]: -1 is negative``).
+        """
+        from ..accounting import _MAX_TIMESTAMP, MAX_STATE_JOULES, MAX_STATE_MONEY, _key, _kind, _number
+
+        out = WorkloadTotals()
+        if not isinstance(data, dict):
+            raise ValueError(f"workloads: expected an object, got {_kind(data)}")
+        for name in ("rows", "cost", "merged"):
+            if not isinstance(data.get(name), list):
+                raise ValueError(f"workloads.{name}: expected a list, got {_kind(data.get(name))}")
+        for i, row in enumerate(data["rows"]):
+            where = f"workloads.rows[{i}]"
+            if not isinstance(row, list) or len(row) != 5:
+                raise ValueError(f"{where}: expected [gpu uuid, workload, joules, last seen, labels]")
+            k = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
+            if k in out.energy:
+                raise ValueError(f"{where}: {list(k)} appears twice")
+            out.energy[k] = _number(row[2], f"{where}[2]", MAX_STATE_JOULES)
+            out.last_seen[k] = _number(row[3], f"{where}[3]", _MAX_TIMESTAMP)
+            labels = row[4]
+            if not isinstance(labels, dict):
+                raise ValueError(f"{where}[4]: expected an object of labels, got {_kind(labels)}")
+            clean: dict[str, str] = {}
+            for name in IDENTITY_LABELS:
+                v = labels.get(name, "")
+                if not isinstance(v, str) or len(v) > 1024:
+                    raise ValueError(f"{where}[4][{name!r}]: expected a string of at most 1024 characters")
+                clean[name] = v
+            out.labels[k] = clean
+        for i, row in enumerate(data["cost"]):
+            where = f"workloads.cost[{i}]"
+            if not isinstance(row, list) or len(row) != 4:
+                raise ValueError(f"{where}: expected [gpu uuid, workload, currency, number]")
+            ck = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), _key(row[2], f"{where}[2]"))
+            if (ck[0], ck[1]) not in out.energy:
+                raise ValueError(f"{where}: cost of {list(ck[:2])}, which has no energy row")
+            out.cost[ck] = _number(row[3], f"{where}[3]", MAX_STATE_MONEY)
+        for i, row in enumerate(data["merged"]):
+            where = f"workloads.merged[{i}]"
+            if not isinstance(row, list) or len(row) != 3:
+                raise ValueError(f"{where}: expected [gpu uuid, workload, last seen]")
+            k = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
+            out.merged[k] = _number(row[2], f"{where}[2]", _MAX_TIMESTAMP)
+        return out
+
+    def take(self, other: "WorkloadTotals") -> None:
+        """Replace this object's totals by ``other``'s (its limits stay)."""
+        self.energy = other.energy
+        self.cost = other.cost
+        self.labels = other.labels
+        self.last_seen = other.last_seen
+        self.merged = other.merged

@@ -1,0 +1,51 @@
+"""Prometheus families of the workloads on each GPU (issue 9 contract).
+
+Their own families, never job labels multiplied onto device series:
+
+- ``gpucost_workload_gpu_energy_joules_total`` — a GPU's energy split among its workloads;
+  summed over ``workload`` it is the GPU's energy (while no workload has expired).
+- ``gpucost_workload_cost_total`` — the facility energy cost of that energy, priced like
+  the GPU's, with ``currency``.
+
+Every label is always present, "" when not known or switched off. ``gpu_instance`` is
+the MIG GPU instance, "" without MIG. Rendered from the snapshot only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from .attribution.workloads import IDENTITY_LABELS
+from .snapshot import Snapshot
+
+WORKLOAD_LABELS = ["gpu", "uuid", "gpu_instance", "workload", *IDENTITY_LABELS]
+
+
+def workload_families(snap: Snapshot) -> Iterator[Metric]:
+    rows = snap.workloads
+    if rows is None:
+        return
+    index_of = {g.info.uuid: str(g.info.index) for g in snap.gpus}
+    energy = CounterMetricFamily(
+        "gpucost_workload_gpu_energy_joules",
+        "GPU energy split among the workloads on the GPU (above-idle by SM activity, idle by GPU memory; "
+        "unallocated = no process on the GPU). Summed over workloads: the GPU's energy.",
+        labels=WORKLOAD_LABELS,
+    )
+    cost = CounterMetricFamily(
+        "gpucost_workload_cost",
+        "Facility energy cost of each workload's GPU energy, priced when the energy was used.",
+        labels=WORKLOAD_LABELS + ["currency"],
+    )
+    for r in rows:
+        gpu = index_of.get(r.uuid)
+        if gpu is None:
+            continue  # a GPU not present now exports nothing
+        labels = [gpu, r.uuid, "", r.workload] + [str(r.labels.get(n, "")) for n in IDENTITY_LABELS]
+        energy.add_metric(labels, r.energy_joules)
+        for currency, value in sorted(r.cost.items()):
+            cost.add_metric(labels + [currency], value)
+    yield energy
+    yield cost
