@@ -130,11 +130,12 @@ class Ticker:
     apscheduler: there it cost three thread wake-ups per tick (pacer, scheduler,
     pool worker) and apscheduler's per-run bookkeeping, ~0.3 ms of CPU per second
     measured on a 2-core VM, more than an 8-GPU tick itself. Here it costs one
-    wake-up. Semantics are those the job had: a tick never overlaps itself, beats
-    that passed while a tick ran long (or the process was stalled) are skipped and
-    reported to ``on_skip``, and an exception is reported to ``on_error`` without
-    stopping the beat. Beats lie on a fixed monotonic grid, so a wall-clock step
-    cannot stall or hurry them.
+    wake-up. Semantics are those the job had: a tick never overlaps itself; beats
+    that passed while a tick ran long are dropped (the next tick is the next beat of
+    the grid), and beats missed while the process was stalled are not run in a burst
+    (one late tick, then the grid); both are reported to ``on_skip``. An exception
+    goes to ``on_error`` without stopping the beat. Beats lie on a fixed monotonic
+    grid, so a wall-clock step cannot stall or hurry them.
     """
 
     def __init__(self, func: Callable[[], Any], interval: float, *, on_skip: Callable[[int], None],
@@ -166,6 +167,13 @@ class Ticker:
                 self.func()
             except Exception as exc:  # a failing tick must never end the sampling
                 self.on_error(exc)
+            # Beats that came while this tick ran are dropped, as apscheduler's max_instances=1
+            # drops them: the next tick is the next beat of the grid, not one at once.
+            late = time.monotonic() - beat
+            if late >= 0:
+                missed = math.floor(late / self.interval) + 1
+                self.on_skip(missed)
+                beat += self.interval * missed
 
 
 #: How often the kubelet is asked which pods hold which GPUs. Units: s.
