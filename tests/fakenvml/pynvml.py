@@ -736,11 +736,64 @@ for _name, _value in vars(_real).items():
         globals()[_name] = _not_supported(_name)
 
 
+# -- the C calling convention, for tools that call through _nvmlGetFunctionPointer -----------
+# (nvitop's libnvml does, for these): outputs by reference, a status code returned.
+
+
+def _c_status(fn: Any) -> Any:
+    def c_call(*args: Any) -> int:
+        try:
+            fn(*args)
+        except NVMLError as exc:
+            return exc.value
+        return _real.NVML_SUCCESS
+    return c_call
+
+
+def _c_memory_info(handle: Any, out: Any) -> None:
+    struct = out._obj
+    mem = nvmlDeviceGetMemoryInfo(handle, getattr(struct, "version", None))
+    for name, _ in type(struct)._fields_:
+        setattr(struct, name, getattr(mem, name))
+
+
+def _c_temperature(handle: Any, sensor: Any, out: Any) -> None:
+    out._obj.value = nvmlDeviceGetTemperature(handle, sensor.value)
+
+
+def _c_processes(name: str) -> Any:
+    def c_call(handle: Any, count: Any, array: Any) -> int:
+        try:
+            procs = globals()[name](handle)
+        except NVMLError as exc:
+            return exc.value
+        if not procs:
+            count._obj.value = 0
+            return _real.NVML_SUCCESS
+        if array is None or count._obj.value < len(procs):
+            count._obj.value = len(procs)
+            return _real.NVML_ERROR_INSUFFICIENT_SIZE
+        for i, p in enumerate(procs):
+            for field, _ in type(array[i])._fields_:
+                if hasattr(p, field):
+                    setattr(array[i], field, getattr(p, field))
+        count._obj.value = len(procs)
+        return _real.NVML_SUCCESS
+    return c_call
+
+
 def _nvmlGetFunctionPointer(name: str) -> Any:
-    """Tools probe for optional functions with this: only the simulated ones 'exist'."""
-    if name in _IMPLEMENTED:
-        return globals()[name]
-    raise NVMLError(_real.NVML_ERROR_FUNCTION_NOT_FOUND)
+    """Tools probe for optional functions with this: only the simulated ones 'exist', in the
+    C calling convention where a tool calls them through the pointer."""
+    if name not in _IMPLEMENTED:
+        raise NVMLError(_real.NVML_ERROR_FUNCTION_NOT_FOUND)
+    if name.startswith("nvmlDeviceGetMemoryInfo"):
+        return _c_status(_c_memory_info)
+    if name == "nvmlDeviceGetTemperature":
+        return _c_status(_c_temperature)
+    if "RunningProcesses" in name:
+        return _c_processes(name)
+    return globals()[name]
 
 
 def nvmlErrorString(result: int) -> str:
