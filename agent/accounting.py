@@ -314,6 +314,14 @@ class Ledger:
     def gpu_energy_by_source(self, uuid: str) -> dict[str, float]:
         return {src: j for (u, src), j in self.gpu_energy.items() if u == uuid}
 
+    def gpu_energy_by_gpu(self) -> dict[str, dict[str, float]]:
+        """Every GPU's :meth:`gpu_energy_by_source` in one pass (a snapshot per tick: one scan,
+        not one per GPU). Units: J."""
+        out: dict[str, dict[str, float]] = {}
+        for (u, src), j in self.gpu_energy.items():
+            out.setdefault(u, {})[src] = j
+        return out
+
     def hardware_rate_per_hour(self) -> float | None:
         a = self.amortization
         if a is None or not self.hardware_currency:

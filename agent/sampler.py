@@ -404,13 +404,14 @@ class Sampler:
         self.attribution.account(index, self.ledger.add(slices), self.ledger.cost.currency)
 
     def _build(self, wall: float | None) -> Snapshot:
+        energy = self.ledger.gpu_energy_by_gpu()
         gpus = tuple(
             GpuState(
                 info=d,
                 up=self._up[d.index],
                 reading=self._readings.get(d.index),
                 energy_method=self._energy[d.index].method,
-                energy_joules=self.ledger.gpu_energy_by_source(d.uuid),
+                energy_joules=energy.get(d.uuid, {}),
             )
             for d in self.devices
         )

@@ -101,3 +101,13 @@ def test_record_writes_a_trace_that_replays_to_the_same_energy(tmp_path):
     sampler = replay_through_sampler(trace, tick=0.25)
     assert sampler.energy_method(0) == "counter"
     assert sum(sampler.snapshot.gpus[0].energy_joules.values()) == pytest.approx(counter_delta_joules(trace), rel=1e-6)
+
+
+def test_energy_of_every_gpu_in_one_pass_is_each_gpus_own():
+    led = Ledger(cost=CostModel(None, PueConfig(value=1.0)), gpu_uuids={0: "GPU-a", 1: "GPU-b", 2: "GPU-c"})
+    led.add([EnergySlice(0, T, T + 1, 10.0, "counter"), EnergySlice(1, T, T + 1, 20.0, "polled"),
+             EnergySlice(0, T + 1, T + 2, 5.0, "polled"), EnergySlice(1, T + 1, T + 2, 7.0, "polled")])
+    by_gpu = led.gpu_energy_by_gpu()
+    assert by_gpu == {u: led.gpu_energy_by_source(u) for u in ("GPU-a", "GPU-b")}
+    assert by_gpu["GPU-a"] == {"counter": 10.0, "polled": 5.0} and by_gpu["GPU-b"] == {"polled": 27.0}
+    assert "GPU-c" not in by_gpu and led.gpu_energy_by_source("GPU-c") == {}
