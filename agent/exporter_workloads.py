@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .attribution.split import COMMAND
 from .attribution.workloads import IDENTITY_LABELS
 from .snapshot import Snapshot
 
@@ -39,6 +40,12 @@ def workload_families(snap: Snapshot) -> Iterator[Metric]:
         "Facility energy cost of each workload's GPU energy, priced when the energy was used.",
         labels=WORKLOAD_LABELS + ["currency"],
     )
+    command = GaugeMetricFamily(
+        "gpucost_workload_command_info",
+        "The command line of a workload's process ([attribution] cmdline = true only; command lines can "
+        "hold secrets). Join on gpu, uuid, gpu_instance, workload.",
+        labels=["gpu", "uuid", "gpu_instance", "workload", "command"],
+    )
     for r in rows:
         gpu = index_of.get(r.uuid)
         if gpu is None:
@@ -47,5 +54,10 @@ def workload_families(snap: Snapshot) -> Iterator[Metric]:
         energy.add_metric(labels, r.energy_joules)
         for currency, value in sorted(r.cost.items()):
             cost.add_metric(labels + [currency], value)
+        cmd = r.labels.get(COMMAND)
+        if cmd:
+            command.add_metric(labels[:4] + [cmd], 1.0)
     yield energy
     yield cost
+    if command.samples:
+        yield command

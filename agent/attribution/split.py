@@ -154,12 +154,20 @@ def identity_labels(ident: WorkloadIdentity) -> dict[str, str]:
     }
 
 
+#: Not an identity label: the command line of the workload's process, only with ``[attribution]
+#: cmdline = true``, exported on its own info family (gpucost_workload_command_info).
+COMMAND = "command"
+
+
 def resolver_keys(resolver: IdentityResolver) -> KeyOf:
     """Workloads of live PIDs, from ``/proc`` through ``resolver``."""
 
     def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
         ident = resolver.resolve(pid)
-        return workload_key(ident), identity_labels(ident)
+        labels = identity_labels(ident)
+        if ident.cmdline:
+            labels[COMMAND] = ident.cmdline
+        return workload_key(ident), labels
 
     return key_of
 

@@ -96,8 +96,13 @@ class WorkloadTotals:
         self.energy[k] += joules
         if cost is not None and currency:
             self.cost[(k[0], k[1], currency)] += cost
-        if k not in self.labels:
+        known = self.labels.get(k)
+        if known is None:
             self.labels[k] = dict(labels)
+        elif any(v and not known.get(n) for n, v in labels.items()):
+            # A label learnt later (pod names from the kubelet's first answer, a command line
+            # after a restart) fills in what was empty; a known label never changes.
+            self.labels[k] = {**known, **{n: v for n, v in labels.items() if v and not known.get(n)}}
         self.last_seen[k] = max(t, self.last_seen.get(k, t))
 
     def expire(self, now: float) -> int:
