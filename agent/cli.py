@@ -117,11 +117,11 @@ def _make_ledger(settings: Settings) -> Ledger:
     return Ledger.from_settings(settings)
 
 
-def _attribution(settings: Settings, ledger: Ledger, *, replay: bool) -> Any:
+def _attribution(settings: Settings, ledger: Ledger, *, replay: bool, identities: Any = None) -> Any:
     """The workload attribution stage, or None when ``[attribution] enabled = false``."""
     from .attribution.split import from_settings
 
-    stage = from_settings(settings, ledger.workloads, replay=replay)
+    stage = from_settings(settings, ledger.workloads, replay=replay, identities=identities)
     a = settings.attribution
     if stage is not None and a.pod_resources:
         log.warning("[attribution] pod_resources: pod names from the kubelet are not wired into attribution yet; "
@@ -210,25 +210,44 @@ def _serve_replay(
         tick_seconds=settings.agent.tick_seconds,
         host=host,
         ledger=ledger,
-        attribution=_attribution(settings, ledger, replay=True),
+        attribution=_attribution(settings, ledger, replay=True, identities=source.identities),
     )
     return _serve(settings, sampler, store, listener, replay=source, speed=args.speed)
 
 
+#: How long `run` waits for NVML to open at start before it serves without GPUs (and keeps trying). Units: s.
+NVML_OPEN_TIMEOUT_SECONDS = 10.0
+
+
 def _serve_nvml(settings: Settings, listener: Listener) -> int:
+    from .gpucalls import call_with_timeout
+    from .sampler import probe_methods
     from .sources.gpu import SourceUnavailable
     from .sources.nvml import NvmlGpuSource
 
+    def open_source() -> tuple[NvmlGpuSource, dict[int, str]]:
+        source = NvmlGpuSource()
+        return source, probe_methods(source, settings.gpu.energy_method)
+
     source = None
+    methods = None
     error = ""
     if settings.gpu.enabled:
-        try:
-            source = NvmlGpuSource()
-        except SourceUnavailable as exc:
-            error = str(exc)
+        # On its own thread: an NVML that hangs at init must not keep the agent from serving.
+        outcome = call_with_timeout(open_source, NVML_OPEN_TIMEOUT_SECONDS, "nvml-open")
+        if outcome is None:
+            error = f"NVML did not answer within {NVML_OPEN_TIMEOUT_SECONDS:.0f} s"
+        elif outcome[0]:
+            source, methods = outcome[1]
+        elif isinstance(outcome[1], SourceUnavailable):
+            error = str(outcome[1])
+        else:
+            raise outcome[1]
+        if source is None:
             log.error(
                 "no GPU can be read: %s. Serving host and agent metrics only "
-                "(gpucost_gpu_source_up 0); use 'gpu-cost-agent demo' to see recorded data.",
+                "(gpucost_gpu_source_up 0) and trying again with back-off; "
+                "use 'gpu-cost-agent demo' to see recorded data.",
                 error,
             )
     else:
@@ -255,9 +274,11 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         source_error=error,
         ledger=ledger,
         wall_cost_basis=settings.host.ipmi.enabled and settings.host.ipmi.cost_basis == "wall",
-        attribution=_attribution(settings, ledger, replay=False) if source is not None else None,
+        attribution=_attribution(settings, ledger, replay=False) if settings.gpu.enabled else None,
+        methods=methods,
     )
-    return _serve(settings, sampler, store, listener)
+    retry = open_source if settings.gpu.enabled and source is None else None
+    return _serve(settings, sampler, store, listener, open_source=retry)
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -262,7 +262,13 @@ class GpuEnergy:
         return [EnergySlice(self.gpu, t.t0, t.t1, t.polled, "polled", t.utilization) for t in ticks]
 
     def flush(self) -> list[EnergySlice]:
-        """Settle pending ticks from polled power (for a shutdown without a final counter read)."""
+        """Settle pending ticks from polled power (a final tick without an answer from the GPU).
+
+        The counter interval is closed with them: the next read is a new baseline,
+        so the flushed stretch is never counted again from the counter's delta.
+        """
+        self._counter_mj = None
+        self._counter_mono = None
         return self._settle_polled()
 
     def _tick_samples(

@@ -90,6 +90,13 @@ def record(
     no_util: set[int] = set()
     no_mig: set[int] = set()
     util_seen = {d.index: 0 for d in devices}
+    # Who each PID is, written once per PID the first time it is listed, so a replay
+    # attributes energy to the recorded users, jobs and pods (never this machine's PIDs).
+    from .attribution.identity import IdentityResolver
+    from .attribution.split import identity_labels, workload_key
+
+    resolver = IdentityResolver()
+    described: set[int] = set()
     psutil.cpu_percent(None)
     start = time.monotonic()
     next_energy = next_samples = start
@@ -138,6 +145,16 @@ def record(
                             no_mig.add(d.index)  # not in MIG mode: changing that takes a GPU reset
                         else:
                             g["mig"] = mig_to_json(mig)
+                listed = [p for p, _ in (g.get("processes") or ())]
+                listed += [p for inst in (g.get("mig") or ()) for p, _ in inst["processes"]]
+                new_pids = [p for p in dict.fromkeys(listed) if p not in described]
+                if new_pids:
+                    facts = {}
+                    for pid in new_pids:
+                        ident = resolver.resolve(pid)
+                        facts[str(pid)] = {"workload": workload_key(ident), "labels": identity_labels(ident)}
+                        described.add(pid)
+                    g["identities"] = facts
                 if d.index not in no_util:
                     try:
                         util = src.process_utilization(d.index, util_seen[d.index])

@@ -3,6 +3,13 @@
 A tick runs on the scheduler's thread. It never raises: a failing GPU is
 marked down and counted under ``errors{kind=...}``, and the rest of the node
 is still sampled and served.
+
+Each tick first fetches (the GPU calls, on a worker thread with a deadline,
+see :mod:`agent.gpucalls`) and then accounts (on the tick's thread). A GPU
+whose call hangs is marked down and skipped until that call returns; a GPU
+that is lost is re-acquired with back-off. Either way its energy stays exact
+where the hardware allows: the first counter read after it answers again
+covers the whole gap.
 """
 
 from __future__ import annotations
@@ -11,20 +18,22 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable, Sequence
 
 from .accounting import Ledger
 from .energy import GpuEnergy
+from .gpucalls import GpuCalls
 from .snapshot import AgentStats, CostView, GpuState, ReplayProgress, Snapshot
-from .sources.gpu import GpuError, GpuLost, GpuNotSupported, GpuReading, GpuSource
+from .sources.gpu import GpuError, GpuInfo, GpuLost, GpuNotSupported, GpuReading, GpuSource, PowerSample
 
 log = logging.getLogger(__name__)
 
 #: Every kind of ``gpucost_agent_errors_total``: exported from the first scrape at 0,
 #: so an alert on ``increase()`` sees the first error of each kind.
 ERROR_KINDS = (
-    "gpu_lost", "gpu_read", "energy_counter", "energy_counter_stale", "counter_reset",
+    "gpu_lost", "gpu_timeout", "gpu_read", "energy_counter", "energy_counter_stale", "counter_reset",
     "power_samples", "samples_gap", "invalid_energy", "tick_skipped", "tick_exception", "host_read", "dcmi",
     "state_write", "process_read",
 )
@@ -35,6 +44,16 @@ _FALLBACK_SOURCES = {"counter": ("counter", "polled"), "samples": ("samples", "p
 #: How often the driver's power-sample buffer is read when the tick is longer (s). The
 #: buffer holds ~2.4 s on H100 (119 samples, one per 20 ms); one read costs 0.39 ms of CPU.
 SAMPLES_POLL_SECONDS = 1.0
+
+#: A GPU call still running after this long marks its GPU as not answering (``gpu_timeout``)
+#: until it returns. Healthy calls take microseconds (the energy counter 2.9 ms on H100). Units: s.
+GPU_CALL_DEADLINE_SECONDS = 1.0
+#: Most time a tick spends starting GPU calls; GPUs not reached by then are read on the
+#: next tick. A tick (and so the final save at shutdown) waits at most this plus the deadline.
+GPU_TICK_BUDGET_SECONDS = 2.0
+#: Re-acquiring a lost GPU: first retry after this long, doubling up to the cap. Units: s.
+LOST_RETRY_FIRST_SECONDS = 1.0
+LOST_RETRY_MAX_SECONDS = 60.0
 
 #: (wall seconds since the epoch, monotonic seconds) of "now" in the source's time.
 Clock = Callable[[], tuple[float, float]]
@@ -61,11 +80,14 @@ class Sampler:
         source_error: str = "",
         wall_cost_basis: bool = False,
         attribution: Any = None,
+        methods: dict[int, str] | None = None,
     ) -> None:
+        """``methods`` (GPU index -> energy method) when already probed (see :func:`probe_methods`)."""
         self.source = source
         self.clock = clock
         #: The nominal tick (s; trace seconds in a replay).
         self.tick_seconds = tick_seconds
+        self.counter_interval = counter_interval
         self.ledger = ledger or Ledger()
         self.ledger.on_error = self._count
         self.host = host
@@ -75,18 +97,17 @@ class Sampler:
         self.ticks = 0
         self.counter_reads = 0
         self._lock = threading.Lock()  # one tick at a time, whoever calls it
+        self._calls = GpuCalls(GPU_CALL_DEADLINE_SECONDS)
         self._last_success: float | None = None
         self._last_success_mono: float | None = None
         self._last_duration: float | None = None
-        self.devices = list(source.devices()) if source is not None else []
-        self.ledger.gpu_uuids = {d.index: d.uuid for d in self.devices}
-        self.ledger.gpu_names = {d.index: d.name for d in self.devices}
         #: Cost from the BMC's wall reading ([host.ipmi] cost_basis = "wall") when one is fresh.
         self.wall_cost_basis = wall_cost_basis
         self._prev_wall: float | None = None
         self._prev_mono: float | None = None
-        self._up = {d.index: True for d in self.devices}
         self._readings: dict[int, GpuReading | None] = {}
+        #: Lost GPUs: index -> (monotonic time of the next re-acquire, current back-off in s).
+        self._lost: dict[int, tuple[float, float]] = {}
         self._host_sample: Any = None
         self._host_desc_key: tuple[Any, Any] | None = None
         self._host_desc = ""
@@ -94,24 +115,48 @@ class Sampler:
         self.wall_power: Any = None
         #: Real Unix time of the last successful write of the totals (set by the service).
         self.last_save_timestamp: float | None = None
+        self.devices: list[GpuInfo] = []
+        self._up: dict[int, bool] = {}
         self._energy: dict[int, GpuEnergy] = {}
+        #: The stage that splits each GPU slice among workloads (agent.attribution.split.Attributor), or None.
+        self.attribution = attribution
+        if source is not None:
+            self._install(source, methods if methods is not None else probe_methods(source, energy_method))
+            if attribution is not None:
+                attribution.bind(self.devices, self._count)
+        self._open_accounts()
+        self.snapshot = self._build(None)
+
+    def _install(self, source: GpuSource, methods: dict[int, str]) -> None:
+        self.devices = list(source.devices())
+        self.ledger.gpu_uuids = {d.index: d.uuid for d in self.devices}
+        self.ledger.gpu_names = {d.index: d.name for d in self.devices}
+        self._up = {d.index: True for d in self.devices}
+        self._energy = {}
         for d in self.devices:
-            method = self._choose_method(d.index, energy_method)
+            method = methods.get(d.index, "polled")
             self._energy[d.index] = GpuEnergy(
                 d.index,
                 method,
-                counter_interval=counter_interval,
-                tick_seconds=tick_seconds,
+                counter_interval=self.counter_interval,
+                tick_seconds=self.tick_seconds,
                 max_watts=d.power_limit_watts,
                 on_event=self._count,
             )
             log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
-        #: The stage that splits each GPU slice among workloads (agent.attribution.split.Attributor), or None.
-        self.attribution = attribution
-        if attribution is not None:
-            attribution.bind(self.devices, self._count)
-        self._open_accounts()
-        self.snapshot = self._build(None)
+
+    def attach(self, source: GpuSource, methods: dict[int, str]) -> None:
+        """A GPU source that could not be opened at start (NVML init failed) opened now:
+        its GPUs are sampled from the next tick on, their totals continuing by UUID."""
+        with self._lock:
+            self.source = source
+            self.source_kind = source.kind
+            self.source_error = ""
+            self._install(source, methods)
+            if self.attribution is not None:
+                self.attribution.bind(self.devices, self._count)
+            self._open_accounts()
+            self.snapshot = self._build(self.snapshot.t_wall)
 
     def _open_accounts(self) -> None:
         self.ledger.open_accounts(
@@ -136,26 +181,6 @@ class Sampler:
     def _count(self, kind: str) -> None:
         self.errors[kind] += 1
 
-    def _choose_method(self, index: int, wanted: str) -> str:
-        """Best method the GPU supports, never better than ``wanted``."""
-        order = ["counter", "samples", "polled"]
-        start = 0 if wanted == "auto" else order.index(wanted)
-        for method in order[start:]:
-            try:
-                if method == "counter":
-                    self.source.energy_mj(index)  # type: ignore[union-attr]
-                elif method == "samples":
-                    self.source.power_samples(index, 0)  # type: ignore[union-attr]
-                return method
-            except GpuNotSupported:
-                if wanted == method:
-                    log.warning("GPU %d: energy method %r is not supported; falling back", index, method)
-            except GpuError as exc:
-                # Supported but failing right now: keep the method, it may recover.
-                log.warning("GPU %d: %s read failed at start: %s", index, method, exc)
-                return method
-        return "polled"
-
     def energy_method(self, index: int) -> str:
         return self._energy[index].method
 
@@ -176,20 +201,26 @@ class Sampler:
         With a tick longer than the buffer (~2.4 s on H100) samples would be
         lost before the tick reads them. The samples are integrated now and
         settled into slices by the next tick. Only the buffer is read (no other
-        NVML call); a GPU that is down is left alone. Never raises.
+        NVML call); a GPU that is down or not answering is left alone, and a
+        call that hangs now is given up after the deadline. Never raises.
         """
         with self._lock:
-            for index, acc in self._energy.items():
-                if acc.method != "samples" or not self._up.get(index):
+            src = self.source
+            jobs = [(i, partial(src.power_samples, i, acc.samples_since_us))  # type: ignore[union-attr]
+                    for i, acc in self._energy.items() if acc.method == "samples" and self._up.get(i)]
+            if not jobs:
+                return
+            results, timed_out, _ = self._calls.run(jobs, GPU_TICK_BUDGET_SECONDS)
+            self._not_answering(timed_out)
+            for index, (ok, value) in results.items():
+                if ok:
+                    self._energy[index].add_samples(value)
                     continue
-                try:
-                    acc.add_samples(self.source.power_samples(index, acc.samples_since_us))  # type: ignore[union-attr]
-                except GpuError as exc:
-                    self._count("power_samples")
-                    log.debug("GPU %d: power samples failed: %s", index, exc)
-                except Exception as exc:  # a poll must never take the schedule down
-                    self._count("power_samples")
-                    log.warning("GPU %d: power-sample poll failed: %r", index, exc)
+                self._count("power_samples")
+                if isinstance(value, GpuError):
+                    log.debug("GPU %d: power samples failed: %s", index, value)
+                else:  # a poll must never take the schedule down
+                    log.warning("GPU %d: power-sample poll failed: %r", index, value)
 
     # -- the tick ---------------------------------------------------------
 
@@ -212,8 +243,8 @@ class Sampler:
                                 "clock, energy is priced at the new wall time", step)
             boundary = t0 is not None and self.ledger.crosses_boundary(t0, wall)
             self.ledger.roll_periods(wall)
-            for d in self.devices:
-                self._tick_gpu(d.index, wall, mono, final or boundary)
+            if self.devices:
+                self._tick_gpus(wall, mono, final or boundary, final)
             if self.host is not None:
                 self._tick_host(wall, mono)
             if t0 is not None and wall > t0:
@@ -281,47 +312,95 @@ class Sampler:
                 self.ledger.add_host(c.component, c.source, wall - dt, wall, c.joules)
         self._host_sample = sample
 
-    def _tick_gpu(self, index: int, wall: float, mono: float, final: bool) -> None:
+    def _tick_gpus(self, wall: float, mono: float, read_counter: bool, final: bool) -> None:
+        """Fetch every GPU that can be asked (worker thread, deadline), then account each."""
         src = self.source
         assert src is not None
-        acc = self._energy[index]
-        try:
-            reading = src.read(index)
-        except GpuLost as exc:
-            if self._up[index]:
-                log.error("GPU %d lost: %s", index, exc)
+        for index, seconds in self._calls.came_back():
+            log.warning("GPU %d: its stuck call returned after %.1f s; it is asked again", index, seconds)
+        jobs = []
+        for d in self.devices:
+            i = d.index
+            lost = self._lost.get(i)
+            if lost is not None and mono < lost[0]:
+                continue  # lost: next re-acquire not due yet
+            acc = self._energy[i]
+            counter = acc.counter_due(mono) or (read_counter and acc.method == "counter")
+            since = acc.samples_since_us if acc.method == "samples" and not counter else None
+            procs = self.attribution.fetch if self.attribution is not None else None
+            jobs.append((i, partial(_fetch, src, i, lost is not None, counter, since, procs)))
+        results, timed_out, skipped = self._calls.run(jobs, GPU_TICK_BUDGET_SECONDS)
+        self._not_answering(timed_out)
+        for d in self.devices:
+            outcome = results.get(d.index)
+            if outcome is None:
+                if final:
+                    # Shutting down without an answer from it: what its open counter
+                    # interval holds is settled from polled power rather than dropped.
+                    self.ledger.add(self._energy[d.index].flush())
+                continue
+            ok, fetched = outcome
+            if not ok:  # not a GpuError: a bug or a binding surprise; the GPU stays as it was
+                self._count("gpu_read")
+                log.warning("GPU %d: read failed unexpectedly: %r", d.index, fetched)
+                continue
+            self._account_gpu(d.index, fetched, wall, mono)
+        if skipped:
+            log.warning("GPUs %s not read this tick: the tick ran out of time", skipped)
+
+    def _not_answering(self, indices: Sequence[int]) -> None:
+        for i in indices:
+            log.error("GPU %d did not answer within %.1f s: marked down, and not asked again until "
+                      "that call returns", i, GPU_CALL_DEADLINE_SECONDS)
+            self._count("gpu_timeout")
+            self._up[i] = False
+            self._readings[i] = None
+
+    def _account_gpu(self, index: int, f: _Fetched, wall: float, mono: float) -> None:
+        if f.lost is not None:
+            retry = self._lost.get(index)
+            if retry is None:
+                log.error("GPU %d lost: %s; re-acquiring it with back-off", index, f.lost)
+                self._count("gpu_lost")
+                delay = LOST_RETRY_FIRST_SECONDS
+            else:
+                delay = min(2 * retry[1], LOST_RETRY_MAX_SECONDS)
+                log.debug("GPU %d still lost: %s; next try in %.0f s", index, f.lost, delay)
+            self._lost[index] = (mono + delay, delay)
             self._up[index] = False
             self._readings[index] = None
-            self._count("gpu_lost")
             return
-        except GpuError as exc:
-            self._count(exc.kind)
-            reading = GpuReading(failed=("all",))
-        if not self._up[index]:
+        reading = f.reading
+        assert reading is not None
+        # Every reading failed (an NVML error on each call): the GPU did not answer.
+        answered = not reading.failed or reading != GpuReading(failed=reading.failed)
+        if self._lost.pop(index, None) is not None:
+            log.warning("GPU %d is back; its totals continue", index)
+        elif answered and not self._up[index]:
             log.warning("GPU %d answers again", index)
-        self._up[index] = True
-        self._readings[index] = reading
+        elif not answered and self._up[index]:
+            log.warning("GPU %d: every reading failed (%s); marked down", index,
+                        f.read_error or ", ".join(reading.failed))
+        self._up[index] = answered
+        if f.read_error is not None:
+            self._count(f.read_error.kind)
+        self._readings[index] = reading if answered else None
         for _ in reading.failed:
             self._count("gpu_read")
-        counter = samples = None
-        if acc.counter_due(mono) or (final and acc.method == "counter"):
-            try:
-                counter = src.energy_mj(index)
-                self.counter_reads += 1
-            except GpuError as exc:
-                self._count("energy_counter")
-                log.debug("GPU %d: counter read failed: %s", index, exc)
-        elif acc.method == "samples":
-            try:
-                samples = src.power_samples(index, acc.samples_since_us)
-            except GpuError as exc:
-                self._count("power_samples")
-                log.debug("GPU %d: power samples failed: %s", index, exc)
-        slices = acc.tick(mono, wall, reading.power_watts, reading.utilization_gpu_ratio, counter, samples)
+        if f.counter is not None:
+            self.counter_reads += 1
+        if f.counter_error is not None:
+            self._count("energy_counter")
+            log.debug("GPU %d: counter read failed: %s", index, f.counter_error)
+        if f.samples_error is not None:
+            self._count("power_samples")
+            log.debug("GPU %d: power samples failed: %s", index, f.samples_error)
+        acc = self._energy[index]
+        slices = acc.tick(mono, wall, reading.power_watts, reading.utilization_gpu_ratio, f.counter, f.samples)
         if self.attribution is None:
             self.ledger.add(slices)
             return
-        self.attribution.observe(index, wall, reading, src)
+        self.attribution.observe(index, wall, reading, f.processes)
         self.attribution.account(index, self.ledger.add(slices), self.ledger.cost.currency)
 
     def _build(self, wall: float | None) -> Snapshot:
@@ -395,6 +474,82 @@ class Sampler:
             demand_peak_watts=d.peak_w if d is not None and d.month is not None else None,
             demand_charge=d.demand_charge if d is not None and d.month is not None else None,
         )
+
+
+def probe_methods(source: GpuSource, wanted: str) -> dict[int, str]:
+    """The energy method of each GPU (its NVML calls: run before the sampler takes the source)."""
+    return {d.index: _choose_method(source, d.index, wanted) for d in source.devices()}
+
+
+def _choose_method(source: GpuSource, index: int, wanted: str) -> str:
+    """Best method the GPU supports, never better than ``wanted``."""
+    order = ["counter", "samples", "polled"]
+    start = 0 if wanted == "auto" else order.index(wanted)
+    for method in order[start:]:
+        try:
+            if method == "counter":
+                source.energy_mj(index)
+            elif method == "samples":
+                source.power_samples(index, 0)
+            return method
+        except GpuNotSupported:
+            if wanted == method:
+                log.warning("GPU %d: energy method %r is not supported; falling back", index, method)
+        except GpuError as exc:
+            # Supported but failing right now: keep the method, it may recover.
+            log.warning("GPU %d: %s read failed at start: %s", index, method, exc)
+            return method
+    return "polled"
+
+
+@dataclass
+class _Fetched:
+    """What one GPU answered in one tick (gathered on a worker thread, accounted on the tick's)."""
+
+    reading: GpuReading | None = None
+    read_error: GpuError | None = None
+    lost: GpuError | None = None
+    counter: int | None = None
+    counter_error: GpuError | None = None
+    samples: list[PowerSample] | None = None
+    samples_error: GpuError | None = None
+    #: The attribution stage's process reads (see Attributor.fetch), when it has one.
+    processes: Any = None
+
+
+def _fetch(src: GpuSource, index: int, reacquire: bool, counter: bool, since_us: int | None,
+           processes: Callable[[GpuSource, int], Any] | None = None) -> _Fetched:
+    """The NVML calls of one GPU for one tick; only source calls, no accounting state touched."""
+    f = _Fetched()
+    if reacquire:
+        again = getattr(src, "reacquire", None)  # sources whose handles can go stale (NVML)
+        if again is not None:
+            try:
+                again(index)
+            except GpuError as exc:
+                f.lost = exc
+                return f
+    try:
+        f.reading = src.read(index)
+    except GpuLost as exc:
+        f.lost = exc
+        return f
+    except GpuError as exc:
+        f.read_error = exc
+        f.reading = GpuReading(failed=("all",))
+    if counter:
+        try:
+            f.counter = src.energy_mj(index)
+        except GpuError as exc:
+            f.counter_error = exc
+    elif since_us is not None:
+        try:
+            f.samples = src.power_samples(index, since_us)
+        except GpuError as exc:
+            f.samples_error = exc
+    if processes is not None:
+        f.processes = processes(src, index)
+    return f
 
 
 _METHOD_TEXT = {

@@ -41,6 +41,11 @@ def sd_notify(message: str) -> None:
         log.debug("sd_notify failed: %s", exc)
 
 
+#: NVML init that failed at start is retried after this long, doubling up to the cap. Units: s.
+SOURCE_RETRY_FIRST_SECONDS = 5.0
+SOURCE_RETRY_MAX_SECONDS = 300.0
+
+
 class _PacedTrigger(BaseTrigger):
     """A trigger that never fires by itself: :class:`MonotonicPacer` sets each run.
 
@@ -138,6 +143,7 @@ class Service:
         store: Any = None,
         reload: Callable[[], Settings] | None = None,
         listener: Listener | None = None,
+        open_source: Callable[[], tuple[Any, dict[int, str]]] | None = None,
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -156,6 +162,9 @@ class Service:
         #: Loads the configuration again (SIGHUP); None: reload not possible.
         self._reload = reload
         self._finished = False
+        #: Opens the GPU source and probes its energy methods (raises SourceUnavailable): tried
+        #: again with back-off while the sampler has none (the driver loads after the agent).
+        self._open_source = open_source
         host, port = parse_listen(settings.agent.listen)
         registry = make_registry(lambda: self.sampler.snapshot)
         self.server = MetricsServer(
@@ -217,6 +226,39 @@ class Service:
             self.sampler.errors["dcmi"] += 1
         self.sampler.wall_power = reading
 
+    def _retry_source(self) -> None:
+        """NVML did not open at start: try again, SOURCE_RETRY_FIRST_SECONDS doubling up to
+        SOURCE_RETRY_MAX_SECONDS, until it opens; its GPUs are then sampled without a restart.
+        Runs on its own daemon thread: an attempt that hangs holds up nothing else."""
+        from .sources.gpu import SourceUnavailable
+
+        assert self._open_source is not None
+        delay = SOURCE_RETRY_FIRST_SECONDS
+        while not self.stopped.wait(delay):
+            try:
+                source, methods = self._open_source()
+            except SourceUnavailable as exc:
+                delay = min(2 * delay, SOURCE_RETRY_MAX_SECONDS)
+                log.info("GPU source still unavailable (%s); next try in %.0f s", exc, delay)
+                continue
+            except Exception as exc:  # never let the retry thread die silently
+                delay = min(2 * delay, SOURCE_RETRY_MAX_SECONDS)
+                log.warning("opening the GPU source failed: %r; next try in %.0f s", exc, delay)
+                continue
+            if self.stopped.is_set():
+                return
+            self.sampler.attach(source, methods)
+            log.info("GPU source opened: %d GPU(s) are sampled from now on", len(source.devices()))
+            self._add_samples_job()
+            return
+
+    def _add_samples_job(self) -> None:
+        poll = self.sampler.samples_poll_seconds
+        if poll is not None and self.replay is None:
+            # GPUs without an energy counter: their power-sample buffer holds ~2.4 s, so with
+            # ticks longer than 1 s it is also read every second between them (replays: _job).
+            self.pacer.add("samples", self.sampler.poll_samples, poll)
+
     def persist(self) -> bool:
         """Write the totals now. A failed write is logged, counted and shown in /healthz
         (degraded) until a write succeeds; the next one retries. Returns whether it was written."""
@@ -239,22 +281,21 @@ class Service:
         self.server.start()
         sd_notify("READY=1")  # serving from here on; WATCHDOG=1 follows every tick
         self.pacer.add("sample", self._job, self.interval)
-        poll = self.sampler.samples_poll_seconds
-        if poll is not None and self.replay is None:
-            # GPUs without an energy counter: their power-sample buffer holds ~2.4 s, so with
-            # ticks longer than 1 s it is also read every second between them (replays: _job).
-            self.pacer.add("samples", self.sampler.poll_samples, poll)
+        self._add_samples_job()
         if self.store is not None:
             self.pacer.add("persist", self.persist, self.settings.agent.persist_interval_seconds)
         if self.dcmi is not None:
             self.pacer.add("dcmi", self._poll_dcmi, self.settings.host.ipmi.interval_seconds, first_now=True)
         self.scheduler.start()
         self.pacer.start()
+        if self._open_source is not None and self.sampler.source is None:
+            threading.Thread(target=self._retry_source, name="gpu-source-retry", daemon=True).start()
         log.info("serving on %s/metrics", self.server.url)
 
     def stop(self) -> bool:
         """Stop sampling, settle and save the totals, close the endpoint. False if the final save failed."""
         sd_notify("STOPPING=1")
+        self.stopped.set()  # also ends the GPU source retry
         self.pacer.stop()
         try:
             self.scheduler.shutdown(wait=True)

@@ -44,6 +44,7 @@ GPU_FIELDS = {
         "[{gpu_instance, profile, slices, compute_instances: [[ci, uuid, compute_slices, sms], ...], "
         "processes: [[pid, used_bytes], ...], sm_active_pct}, ...]"
     ),
+    "identities": "who each PID is, once per PID: {pid: {workload: key, labels: {kind, user, ...}}}",
 }
 
 

@@ -638,7 +638,165 @@ def fleet_dashboard() -> dict:
     )
 
 
-DASHBOARDS = {"gpu-cost-node.json": node_dashboard, "gpu-cost-fleet.json": fleet_dashboard}
+# -- the workload dashboard ---------------------------------------------------------
+
+WORKLOAD_COST = "gpucost_workload_cost_total"
+KIND_RULE = "instance_kind_currency:gpucost_workload_cost_per_hour:rate5m"
+PER_NODE = " Per node: the GPU filter does not apply."
+#: A workload's identity, as the legends show it (labels it lacks are empty).
+WHO = "{{namespace}} {{pod}} {{slurm_job}} {{unit}} {{user}}"
+
+
+def blank_as(expr: str, label: str, text: str) -> str:
+    """``expr`` with an empty ``label`` shown as ``text`` (e.g. the cost that is not a pod's)."""
+    return f'label_replace({expr}, "{label}", "{text}", "{label}", "")'
+
+
+def or_zero(expr: str, total: str) -> str:
+    """``expr`` (summed by currency), or 0 in each currency of ``total`` where it has no series:
+    a node with no idle GPU shows 0, not "No data"."""
+    return f"{expr} or {total} * 0"
+
+
+def workloads_dashboard() -> dict:
+    f, fg = FLEET, FLEET_GPUS
+    kinds = f"{KIND_RULE}{{{f}, {CUR}}}"
+    total = f"sum by (currency) ({kinds})"
+
+    def kind_only(kind: str) -> str:
+        return f'sum by (currency) ({KIND_RULE}{{{f}, {CUR}, kind="{kind}"}})'
+
+    def rollup(level: str, label: str, text: str) -> str:
+        """A cluster roll-up of the workload rules, an empty ``label`` shown as ``text``."""
+        return blank_as(f"{level}_currency:gpucost_workload_cost_per_hour:rate5m{{{CLUSTER}}}", label, text)
+
+    by_namespace = rollup("namespace", "namespace", "(not a pod)")
+    by_user = rollup("user", "user", "(none)")
+
+    b = Board()
+    b.row("Workloads")
+    b.add(stat("Workload cost per hour", "GPU energy cost of the selected nodes, split among the workloads that "
+               "used it, 5-minute average: pods, jobs, users, and the pseudo-workloads unallocated and other."
+               + PER_NODE, MONEY, [target(total, "{{currency}}")]), 4, 4)
+    b.add(stat("Unallocated money per hour", "Energy cost of GPUs with no process on them (kind unallocated): "
+               "idle waste nobody can be charged for." + PER_NODE, MONEY, [
+        target(or_zero(kind_only("unallocated"), total), "{{currency}}"),
+    ]), 4, 4)
+    b.add(stat("Idle GPU money per hour", "Energy cost of GPUs while their utilisation was below the idle "
+               "threshold, with or without a process on them (recording rule).", MONEY, [
+        target(or_zero(f"sum by (currency) (instance_gpu_currency:gpucost_idle_cost_per_hour:rate5m{{{fg}, {CUR}}})",
+                       total), "{{currency}}"),
+    ]), 4, 4)
+    b.add(stat("Unseen processes per hour", "Energy cost of GPU processes the agent could not identify (kind "
+               "unknown): PID namespaces or permissions hide them; in Kubernetes, run the agent with hostPID."
+               + PER_NODE, MONEY, [
+        target(or_zero(kind_only("unknown"), total), "{{currency}}"),
+    ], thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 0.000001}]), 4, 4)
+    b.add(stat("Merged into other", "Cost per hour of small workloads merged into workload other because the "
+               "node had more than [attribution] max_workloads." + PER_NODE, MONEY, [
+        target(or_zero(kind_only("other"), total), "{{currency}}"),
+    ]), 4, 4)
+    b.add(stat("Workloads on GPUs", "Workloads with a series now on the selected GPUs (finished ones stay "
+               "[attribution] retention_seconds), not counting unallocated and other.", COUNT, [
+        target(f'count(count by (job, instance, workload) ({WORKLOAD_COST}{{{fg}, {CUR}, '
+               f'kind!~"unallocated|other"}})) or vector(0)', "workloads"),
+    ]), 4, 4)
+
+    b.add(timeseries("Cost per hour by kind", "Stacked: pods (kubernetes), containers, Slurm jobs, systemd units, "
+                     "users, unknown processes, unallocated GPUs and other, 5-minute averages (recording rule)."
+                     + PER_NODE, MONEY, [
+        target(f"sum by (kind, currency) ({kinds})", "{{kind}} {{currency}}"),
+    ], stack=True), 16, 8)
+    b.add(pie("Money by kind in the time range", "Energy cost over the dashboard's time range by kind of "
+              "workload.", MONEY, [
+        target(in_range("kind, currency", f"{WORKLOAD_COST}{{{fg}, {CUR}}}"), "{{kind}} {{currency}}"),
+    ]), 8, 8)
+
+    b.row("Who spends")
+    b.add(bars("Top 10 namespaces", "Kubernetes namespaces by cost per hour, 5-minute average; (not a pod): "
+               "everything else." + ROLLUP, MONEY, [
+        target(f"topk(10, {by_namespace})",
+               "{{namespace}} {{cluster}} {{currency}}"),
+    ]), 6, 9)
+    b.add(bars("Top 10 pods", "Pods by cost per hour, 5-minute average; (not a pod): everything else."
+               + ROLLUP, MONEY, [
+        target(f"topk(10, {rollup('pod', 'pod', '(not a pod)')})",
+               "{{namespace}} {{pod}} {{cluster}} {{currency}}"),
+    ]), 6, 9)
+    b.add(bars("Top 10 users", "Users (name, or uid where the name is not known) by cost per hour, 5-minute "
+               "average; (none): unallocated, other and unknown." + ROLLUP, MONEY, [
+        target(f"topk(10, {by_user})",
+               "{{user}} {{cluster}} {{currency}}"),
+    ]), 6, 9)
+    b.add(bars("Top 10 Slurm jobs", "Slurm jobs by cost per hour across their nodes, 5-minute average; "
+               "(not a job): everything else." + ROLLUP, MONEY, [
+        target(f"topk(10, {rollup('slurm_job', 'slurm_job', '(not a job)')})",
+               "{{slurm_job}} {{cluster}} {{currency}}"),
+    ]), 6, 9)
+    b.add(timeseries("Cost per hour by namespace", "Stacked: the 10 dearest namespaces at each moment, 5-minute "
+                     "average." + ROLLUP, MONEY, [
+        target(f"topk(10, {by_namespace})",
+               "{{namespace}} {{cluster}} {{currency}}"),
+    ], stack=True), 12, 8)
+    b.add(timeseries("Cost per hour by user", "Stacked: the 10 dearest users at each moment, 5-minute average."
+                     + ROLLUP, MONEY, [
+        target(f"topk(10, {by_user})",
+               "{{user}} {{cluster}} {{currency}}"),
+    ], stack=True), 12, 8)
+
+    b.row("Top workloads in the time range")
+    who = "job, instance, workload, kind, namespace, pod, slurm_job, unit, user"
+    b.add(bars("Top 20 workloads by cost", "Energy cost of each workload on the selected nodes and GPUs over the "
+               "dashboard's time range.", MONEY, [
+        target(f"topk(20, {in_range(f'{who}, currency', f'{WORKLOAD_COST}{{{fg}, {CUR}}}')})",
+               f"{{{{kind}}}}: {WHO} on {{{{instance}}}} {{{{currency}}}}"),
+    ]), 12, 10)
+    b.add(bars("Top 20 workloads by GPU energy", "GPU energy of each workload over the dashboard's time range "
+               "(the split that its cost follows).", KWH, [
+        target(f"topk(20, {in_range(who, f'gpucost_workload_gpu_energy_joules_total{{{fg}}}')} / {J_PER_KWH})",
+               f"{{{{kind}}}}: {WHO} on {{{{instance}}}}"),
+    ]), 12, 10)
+
+    b.row("Idle and unallocated money")
+    b.add(timeseries("Unallocated money per hour by node", "Energy cost per hour of GPUs with no process, "
+                     "5-minute average." + PER_NODE, MONEY, [
+        target(f'sum by (cluster, instance, currency) ({KIND_RULE}{{{f}, {CUR}, kind="unallocated"}})',
+               "{{instance}} {{cluster}} {{currency}}"),
+    ], stack=True), 8, 8)
+    b.add(timeseries("Idle GPU money per hour by node", "Energy cost per hour of GPUs below the idle threshold, "
+                     "5-minute average (recording rule).", MONEY, [
+        target(f"sum by (cluster, instance, currency) (instance_gpu_currency:gpucost_idle_cost_per_hour:rate5m"
+               f"{{{fg}, {CUR}}})", "{{instance}} {{cluster}} {{currency}}"),
+    ], stack=True), 8, 8)
+    b.add(bars("Unallocated money in the time range by GPU", "Energy cost of each GPU while no process was on "
+               "it, over the dashboard's time range.", MONEY, [
+        gpu_target(in_range(f"{GPU_KEY}, currency", f'{WORKLOAD_COST}{{{fg}, {CUR}, kind="unallocated"}}'), f,
+                   suffix="{{currency}}"),
+    ]), 8, 8)
+
+    variables = [
+        datasource_variable(),
+        query_variable("job", "Job", "label_values(gpucost_agent_info, job)", multi=True, all_value=None),
+        query_variable("cluster", "Cluster", 'label_values(gpucost_agent_info{job=~"$job"}, cluster)', multi=True),
+        query_variable("instance", "Node",
+                       'label_values(gpucost_agent_info{job=~"$job", cluster=~"$cluster"}, instance)', multi=True),
+        query_variable("gpu", "GPU", f"label_values(gpucost_gpu_info{{{f}}}, gpu)", multi=True, numeric=True),
+        query_variable("currency", "Currency", f"label_values(gpucost_node_cost_rate_per_hour{{{f}}}, currency)"),
+    ]
+    return dashboard(
+        "gpucost-workloads", "GPU cost: workloads",
+        "Whose money it is: each GPU's energy cost split among the workloads that used it, by kind, namespace, "
+        "pod, user and Slurm job, the top workloads, and the money nobody used (unallocated and idle GPUs). "
+        "One currency at a time.",
+        variables, b,
+    )
+
+
+DASHBOARDS = {
+    "gpu-cost-node.json": node_dashboard,
+    "gpu-cost-fleet.json": fleet_dashboard,
+    "gpu-cost-workloads.json": workloads_dashboard,
+}
 
 
 # -- files --------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from agent.sources.gpu import GpuError, GpuInfo, GpuLost, GpuNotSupported, GpuReading
+from agent.sources.gpu import GpuError, GpuInfo, GpuLost, GpuNotSupported, GpuReading, MigInstance
 
 
 class FakeGpu:
@@ -28,6 +28,8 @@ class FakeGpu:
         self.util_samples: list[tuple[int, int, int, int]] | None = []
         #: Utilisation reading of the whole GPU (ratio).
         self.utilization = 0.5
+        #: MIG GPU instances: a function of time giving the instances, or None (not in MIG mode).
+        self.mig: Callable[[float], list[MigInstance]] | None = None
 
 
 class FakeSource:
@@ -98,6 +100,11 @@ class FakeSource:
         now_us = int(round(self.t * 1e6))
         return sorted((s for s in g.util_samples if since_us < s[1] <= now_us), key=lambda s: s[1])
 
+    def mig_instances(self, index: int) -> list[MigInstance] | None:
+        self._count("mig_instances")
+        g = self.gpus[index]
+        return list(g.mig(self.t)) if g.mig is not None else None
+
     def close(self) -> None:
         pass
 
@@ -108,3 +115,19 @@ def make_sampler(source: FakeSource, **kw: Any):
     sampler = Sampler(source, clock=source.clock, **kw)
     sampler.tick()  # the baseline tick at t0, as Service.start() does
     return sampler
+
+
+def real_time_source(gpus: list[FakeGpu]) -> FakeSource:
+    """A FakeSource whose clock follows the real one on every read (for ``record``, which
+    samples in real time)."""
+    import time
+
+    live = FakeSource(gpus, t0=time.time())
+    fake_read = live.read
+
+    def read(i: int) -> GpuReading:
+        live.t = time.time()
+        return fake_read(i)
+
+    live.read = read  # type: ignore[method-assign]
+    return live

@@ -43,10 +43,10 @@ def replay_through_sampler(
     stage = None
     if attribution:
         from agent.accounting import Ledger
-        from agent.attribution.split import Attributor, replay_keys
+        from agent.attribution.split import Attributor, recorded_keys, replay_keys
 
         ledger = ledger or Ledger()
-        stage = Attributor(ledger.workloads, replay_keys)
+        stage = Attributor(ledger.workloads, recorded_keys(src.identities) if src.identities else replay_keys)
     sampler = Sampler(
         src, clock=lambda: (src.t, src.t), energy_method=method, counter_interval=counter_interval, tick_seconds=tick,
         ledger=ledger, attribution=stage,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
-from fakes import FakeGpu, FakeSource
+from fakes import FakeGpu, FakeSource, real_time_source
 from helpers import counter_delta_joules, replay_through_sampler
 
 from agent.accounting import Ledger
@@ -81,14 +80,7 @@ def test_replay_carries_host_readings_through_the_model(h100_trace):
 
 def test_record_writes_a_trace_that_replays_to_the_same_energy(tmp_path):
     # record() samples in real time: the fake GPU's clock follows the real one.
-    live = FakeSource([FakeGpu(lambda t: 200.0 + 100.0 * ((t * 2) % 2 > 1))], t0=time.time())
-    fake_read = live.read
-
-    def read(i):
-        live.t = time.time()
-        return fake_read(i)
-
-    live.read = read  # type: ignore[method-assign]
+    live = real_time_source([FakeGpu(lambda t: 200.0 + 100.0 * ((t * 2) % 2 > 1))])
     t0 = live.t0
     live.gpus[0].procs = lambda t: [(77, 1 << 30)] if t > t0 + 0.5 else []
     live.gpus[0].util_samples = [(77, int((t0 + 0.6 + k * 0.2) * 1e6), 90, 20) for k in range(20)]

@@ -15,6 +15,7 @@ GENERATE = ROOT / "grafana" / "generate.py"
 REQUIRED_VARIABLES = {
     "gpucost-node": ["datasource", "job", "instance", "gpu"],
     "gpucost-fleet": ["datasource", "job", "cluster", "instance", "gpu", "currency"],
+    "gpucost-workloads": ["datasource", "job", "cluster", "instance", "gpu", "currency"],
 }
 DATASOURCE = "${datasource}"
 

@@ -234,8 +234,25 @@ def test_gpu_lost_marks_it_down_and_keeps_sampling_the_others():
     assert not snap.gpus[0].up and snap.gpus[1].up
     assert snap.gpus[0].reading is None
     assert total(s, 0) == before  # totals kept, not reset
-    assert s.errors["gpu_lost"] == 5
+    assert s.errors["gpu_lost"] == 1  # one loss, however many ticks it lasts
     assert total(s, 1) == pytest.approx(200.0 * 10, rel=1e-3)
+
+
+def test_lost_gpu_is_retried_with_back_off_and_picked_up_with_its_totals():
+    src = FakeSource([FakeGpu(lambda t: 100.0), FakeGpu(lambda t: 200.0)])
+    s = make_sampler(src)
+    run(src, s, 5.0)
+    before = total(s, 0)
+    src.gpus[0].lost = True
+    reads = src.calls["read"]
+    run(src, s, 10.0, final=False)
+    # GPU 1 ten times; GPU 0 once when lost, then retried after 1, 2 and 4 s (t+1, t+3, t+7).
+    assert src.calls["read"] - reads == 10 + 4
+    src.gpus[0].lost = False
+    run(src, s, 10.0)  # the next retry (8 s later, at t+15) finds it
+    assert s.snapshot.gpus[0].up and s.errors["gpu_lost"] == 1
+    # Its energy continues from the kept total; the whole lost stretch is in the counter delta.
+    assert total(s, 0) == pytest.approx(before + 100.0 * 20, rel=1e-3)
 
 
 def test_never_a_nan_or_negative_slice():

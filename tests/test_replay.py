@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.sources.gpu import GpuError, GpuNotSupported
+from agent.sources.gpu import GpuNotSupported
 from agent.sources.replay import ReplaySource
 from agent.trace import FORMAT, TraceError, load, write
 

@@ -176,6 +176,21 @@ def replay_keys(pid: int) -> tuple[str, Mapping[str, str]]:
     return f"pid:{pid}", labels
 
 
+def recorded_keys(identities: Mapping[int, Mapping[str, Any]]) -> KeyOf:
+    """Workloads of replayed PIDs from the identity facts the recorder wrote (``identities``
+    in the trace); a PID without facts falls back to :func:`replay_keys`."""
+
+    def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
+        facts = identities.get(pid)
+        if not facts:
+            return replay_keys(pid)
+        labels = {name: "" for name in IDENTITY_LABELS}
+        labels.update({k: str(v) for k, v in (facts.get("labels") or {}).items() if k in labels})
+        return str(facts.get("workload") or f"pid:{pid}"), labels
+
+    return key_of
+
+
 # -- per GPU ----------------------------------------------------------------------------
 
 
@@ -188,6 +203,16 @@ class _Listing:
     keys: dict[int, str]
     #: workload key → GPU memory (bytes; None when NVML did not give it for every process)
     memory: dict[str, int | None]
+
+
+@dataclass
+class _ProcessRead:
+    """One GPU's process reads in one tick: answers or errors, as the source gave them."""
+
+    procs: list[tuple[int, int | None]] | None = None
+    procs_error: GpuError | None = None
+    samples: list[tuple[int, int, int, int]] | None = None
+    samples_error: GpuError | None = None
 
 
 @dataclass
@@ -268,39 +293,60 @@ class Attributor:
 
     # -- per tick -----------------------------------------------------------
 
-    def observe(self, index: int, wall: float, reading: GpuReading | None, source: Any) -> None:
-        """Read the GPU's process list and new per-process samples (the tick at ``wall``)."""
+    def fetch(self, source: Any, index: int) -> _ProcessRead | None:
+        """The GPU's process list and its per-process samples newer than the last seen.
+
+        Source calls only (run on the sampler's GPU worker thread, under its deadline);
+        what they answered is applied by :meth:`observe` on the tick's thread.
+        """
+        g = self._gpus.get(index)
+        if g is None or not g.lists_supported:
+            return None
+        read = _ProcessRead()
+        try:
+            read.procs = source.processes(index)
+        except GpuError as exc:  # GpuNotSupported included
+            read.procs_error = exc
+            return read
+        if g.util_supported:
+            try:
+                read.samples = source.process_utilization(index, g.util_seen_us)
+            except GpuError as exc:
+                read.samples_error = exc
+        return read
+
+    def observe(self, index: int, wall: float, reading: GpuReading | None, read: _ProcessRead | None) -> None:
+        """Apply one tick's process reads (from :meth:`fetch`) for the tick at ``wall``."""
         g = self._gpus.get(index)
         if g is None:
             return
         if reading is not None and reading.power_watts is not None and reading.utilization_gpu_ratio == 0:
             if g.idle_seen is None or reading.power_watts < g.idle_seen:
                 g.idle_seen = reading.power_watts
-        if g.lists_supported:
-            try:
-                procs = source.processes(index)
-            except GpuNotSupported:
+        if read is None:
+            return
+        if isinstance(read.procs_error, GpuNotSupported):
+            if g.lists_supported:
                 g.lists_supported = False
                 log.warning("GPU %d: no process list (not supported by the driver, or not in the trace); "
                             "its energy is not attributed to workloads", index)
-            except GpuError as exc:
-                self.on_error(PROCESS_READ)
-                log.debug("GPU %d: process list failed: %s", index, exc)
-            else:
-                g.listings.append(self._listing(wall, procs))
-        if g.util_supported and g.lists_supported:
-            try:
-                samples = source.process_utilization(index, g.util_seen_us)
-            except GpuNotSupported:
+            return
+        if read.procs_error is not None:
+            self.on_error(PROCESS_READ)
+            log.debug("GPU %d: process list failed: %s", index, read.procs_error)
+        elif read.procs is not None:
+            g.listings.append(self._listing(wall, read.procs))
+        if isinstance(read.samples_error, GpuNotSupported):
+            if g.util_supported:
                 g.util_supported = False
                 log.info("GPU %d: no per-process utilisation; energy is split by GPU memory", index)
-            except GpuError as exc:
-                self.on_error(PROCESS_READ)
-                log.debug("GPU %d: process utilisation failed: %s", index, exc)
-            else:
-                for pid, ts, sm, _mem in samples:
-                    g.samples.append((wall, pid, float(sm)))
-                    g.util_seen_us = max(g.util_seen_us, ts)
+        elif read.samples_error is not None:
+            self.on_error(PROCESS_READ)
+            log.debug("GPU %d: process utilisation failed: %s", index, read.samples_error)
+        elif read.samples is not None:
+            for pid, ts, sm, _mem in read.samples:
+                g.samples.append((wall, pid, float(sm)))
+                g.util_seen_us = max(g.util_seen_us, ts)
 
     def _listing(self, wall: float, procs: list[tuple[int, int | None]]) -> _Listing:
         keys: dict[int, str] = {}
@@ -371,18 +417,21 @@ def _unknown_labels() -> dict[str, str]:
     return labels
 
 
-def from_settings(settings: Any, totals: WorkloadTotals, *, replay: bool) -> Attributor | None:
+def from_settings(
+    settings: Any, totals: WorkloadTotals, *, replay: bool, identities: Mapping[int, Mapping[str, Any]] | None = None
+) -> Attributor | None:
     """The attribution stage configured by ``settings.attribution``; None when switched off.
 
-    Live, PIDs are resolved through ``/proc``; in a replay they are the recording machine's,
-    so each becomes its own ``pid:<pid>`` workload of kind ``unknown``.
+    Live, PIDs are resolved through ``/proc``; in a replay they are the recording machine's:
+    their identities come from the facts the recorder wrote, else each PID becomes its own
+    ``pid:<pid>`` workload of kind ``unknown``.
     """
     a = getattr(settings, "attribution", None)
     if a is None or not a.enabled:
         return None
     totals.configure(a.max_workloads, a.retention_seconds)
     if replay:
-        key_of: KeyOf = replay_keys
+        key_of: KeyOf = recorded_keys(identities) if identities else replay_keys
     else:
         key_of = resolver_keys(IdentityResolver(user_names=a.user_names, cmdline=a.cmdline))
     return Attributor(totals, key_of, window_seconds=a.window_seconds, idle_watts=a.idle_watts)

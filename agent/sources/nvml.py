@@ -2,7 +2,9 @@
 
 Every ``NVMLError`` is translated here into :mod:`agent.sources.gpu` errors.
 A field that answers NotSupported (or whose function the driver lacks) is
-remembered per GPU and never asked again, and logged once.
+remembered per GPU and never asked again, and logged once. Calls to one GPU
+never wait for another GPU's (a lock per GPU, none for the whole source), so
+a GPU that hangs in NVML holds up only its own calls.
 """
 
 from __future__ import annotations
@@ -46,16 +48,16 @@ _MIG_PROFILE = re.compile(r"MIG\s+(?:\d+c\.)?(\d+g\.\S+)\s*$")
 
 @dataclass
 class _MigState:
-    """What the MIG reads keep between calls (one GPU index each)."""
+    """What the MIG reads of one GPU keep between calls (only that GPU's worker touches it)."""
 
-    #: (gpu index, GPU instance id, compute instance id) → static facts of that MIG device
-    static: dict[tuple[int, int, int], MigComputeInstance] = field(default_factory=dict)
-    #: (gpu index, GPU instance id) → (profile, GPU instance slice count)
-    gi_static: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
-    #: gpu index → whether GPM (per-instance SM activity) works on it
-    gpm_ok: dict[int, bool] = field(default_factory=dict)
-    #: (gpu index, GPU instance id) → the previous GPM sample buffer
-    gpm_prev: dict[tuple[int, int], Any] = field(default_factory=dict)
+    #: (GPU instance id, compute instance id) → static facts of that MIG device
+    static: dict[tuple[int, int], MigComputeInstance] = field(default_factory=dict)
+    #: GPU instance id → (profile, GPU instance slice count)
+    gi_static: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+    #: whether GPM (per-instance SM activity) works on the GPU; None: not asked yet
+    gpm_ok: bool | None = None
+    #: GPU instance id → the previous GPM sample buffer
+    gpm_prev: dict[int, Any] = field(default_factory=dict)
 
 
 class NvmlGpuSource:
@@ -71,20 +73,28 @@ class NvmlGpuSource:
             self._nv.nvmlInit()
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
             raise SourceUnavailable(f"NVML could not be initialised: {exc}") from exc
-        self._lock = threading.Lock()
         self._unsupported: set[tuple[int, str]] = set()
         self._handles: dict[int, Any] = {}
+        self._locks: dict[int, threading.Lock] = {}
         self._devices: list[GpuInfo] = []
         try:
             self.driver_version = _text(self._nv.nvmlSystemGetDriverVersion())
         except Exception:
             self.driver_version = ""
-        count = self._nv.nvmlDeviceGetCount()
+        try:
+            count = self._nv.nvmlDeviceGetCount()
+        except self._nv.NVMLError as exc:
+            raise SourceUnavailable(f"NVML could not count the GPUs: {exc}") from exc
         for i in range(count):
-            handle = self._nv.nvmlDeviceGetHandleByIndex(i)
+            try:
+                handle = self._nv.nvmlDeviceGetHandleByIndex(i)
+            except self._nv.NVMLError as exc:  # lost already: without a UUID it cannot be told apart
+                log.error("GPU %d cannot be opened (%s); it is left out until the agent restarts", i, exc)
+                continue
             self._handles[i] = handle
+            self._locks[i] = threading.Lock()
             self._devices.append(self._inventory(i, handle))
-        self._mig = _MigState()
+        self._mig: dict[int, _MigState] = {i: _MigState() for i in self._handles}
 
     # -- inventory -------------------------------------------------------
 
@@ -136,6 +146,34 @@ class NvmlGpuSource:
             self._unsupported.add((index, field))
             raise GpuNotSupported(field) from exc
 
+    def reacquire(self, index: int) -> None:
+        """A new handle for a GPU that was lost, looked up by its UUID (the index may change).
+
+        NVML is initialised once more around the lookup, which attaches a GPU
+        that came back from a reset; the reference count is left as it was, so
+        the other GPUs' handles stay valid while they are being read. Raises
+        :class:`GpuLost` while the GPU is still gone.
+        """
+        nv = self._nv
+        uuid = next(d.uuid for d in self._devices if d.index == index)
+        try:
+            nv.nvmlInit()
+        except nv.NVMLError as exc:
+            raise GpuLost(f"GPU {index}: NVML could not be initialised again: {exc}") from exc
+        try:
+            handle = nv.nvmlDeviceGetHandleByUUID(uuid)
+        except nv.NVMLError as exc:
+            raise GpuLost(f"GPU {index} ({uuid}) is still gone: {exc}") from exc
+        finally:
+            try:
+                nv.nvmlShutdown()
+            except nv.NVMLError:
+                pass
+        with self._locks[index]:
+            self._handles[index] = handle
+            # A reset may have changed the MIG layout (changing the mode needs one): ask afresh.
+            self._mig_forget(index)
+
     # -- per tick ---------------------------------------------------------
 
     def read(self, index: int) -> GpuReading:
@@ -154,7 +192,7 @@ class NvmlGpuSource:
                 failed.append(field)
                 return None
 
-        with self._lock:
+        with self._locks[index]:
             power = get("power", nv.nvmlDeviceGetPowerUsage)
             values["power_watts"] = power / 1000.0 if power is not None else None
             util = get("utilization", nv.nvmlDeviceGetUtilizationRates)
@@ -178,14 +216,14 @@ class NvmlGpuSource:
         return GpuReading(failed=tuple(failed), **values)
 
     def energy_mj(self, index: int) -> int:
-        with self._lock:
+        with self._locks[index]:
             return int(
                 self._call(index, "energy_counter", self._nv.nvmlDeviceGetTotalEnergyConsumption)
             )
 
     def power_samples(self, index: int, since_us: int) -> list[PowerSample]:
         nv = self._nv
-        with self._lock:
+        with self._locks[index]:
             try:
                 vtype, samples = self._call(
                     index, "power_samples", nv.nvmlDeviceGetSamples, nv.NVML_TOTAL_POWER_SAMPLES, since_us
@@ -207,7 +245,7 @@ class NvmlGpuSource:
         NotSupported) gives its compute list alone.
         """
         nv = self._nv
-        with self._lock:
+        with self._locks[index]:
             compute = self._call(index, "processes", nv.nvmlDeviceGetComputeRunningProcesses)
             graphics_fn = getattr(nv, "nvmlDeviceGetGraphicsRunningProcesses", None)
             try:
@@ -231,7 +269,7 @@ class NvmlGpuSource:
         too is an empty list.)
         """
         nv = self._nv
-        with self._lock:
+        with self._locks[index]:
             try:
                 fn = getattr(nv, "nvmlDeviceGetProcessUtilization", None)
                 if fn is None:  # binding too old
@@ -260,7 +298,7 @@ class NvmlGpuSource:
         (``nvmlGpmMigSampleGet``, Hopper and later) over the time since the previous call.
         """
         nv = self._nv
-        with self._lock:
+        with self._locks[index]:
             try:
                 current, _pending = self._call(index, "mig_mode", nv.nvmlDeviceGetMigMode)
             except GpuNotSupported:
@@ -298,7 +336,7 @@ class NvmlGpuSource:
             activity = self._gpm_activity(index, sorted(instances))
         out = []
         for gi in sorted(instances):
-            profile, slices = self._mig.gi_static.get((index, gi), ("", None))
+            profile, slices = self._mig[index].gi_static.get(gi, ("", None))
             entry = instances[gi]
             out.append(MigInstance(
                 gpu_instance=gi,
@@ -323,8 +361,9 @@ class NvmlGpuSource:
 
     def _mig_static(self, index: int, gi: int, ci: int, handle: Any) -> MigComputeInstance:
         """UUID, profile, slice and SM counts of a MIG device: asked once per (GPU, GI, CI)."""
-        key = (index, gi, ci)
-        known = self._mig.static.get(key)
+        st = self._mig[index]
+        key = (gi, ci)
+        known = st.static.get(key)
         if known is not None:
             return known
         nv = self._nv
@@ -353,14 +392,14 @@ class NvmlGpuSource:
         gi_slices = count("gpuInstanceSliceCount")
         if gi_slices is None and profile:
             gi_slices = int(profile.split("g.", 1)[0])
-        self._mig.gi_static.setdefault((index, gi), (profile, gi_slices))
+        st.gi_static.setdefault(gi, (profile, gi_slices))
         facts = MigComputeInstance(
             compute_instance=ci,
             uuid=_text(uuid) if uuid is not None else "",
             compute_slices=count("computeInstanceSliceCount"),
             multiprocessors=count("multiprocessorCount"),
         )
-        self._mig.static[key] = facts
+        st.static[key] = facts
         return facts
 
     def _gpm_activity(self, index: int, gis: list[int]) -> dict[int, float]:
@@ -370,21 +409,21 @@ class NvmlGpuSource:
         instance's first read, or a failed read, the instance has no entry.
         """
         nv = self._nv
-        st = self._mig
-        if index not in st.gpm_ok:
+        st = self._mig[index]
+        if st.gpm_ok is None:
             try:
                 support = self._call(index, "gpm", nv.nvmlGpmQueryDeviceSupport)
-                st.gpm_ok[index] = bool(getattr(support, "isSupportedDevice", 0))
+                st.gpm_ok = bool(getattr(support, "isSupportedDevice", 0))
             except GpuNotSupported:
-                st.gpm_ok[index] = False
+                st.gpm_ok = False
             except GpuError as exc:
                 log.debug("GPU %d: GPM support query failed: %s", index, exc)
                 return {}
-            if not st.gpm_ok[index]:
+            if not st.gpm_ok:
                 log.info("GPU %d: no GPM; MIG instances are split by their slices alone", index)
-        for key in [k for k in st.gpm_prev if k[0] == index and k[1] not in gis]:
-            self._gpm_free(st.gpm_prev.pop(key))  # an instance that is gone
-        if not st.gpm_ok[index]:
+        for gi in [gi for gi in st.gpm_prev if gi not in gis]:
+            self._gpm_free(st.gpm_prev.pop(gi))  # an instance that is gone
+        if not st.gpm_ok:
             return {}
         out: dict[int, float] = {}
         for gi in gis:
@@ -396,17 +435,18 @@ class NvmlGpuSource:
                     self._gpm_free(sample)
                     raise
             except GpuNotSupported:
-                st.gpm_ok[index] = False
-                for key in [k for k in st.gpm_prev if k[0] == index]:
-                    self._gpm_free(st.gpm_prev.pop(key))
+                st.gpm_ok = False
+                for prev in st.gpm_prev.values():
+                    self._gpm_free(prev)
+                st.gpm_prev.clear()
                 return {}
             except GpuLost:
                 raise
             except GpuError as exc:
                 log.debug("GPU %d GI %d: GPM sample failed: %s", index, gi, exc)
                 continue
-            prev = st.gpm_prev.pop((index, gi), None)
-            st.gpm_prev[(index, gi)] = sample
+            prev = st.gpm_prev.pop(gi, None)
+            st.gpm_prev[gi] = sample
             if prev is None:
                 continue
             try:
@@ -441,10 +481,17 @@ class NvmlGpuSource:
         except Exception:
             pass
 
+    def _mig_forget(self, index: int) -> None:
+        """Drop what the MIG reads of GPU ``index`` remember (its GPM buffers freed)."""
+        st = self._mig.get(index)
+        if st is not None:
+            for sample in st.gpm_prev.values():
+                self._gpm_free(sample)
+        self._mig[index] = _MigState()
+
     def close(self) -> None:
-        for sample in self._mig.gpm_prev.values():
-            self._gpm_free(sample)
-        self._mig.gpm_prev.clear()
+        for index in list(self._mig):
+            self._mig_forget(index)
         try:
             self._nv.nvmlShutdown()
         except Exception:

@@ -87,6 +87,9 @@ class ReplaySource:
         self.buffer_us = int(1e6 * (buffer_seconds or float(trace.header.get("sample_buffer_seconds", 2.4))))
         self._devices = [self._info(g, trace.header) for g in sorted(trace.gpus, key=lambda g: g["index"])]
         self._series: dict[int, dict[str, _Series]] = {}
+        #: Identity facts the recorder wrote for each PID (``identities`` rows):
+        #: {"workload": key, "labels": {...}}; a PID without facts has none here.
+        self.identities: dict[int, dict[str, Any]] = {}
         self._samples: dict[int, tuple[list[int], list[int]]] = {}
         #: Per GPU: the recorded per-process utilisation samples with the trace time each was read.
         self._proc_util: dict[int, tuple[list[float], list[ProcessUtilSample]]] = {}
@@ -127,6 +130,10 @@ class ReplaySource:
                 if name == "samples":
                     for ts, mw in value or ():
                         sample_ts[int(ts)] = int(mw)
+                    continue
+                if name == "identities":
+                    for pid, facts in (value or {}).items():
+                        self.identities.setdefault(int(pid), facts)
                     continue
                 if name == "process_utilization":
                     has_util = True

@@ -1,0 +1,225 @@
+"""NVML faults against the real agent process on the scripted fake NVML (tests/fakenvml).
+
+Each test runs ``gpu-cost-agent run`` with ``tests/fakenvml`` first on PYTHONPATH,
+so the agent's own ``import pynvml`` gets the fake, and changes the fake's
+scenario file while the agent runs: a GPU whose calls hang, fail or that is
+lost, a counter that resets, an NVML that fails to initialise at boot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from agentproc import ROOT, AgentProcess, value
+
+FAKE = ROOT / "tests" / "fakenvml"
+UUID = "GPU-fa4e0000-0000-4000-8000-{:012x}"
+#: Both GPUs draw a constant 300 W, so energy is easy to check: 300 J per second each.
+STEADY = {"gpus": {"0": {"watts": 300.0}, "1": {"watts": 300.0}}}
+
+
+class Node:
+    """A fake two-GPU node: its scenario file, statistics file and state directory."""
+
+    def __init__(self, tmp: Path, script: dict[str, Any] | None = None, gpus: int = 2) -> None:
+        self.tmp = tmp
+        self.script_path = tmp / "scenario.json"
+        self.stats_path = tmp / "nvml-stats.json"
+        self.state_dir = tmp / "state"
+        self.state_dir.mkdir(exist_ok=True)
+        self.config = tmp / "agent.toml"
+        # Short intervals keep the tests short: a tick every 0.5 s, the counter every second.
+        self.config.write_text("[agent]\ntick_seconds = 0.5\n[gpu]\nenergy_counter_interval_seconds = 1.0\n")
+        self.gpus = gpus
+        self.script(script or STEADY)
+
+    def script(self, script: dict[str, Any]) -> None:
+        tmp = self.script_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(script))
+        os.replace(tmp, self.script_path)  # the fake never reads half a file
+
+    def with_gpu(self, index: int, **fault: Any) -> dict[str, Any]:
+        """The steady script with ``fault`` added to GPU ``index``."""
+        script = json.loads(json.dumps(STEADY))
+        script["gpus"][str(index)].update(fault)
+        return script
+
+    def agent(self) -> AgentProcess:
+        env = {
+            "PYTHONPATH": os.pathsep.join([str(FAKE), str(ROOT)]),
+            "FAKE_NVML_GPUS": str(self.gpus),
+            "FAKE_NVML_SCRIPT": str(self.script_path),
+            "FAKE_NVML_STATS": str(self.stats_path),
+            "STATE_DIRECTORY": str(self.state_dir),
+        }
+        agent = AgentProcess("run", "--config", str(self.config), env=env)
+        agent.wait_ready()
+        return agent
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return json.loads(self.stats_path.read_text())
+
+    def saved_energy(self) -> dict[str, float]:
+        """GPU totals in the state file, all sources together, by UUID. Units: J."""
+        state = json.loads((self.state_dir / "state.json").read_text())
+        out: dict[str, float] = {}
+        for uuid, _source, joules in state["gpu_energy_joules"]:
+            out[uuid] = out.get(uuid, 0.0) + joules
+        return out
+
+
+def energy(m: dict[str, list], gpu: int) -> float:
+    return sum(s.value for s in m["gpucost_gpu_energy_joules"]
+               if s.name.endswith("_total") and s.labels["gpu"] == str(gpu))
+
+
+def until(agent: AgentProcess, check: Callable[[dict[str, list]], bool], timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = agent.metrics()
+        if check(m):
+            return m
+        time.sleep(0.1)
+    agent.stop()
+    raise AssertionError(f"{what} within {timeout} s; agent output:\n{agent.output[-3000:]}")
+
+
+def up(m: dict[str, list], gpu: int) -> float | None:
+    return value(m, "gpucost_gpu_up", gpu=str(gpu))
+
+
+def errors(m: dict[str, list], kind: str) -> float | None:
+    return value(m, "gpucost_agent_errors_total", kind=kind)
+
+
+def test_a_hung_gpu_stalls_neither_the_other_gpu_nor_scrapes_nor_shutdown(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    m = until(agent, lambda m: energy(m, 0) > 0 and energy(m, 1) > 0, 5, "both GPUs counted")
+    assert errors(m, "gpu_timeout") == 0  # exported from the start
+    node.script(node.with_gpu(1, hang=True))
+    m = until(agent, lambda m: up(m, 1) == 0, 4, "the hung GPU marked down")
+    assert up(m, 0) == 1 and errors(m, "gpu_timeout") == 1
+    assert agent.health()["status"] == "degraded"
+    stuck_calls = node.stats()["1"]["calls"]
+    ticks, e0, e1 = value(m, "gpucost_agent_ticks_total"), energy(m, 0), energy(m, 1)
+    slowest = 0.0
+    for _ in range(20):  # 3 s: six ticks, three counter reads of GPU 0
+        started = time.monotonic()
+        m = agent.metrics()
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.15)
+    assert slowest < 0.5, f"a scrape took {slowest:.3f} s while a GPU hung"
+    assert value(m, "gpucost_agent_ticks_total") >= ticks + 4  # the tick goes on
+    assert energy(m, 0) >= e0 + 2 * 300.0  # GPU 0 keeps counting, 300 J every second
+    assert energy(m, 1) == e1 and up(m, 1) == 0
+    stats = node.stats()["1"]
+    assert stats["calls"] == stuck_calls and stats["max_inflight"] == 1  # no call piled on the stuck one
+    started = time.monotonic()
+    rc = agent.stop(timeout=20)
+    took = time.monotonic() - started
+    assert rc == 0 and took < 5.0, f"SIGTERM took {took:.1f} s (rc {rc}):\n{agent.output[-2000:]}"
+    saved = node.saved_energy()
+    assert saved[UUID.format(0)] >= energy(m, 0) and saved[UUID.format(1)] >= e1  # the final save happened
+    assert "did not answer within" in agent.output
+
+
+def test_a_gpu_that_hung_answers_again_with_its_energy_exact(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    until(agent, lambda m: energy(m, 1) > 0, 5, "GPU 1 counted")
+    node.script(node.with_gpu(1, hang=True))
+    until(agent, lambda m: up(m, 1) == 0, 4, "the hung GPU marked down")
+    time.sleep(1.5)
+    node.script(STEADY)
+    until(agent, lambda m: up(m, 1) == 1, 4, "GPU 1 answering again")
+    time.sleep(1.5)
+    assert agent.stop() == 0
+    assert "its stuck call returned after" in agent.output
+    # Same power, same start, both counters read by the final tick: the counter delta of
+    # GPU 1 covered its silent stretch exactly (ms apart at 300 W: well under 5 J).
+    saved = node.saved_energy()
+    e0, e1 = saved[UUID.format(0)], saved[UUID.format(1)]
+    assert e0 > 1500.0 and e1 == pytest.approx(e0, abs=5.0)
+
+
+def test_a_gpu_whose_calls_fail_is_down_and_the_other_is_not(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    until(agent, lambda m: energy(m, 0) > 0, 5, "GPU 0 counted")
+    node.script(node.with_gpu(1, fail="UNKNOWN"))
+    m = until(agent, lambda m: up(m, 1) == 0, 3, "the failing GPU marked down")
+    e0 = energy(m, 0)
+    assert value(m, "gpucost_gpu_power_watts", gpu="1") is None  # no stale reading
+    m = until(agent, lambda m: energy(m, 0) >= e0 + 300.0, 3, "GPU 0 counting on")
+    assert up(m, 0) == 1 and errors(m, "gpu_read") > 0
+    node.script(STEADY)
+    until(agent, lambda m: up(m, 1) == 1, 3, "GPU 1 answering again")
+    assert agent.stop() == 0
+
+
+def test_nvml_init_that_fails_at_boot_is_retried_and_the_gpus_appear_with_their_totals(tmp_path):
+    node = Node(tmp_path)
+    first = node.agent()  # a first life: totals to keep
+    until(first, lambda m: energy(m, 0) > 0 and energy(m, 1) > 0, 5, "both GPUs counted")
+    assert first.stop() == 0
+    before = node.saved_energy()
+    node.script({**STEADY, "init": "DRIVER_NOT_LOADED"})  # the driver loads after the agent
+    agent = node.agent()
+    m = agent.metrics()
+    assert value(m, "gpucost_gpu_source_up", source="nvml") == 0 and up(m, 0) is None
+    health = agent.health()
+    assert health["status"] == "degraded" and "Driver Not Loaded" in health["error"]
+    assert node.saved_energy() == pytest.approx(before)  # the start-up save kept the totals
+    node.script(STEADY)
+    m = until(agent, lambda m: value(m, "gpucost_gpu_source_up", source="nvml") == 1, 8, "NVML opened")
+    m = until(agent, lambda m: up(m, 0) == 1 and up(m, 1) == 1 and energy(m, 1) > before[UUID.format(1)],
+              5, "the GPUs sampled")
+    assert agent.health()["status"] == "ok"
+    assert energy(m, 0) >= before[UUID.format(0)]  # continued, not restarted
+    assert agent.stop() == 0
+    assert "GPU source opened: 2 GPU(s)" in agent.output
+    after = node.saved_energy()
+    assert all(after[uuid] > joules for uuid, joules in before.items())
+
+
+def test_a_lost_gpu_is_reacquired_with_its_totals_after_a_counter_reset(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    m = until(agent, lambda m: energy(m, 1) > 0, 5, "GPU 1 counted")
+    node.script(node.with_gpu(1, lost=True))
+    m = until(agent, lambda m: up(m, 1) == 0, 3, "the lost GPU marked down")
+    assert errors(m, "gpu_lost") == 1 and up(m, 0) == 1
+    lost_at = energy(m, 1)
+    time.sleep(1.0)
+    # Back from a reset: new handles only after an nvmlInit, and its counter restarted at 0.
+    node.script(node.with_gpu(1, counter_reset=1))
+    m = until(agent, lambda m: up(m, 1) == 1, 8, "the GPU re-acquired")  # retries after 1, 2, 4 s
+    m = until(agent, lambda m: errors(m, "counter_reset") >= 1 and energy(m, 1) > lost_at + 300.0, 4,
+              "counting again past the reset")
+    assert errors(m, "gpu_lost") == 1
+    assert agent.stop() == 0
+    assert "GPU 1 is back; its totals continue" in agent.output
+    assert node.saved_energy()[UUID.format(1)] >= energy(m, 1)
+
+
+def test_a_counter_reset_is_counted_and_energy_never_goes_backwards(tmp_path):
+    node = Node(tmp_path)
+    agent = node.agent()
+    until(agent, lambda m: energy(m, 0) > 0, 5, "GPU 0 counted")
+    seen = []
+    for k in range(30):  # 3 s around the reset
+        if k == 8:
+            node.script(node.with_gpu(0, counter_reset=1))
+        seen.append(energy(agent.metrics(), 0))
+        time.sleep(0.1)
+    m = until(agent, lambda m: errors(m, "counter_reset") == 1, 3, "the reset counted")
+    seen.append(energy(m, 0))
+    assert seen == sorted(seen) and seen[-1] > seen[0] + 300.0
+    assert agent.stop() == 0
+    assert node.saved_energy()[UUID.format(0)] >= seen[-1]
