@@ -299,13 +299,14 @@ class NvmlGpuSource:
         """
         nv = self._nv
         with self._locks[index]:
+            # Looked up inside the call: a binding too old to have it is "no MIG", not a crash.
             try:
-                current, _pending = self._call(index, "mig_mode", nv.nvmlDeviceGetMigMode)
+                current, _pending = self._call(index, "mig_mode", lambda h: nv.nvmlDeviceGetMigMode(h))
             except GpuNotSupported:
                 return None
             if current != getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1):
                 return None
-            count = int(self._call(index, "mig_device_count", nv.nvmlDeviceGetMaxMigDeviceCount))
+            count = int(self._call(index, "mig_device_count", lambda h: nv.nvmlDeviceGetMaxMigDeviceCount(h)))
             instances: dict[int, dict[str, Any]] = {}
             per_device_lists = True
             for i in range(count):
@@ -412,7 +413,7 @@ class NvmlGpuSource:
         st = self._mig[index]
         if st.gpm_ok is None:
             try:
-                support = self._call(index, "gpm", nv.nvmlGpmQueryDeviceSupport)
+                support = self._call(index, "gpm", lambda h: nv.nvmlGpmQueryDeviceSupport(h))
                 st.gpm_ok = bool(getattr(support, "isSupportedDevice", 0))
             except GpuNotSupported:
                 st.gpm_ok = False
