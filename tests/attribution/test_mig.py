@@ -229,3 +229,63 @@ def test_mig_series_on_metrics_carry_the_gpu_instance():
     exported = math.fsum(float(l.rsplit(" ", 1)[1]) for l in energy)
     assert exported == pytest.approx(gpu_total(sampler), rel=1e-9)
     assert "#gi" not in text  # the totals key never leaks into a label
+
+
+# -- a trace with the 'mig' key, replayed by the real agent process, scraped over HTTP ----------
+
+
+def mig_trace(path, seconds: float = 20.0, every: float = 0.5, watts: float = 400.0) -> None:
+    """A GPU in MIG mode (3g + 2g + 2g) at a constant ``watts``, as `record` writes it."""
+    from agent.trace import TraceWriter, mig_to_json
+
+    t0 = 1_800_000_000.0
+    w = TraceWriter(path, {"gpus": [{"index": 0, "uuid": "GPU-mig-0", "name": "NVIDIA H100 80GB HBM3"}]})
+    labels = {"kind": "user", "user": "", "slurm_job": "", "container": "", "pod_uid": "", "namespace": "",
+              "pod": "", "unit": ""}
+    ident = {str(pid): {"workload": key, "labels": {**labels, "user": user}}
+             for pid, (key, user) in IDENTITIES.items()}
+    for k in range(int(seconds / every) + 1):
+        t = t0 + k * every
+        g = {"power_mw": int(watts * 1000), "energy_mj": int(round(watts * k * every * 1000)),
+             "processes": [[501, 8 * GIB], [502, 24 * GIB], [601, 4 * GIB]],
+             "mig": mig_to_json(h100_3g_2g_2g())}
+        if k == 0:
+            g["identities"] = ident
+        w.row({"t": t, "gpus": {"0": g}})
+    w.close()
+
+
+def test_a_mig_trace_on_metrics_of_the_real_process(tmp_path):
+    from agentproc import AgentProcess
+
+    trace = tmp_path / "mig.jsonl"
+    mig_trace(trace)
+    config = tmp_path / "config.toml"
+    config.write_text('[tariff]\ncurrency = "EUR"\nflat_price_per_kwh = 0.30\n\n[attribution]\nidle_watts = 100\n')
+    agent = AgentProcess("replay", str(trace), "--speed", "10", "--config", str(config))
+    try:
+        agent.wait_ready()
+        agent.wait_finished()
+        fam = agent.metrics()
+    finally:
+        agent.stop()
+    gpu = sum(s.value for s in fam["gpucost_gpu_energy_joules"] if s.name.endswith("_total"))
+    gpu_cost = next(s.value for s in fam["gpucost_energy_cost"]
+                    if s.name.endswith("_total") and s.labels["component"] == "gpu")
+    key = lambda s: (s.labels["workload"], s.labels["gpu_instance"])  # noqa: E731
+    energy = {key(s): s for s in fam["gpucost_workload_gpu_energy_joules"] if s.name.endswith("_total")}
+    cost = {key(s): s for s in fam["gpucost_workload_cost"] if s.name.endswith("_total")}
+    print("\nMIG trace on /metrics: GPU %.3f J, %.6f EUR; " % (gpu, gpu_cost) + ", ".join(
+        f"{k[0]}@gi{k[1]} {energy[k].value:.3f} J" for k in sorted(energy)))
+    assert gpu == pytest.approx(400.0 * 20, rel=1e-3)
+    assert set(energy) == set(cost) == {("user:1000", "1"), ("user:1001", "1"), ("user:1000", "5"),
+                                        (UNALLOCATED, "6")}
+    assert math.fsum(s.value for s in energy.values()) == pytest.approx(gpu, rel=1e-6)
+    assert math.fsum(s.value for s in cost.values()) == pytest.approx(gpu_cost, rel=1e-6)
+    # 400 W: idle 100 W by slices 3:2:2, active 300 W by 2.4 : 0.8 : 0
+    gi1, gi5, gi6 = 300 / 7 + 225.0, 200 / 7 + 75.0, 200 / 7
+    assert energy[("user:1001", "1")].value == pytest.approx(gpu * gi1 * 0.75 / 400, rel=1e-3)
+    assert energy[("user:1000", "5")].value == pytest.approx(gpu * gi5 / 400, rel=1e-3)
+    assert energy[(UNALLOCATED, "6")].value == pytest.approx(gpu * gi6 / 400, rel=1e-3)
+    assert energy[("user:1000", "5")].labels["user"] == "alice"
+    assert energy[(UNALLOCATED, "6")].labels["kind"] == "unallocated"
