@@ -289,3 +289,47 @@ def test_a_mig_trace_on_metrics_of_the_real_process(tmp_path):
     assert energy[(UNALLOCATED, "6")].value == pytest.approx(gpu * gi6 / 400, rel=1e-3)
     assert energy[("user:1000", "5")].labels["user"] == "alice"
     assert energy[(UNALLOCATED, "6")].labels["kind"] == "unallocated"
+
+
+# -- record and replay -----------------------------------------------------------------
+
+
+def test_record_writes_mig_and_the_identities_of_mig_processes_and_replay_splits_it(tmp_path):
+    import os
+
+    from agent.record import record
+    from agent.trace import load
+    from fakes import real_time_source
+    from helpers import replay_through_sampler
+
+    me = os.getpid()  # a real process of this machine, listed only inside GPU instance 5
+    live = real_time_source([FakeGpu(lambda t: 400.0)])
+    live.gpus[0].procs = lambda t: []
+    live.gpus[0].mig = lambda t: [instance(1, "3g.40gb", 3, [], 0.5), instance(5, "2g.20gb", 2, [(me, GIB)], 0.5)]
+    path = tmp_path / "rec.jsonl.gz"
+    record(live, str(path), duration=1.0, interval=0.05, energy_interval=0.05, samples_interval=0.5)
+    trace = load(path)
+    rows_ = [r["gpus"]["0"] for r in trace.rows]
+    assert all(g["mig"][1]["processes"] == [[me, GIB]] and g["mig"][0]["sm_active_pct"] == 50.0 for g in rows_)
+    facts = [g["identities"] for g in rows_ if "identities" in g]
+    assert len(facts) == 1 and list(facts[0]) == [str(me)]
+    key = facts[0][str(me)]["workload"]
+
+    sampler = replay_through_sampler(trace, tick=0.25, attribution=True)
+    w = rows(sampler)
+    assert set(w) == {(key, "5"), (UNALLOCATED, "1")}
+    gpu = gpu_total(sampler)
+    # no idle estimate (none configured, no utilisation in MIG mode): by slices × activity, 3 : 2
+    assert w[(key, "5")] == pytest.approx(gpu * 2 / 5, rel=1e-9)
+    assert math.fsum(w.values()) == pytest.approx(gpu, rel=1e-9)
+
+
+def test_bad_mig_values_in_a_trace_are_refused_with_where():
+    from agent.trace import mig_from_json, mig_to_json
+
+    good = mig_to_json(h100_3g_2g_2g())
+    assert mig_from_json(good) == h100_3g_2g_2g()
+    with pytest.raises(ValueError, match=r"\[1\]\.sm_active_pct: expected a number from 0 to 100"):
+        mig_from_json([good[0], {**good[1], "sm_active_pct": 140}])
+    with pytest.raises(ValueError, match=r"\[2\]: GPU instance 1 appears twice"):
+        mig_from_json([good[0], good[1], {**good[2], "gpu_instance": 1}])
