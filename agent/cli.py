@@ -16,7 +16,7 @@ from .accounting import Ledger
 from .config import ConfigError, Settings, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
 from .sampler import Sampler
-from .service import Service
+from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
 from .state import StateError, StateStore, default_state_dir
 from .webconfig import WebConfigError
 from .webconfig import load as load_web_config
@@ -122,10 +122,9 @@ def _attribution(settings: Settings, ledger: Ledger, *, replay: bool, identities
     from .attribution.split import from_settings
 
     stage = from_settings(settings, ledger.workloads, replay=replay, identities=identities)
-    a = settings.attribution
-    if stage is not None and a.pod_resources:
-        log.warning("[attribution] pod_resources: pod names from the kubelet are not wired into attribution yet; "
-                    "namespace and pod stay empty (pod_uid is read from /proc)")
+    if stage is not None and stage.pods is not None:
+        log.info("pod names from the kubelet: on (%s, asked every %.0f s)",
+                 settings.attribution.pod_resources_socket, POD_RESOURCES_INTERVAL_SECONDS)
     return stage
 
 

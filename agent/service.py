@@ -123,6 +123,10 @@ class MonotonicPacer:
             self._changed.clear()
 
 
+#: How often the kubelet is asked which pods hold which GPUs. Units: s.
+POD_RESOURCES_INTERVAL_SECONDS = 30.0
+
+
 class Service:
     """Runs a :class:`Sampler` on a schedule and serves its snapshots.
 
@@ -286,6 +290,10 @@ class Service:
             self.pacer.add("persist", self.persist, self.settings.agent.persist_interval_seconds)
         if self.dcmi is not None:
             self.pacer.add("dcmi", self._poll_dcmi, self.settings.host.ipmi.interval_seconds, first_now=True)
+        stage = self.sampler.attribution
+        if stage is not None and stage.pods is not None:
+            # Pod names from the kubelet: a round trip of its own, never in the tick or a scrape.
+            self.pacer.add("pod_resources", stage.refresh_pods, POD_RESOURCES_INTERVAL_SECONDS, first_now=True)
         self.scheduler.start()
         self.pacer.start()
         if self._open_source is not None and self.sampler.source is None:

@@ -519,6 +519,20 @@ def no_cluster(expr: str, label: str = "cluster") -> str:
     return f'label_replace({expr}, "{label}", "(none)", "{label}", "")'
 
 
+def fleet_variables(f: str) -> list[dict]:
+    """Job, cluster, node, GPU and currency pickers of the dashboards that span nodes (``f``: their filter)."""
+    return [
+        datasource_variable(),
+        # All = the jobs that run the agent, not every job (".*" would count node_exporter's `up` too)
+        query_variable("job", "Job", "label_values(gpucost_agent_info, job)", multi=True, all_value=None),
+        query_variable("cluster", "Cluster", 'label_values(gpucost_agent_info{job=~"$job"}, cluster)', multi=True),
+        query_variable("instance", "Node",
+                       'label_values(gpucost_agent_info{job=~"$job", cluster=~"$cluster"}, instance)', multi=True),
+        query_variable("gpu", "GPU", f"label_values(gpucost_gpu_info{{{f}}}, gpu)", multi=True, numeric=True),
+        query_variable("currency", "Currency", f"label_values(gpucost_node_cost_rate_per_hour{{{f}}}, currency)"),
+    ]
+
+
 def fleet_dashboard() -> dict:
     f, fg = FLEET, FLEET_GPUS
     node_cost = f"sum by ({NODE_KEY}, currency) (instance_currency:gpucost_cost_per_hour:rate5m{{{f}, {CUR}}})"
@@ -620,16 +634,7 @@ def fleet_dashboard() -> dict:
                "{{cluster}}"),
     ], stack=True), 8, 8)
 
-    variables = [
-        datasource_variable(),
-        # All = the jobs that run the agent, not every job (".*" would count node_exporter's `up` too)
-        query_variable("job", "Job", "label_values(gpucost_agent_info, job)", multi=True, all_value=None),
-        query_variable("cluster", "Cluster", 'label_values(gpucost_agent_info{job=~"$job"}, cluster)', multi=True),
-        query_variable("instance", "Node",
-                       'label_values(gpucost_agent_info{job=~"$job", cluster=~"$cluster"}, instance)', multi=True),
-        query_variable("gpu", "GPU", f"label_values(gpucost_gpu_info{{{f}}}, gpu)", multi=True, numeric=True),
-        query_variable("currency", "Currency", f"label_values(gpucost_node_cost_rate_per_hour{{{f}}}, currency)"),
-    ]
+    variables = fleet_variables(f)
     return dashboard(
         "gpucost-fleet", "GPU cost: fleet",
         "Every node: cost by cluster, team, node and GPU model, the top spenders, idle money and the month's budget "
@@ -774,15 +779,7 @@ def workloads_dashboard() -> dict:
                    suffix="{{currency}}"),
     ]), 8, 8)
 
-    variables = [
-        datasource_variable(),
-        query_variable("job", "Job", "label_values(gpucost_agent_info, job)", multi=True, all_value=None),
-        query_variable("cluster", "Cluster", 'label_values(gpucost_agent_info{job=~"$job"}, cluster)', multi=True),
-        query_variable("instance", "Node",
-                       'label_values(gpucost_agent_info{job=~"$job", cluster=~"$cluster"}, instance)', multi=True),
-        query_variable("gpu", "GPU", f"label_values(gpucost_gpu_info{{{f}}}, gpu)", multi=True, numeric=True),
-        query_variable("currency", "Currency", f"label_values(gpucost_node_cost_rate_per_hour{{{f}}}, currency)"),
-    ]
+    variables = fleet_variables(f)
     return dashboard(
         "gpucost-workloads", "GPU cost: workloads",
         "Whose money it is: each GPU's energy cost split among the workloads that used it, by kind, namespace, "

@@ -223,3 +223,33 @@ def test_a_counter_reset_is_counted_and_energy_never_goes_backwards(tmp_path):
     assert seen == sorted(seen) and seen[-1] > seen[0] + 300.0
     assert agent.stop() == 0
     assert node.saved_energy()[UUID.format(0)] >= seen[-1]
+
+
+def test_a_hung_process_list_stalls_no_other_gpu_and_its_workloads_still_add_up(tmp_path):
+    """Attribution's NVML calls (the process list) run under the same deadline as the readings:
+    GPU 1's process list hanging marks GPU 1 down; GPU 0 and its workload go on; shutdown is quick."""
+    script = json.loads(json.dumps(STEADY))
+    for g in ("0", "1"):
+        script["gpus"][g]["processes"] = [[os.getpid(), 1 << 30]]  # this test's own PID: a real /proc entry
+    node = Node(tmp_path, script)
+    agent = node.agent()
+
+    def workload_energy(m: dict[str, list], uuid: str) -> float:
+        return sum(s.value for s in m.get("gpucost_workload_gpu_energy_joules", [])
+                   if s.name.endswith("_total") and s.labels["uuid"] == uuid)
+
+    m = until(agent, lambda m: workload_energy(m, UUID.format(0)) > 0 and workload_energy(m, UUID.format(1)) > 0,
+              6, "both GPUs' workloads charged")
+    hung = json.loads(json.dumps(script))
+    hung["gpus"]["1"].update(hang=True, functions=["nvmlDeviceGetComputeRunningProcesses"])
+    node.script(hung)
+    m = until(agent, lambda m: up(m, 1) == 0, 4, "GPU 1 marked down while its process list hangs")
+    assert errors(m, "gpu_timeout") == 1 and up(m, 0) == 1
+    e0, w0 = energy(m, 0), workload_energy(m, UUID.format(0))
+    time.sleep(2.0)
+    m = agent.metrics()
+    assert energy(m, 0) >= e0 + 300.0  # GPU 0 keeps counting, and so does its workload
+    assert workload_energy(m, UUID.format(0)) - w0 == pytest.approx(energy(m, 0) - e0, rel=1e-9)
+    started = time.monotonic()
+    rc = agent.stop(timeout=20)
+    assert rc == 0 and time.monotonic() - started < 5.0, agent.output[-2000:]

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, value
+from agentproc import ROOT, AgentProcess, value
+
+FAKE_NVML = ROOT / "tests" / "fakenvml"
 
 FLAT = """
 [tariff]
@@ -115,9 +117,17 @@ def test_wall_clock_steps_neither_stall_sampling_nor_change_amortisation(tmp_pat
     assert LIBFAKETIME is not None, "CI must install Debian's faketime"
     offset = tmp_path / "offset"
     offset.write_text("+0\n")
+    # One GPU on the scripted fake NVML drawing a constant 300 W: its energy counter runs on the
+    # monotonic clock, as a real GPU's runs on its own, so its energy over any span is 300 W × span.
+    script = tmp_path / "nvml.json"
+    script.write_text(json.dumps({"gpus": {"0": {"watts": 300.0}}}))
     env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
-           "DONT_FAKE_MONOTONIC": "1"}
-    agent = AgentProcess("run", "--tick", "0.25", "--config", str(_write(tmp_path, FLAT.format(price=0.1))), env=env)
+           "DONT_FAKE_MONOTONIC": "1", "PYTHONPATH": os.pathsep.join([str(FAKE_NVML), str(ROOT)]),
+           "FAKE_NVML_GPUS": "1", "FAKE_NVML_SCRIPT": str(script), "STATE_DIRECTORY": str(tmp_path / "state")}
+    (tmp_path / "state").mkdir()
+    config = _write(tmp_path, FLAT.format(price=0.1)
+                    + "[agent]\ntick_seconds = 0.25\n[gpu]\nenergy_counter_interval_seconds = 0.5\n")
+    agent = AgentProcess("run", "--config", str(config), env=env)
     phases = []
     try:
         agent.wait_ready()
@@ -127,7 +137,8 @@ def test_wall_clock_steps_neither_stall_sampling_nor_change_amortisation(tmp_pat
             m = agent.metrics()
             phases.append((label, time.monotonic(), value(m, "gpucost_agent_ticks_total"),
                            value(m, "gpucost_hardware_cost_total", component="node"),
-                           value(m, "gpucost_agent_last_sample_timestamp_seconds"), agent.health()))
+                           value(m, "gpucost_agent_last_sample_timestamp_seconds"), agent.health(),
+                           sum(s.value for s in m["gpucost_gpu_energy_joules"] if s.name.endswith("_total"))))
 
         observe("start")
         time.sleep(2.0)
@@ -141,13 +152,16 @@ def test_wall_clock_steps_neither_stall_sampling_nor_change_amortisation(tmp_pat
     finally:
         agent.stop()
     per_hour = 1.0  # node amortisation, EUR/h
-    for (_, t0, ticks0, cost0, wall0, _), (label, t1, ticks1, cost1, wall1, health) in zip(phases, phases[1:]):
+    for (_, t0, ticks0, cost0, wall0, _, j0), (label, t1, ticks1, cost1, wall1, health, j1) in zip(phases, phases[1:]):
         elapsed = t1 - t0
         # Ticks every 0.25 s go on through both steps (the scheduler is paced by the monotonic clock).
         assert ticks1 - ticks0 >= elapsed / 0.25 - 2, (label, ticks1 - ticks0, elapsed)
         # Amortisation grows by real elapsed time: no hour added or lost (±2 ticks of slack).
         assert cost1 - cost0 == pytest.approx(per_hour * elapsed / 3600, abs=per_hour * 0.5 / 3600), label
         assert health["status"] in ("ok", "degraded") and 0 <= health["last_sample_age_seconds"] < 1.0, label
+        # GPU energy grows by 300 W × real elapsed time: the counter is read every 0.5 s, so each
+        # end may lag by one interval and a tick (an hour added or lost would be 1,080,000 J).
+        assert j1 - j0 == pytest.approx(300.0 * elapsed, abs=300.0 * 1.5), (label, j1 - j0, elapsed)
     # The wall clock the agent saw did move: the samples are stamped with it.
     assert phases[2][4] - phases[1][4] < -3000 and phases[3][4] - phases[2][4] > 6000
     assert agent.output.count("wall clock stepped by") == 2

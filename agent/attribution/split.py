@@ -334,6 +334,48 @@ class Attributor:
         self._gpus: dict[int, _Gpu] = {}
         #: workload key → identity labels of the process that last mapped to it
         self._labels: dict[str, Mapping[str, str]] = {}
+        #: Where pod names come from: a callable giving GPU (or MIG device) UUID → the pod
+        #: containers holding it (the kubelet's pod-resources API), or None.
+        self.pods: Callable[[], Mapping[str, tuple[Any, ...]]] | None = None
+        #: Its latest answer (refreshed by :meth:`refresh_pods`, off the tick).
+        self._pod_map: Mapping[str, tuple[Any, ...]] = {}
+        self._pod_error: str | None = None
+
+    def refresh_pods(self) -> None:
+        """Ask the kubelet which pods hold which GPUs (a slow job of its own, never the tick).
+
+        On failure the previous answer stays in use; the failure is logged once per change.
+        """
+        if self.pods is None:
+            return
+        try:
+            answer = self.pods()
+        except Exception as exc:  # a kubelet restart, a timeout: keep the last map
+            why = str(exc)
+            if why != self._pod_error:
+                log.warning("pod names from the kubelet: %s; keeping the previous answer", why)
+            self._pod_error = why
+            self.on_error(PROCESS_READ)
+            return
+        if self._pod_error is not None:
+            log.info("pod names from the kubelet: answering again")
+        self._pod_error = None
+        self._pod_map = dict(answer)
+
+    def _with_pod_names(self, uuid: str, labels: Mapping[str, str]) -> Mapping[str, str]:
+        """A pod's process on GPU ``uuid``: namespace and pod name from the pod that holds the GPU.
+
+        Only when exactly one pod holds it: with time-slicing or MPS several pods share a GPU and
+        the kubelet's answer does not say which PID is whose (it names no pod UID), so the names
+        stay empty rather than guessed.
+        """
+        if labels.get("kind") != KIND_KUBERNETES or labels.get("pod"):
+            return labels
+        holders = {(h.namespace, h.pod) for h in self._pod_map.get(uuid, ())}
+        if len(holders) != 1:
+            return labels
+        namespace, pod = holders.pop()
+        return {**labels, "namespace": namespace, "pod": pod}
 
     def bind(self, devices: Iterable[Any], on_error: Callable[[str], None] | None = None) -> None:
         """The GPUs to attribute (:class:`~agent.sources.gpu.GpuInfo`)."""
@@ -426,7 +468,7 @@ class Attributor:
             self.on_error(PROCESS_READ)
             log.debug("GPU %d: process list failed: %s", index, read.procs_error)
         elif read.procs is not None:
-            g.listings.append(self._listing(wall, read.procs))
+            g.listings.append(self._listing(wall, read.procs, g.uuid))
         if isinstance(read.samples_error, GpuNotSupported):
             if g.util_supported:
                 g.util_supported = False
@@ -439,11 +481,13 @@ class Attributor:
                 g.samples.append((wall, pid, float(sm)))
                 g.util_seen_us = max(g.util_seen_us, ts)
 
-    def _listing(self, wall: float, procs: list[tuple[int, int | None]]) -> _Listing:
+    def _listing(self, wall: float, procs: list[tuple[int, int | None]], uuid: str = "") -> _Listing:
         keys: dict[int, str] = {}
         memory: dict[str, int | None] = {}
         for pid, used in procs:
             key, labels = self.key_of(pid)
+            if self._pod_map:
+                labels = self._with_pod_names(uuid, labels)
             keys[pid] = key
             self._labels[key] = labels
             if key in memory:
@@ -457,7 +501,10 @@ class Attributor:
         keys: dict[int, str] = {}
         mig: dict[int, _Instance] = {}
         for inst in instances:
-            sub = self._listing(wall, list(inst.processes))
+            # Pods hold MIG devices (compute instances): their names are known where the
+            # instance is one MIG device, as the device plugin's default "mixed" strategy makes.
+            cis = [c.uuid for c in inst.compute_instances]
+            sub = self._listing(wall, list(inst.processes), cis[0] if len(cis) == 1 else "")
             keys.update(sub.keys)
             slices = inst.slices
             if slices is None:  # the GPU instance's slices, else its compute instances' together
@@ -561,4 +608,11 @@ def from_settings(
         key_of: KeyOf = recorded_keys(identities) if identities else replay_keys
     else:
         key_of = resolver_keys(IdentityResolver(user_names=a.user_names, cmdline=a.cmdline))
-    return Attributor(totals, key_of, window_seconds=a.window_seconds, idle_watts=a.idle_watts)
+    stage = Attributor(totals, key_of, window_seconds=a.window_seconds, idle_watts=a.idle_watts)
+    if a.pod_resources and not replay:
+        from .podresources import PodResourcesClient
+
+        client = PodResourcesClient(a.pod_resources_socket)
+        if client.available:
+            stage.pods = client.gpu_devices
+    return stage

@@ -333,3 +333,26 @@ def test_bad_mig_values_in_a_trace_are_refused_with_where():
         mig_from_json([good[0], {**good[1], "sm_active_pct": 140}])
     with pytest.raises(ValueError, match=r"\[2\]: GPU instance 1 appears twice"):
         mig_from_json([good[0], good[1], {**good[2], "gpu_instance": 1}])
+
+
+def test_a_pod_holding_a_mig_device_gets_its_names_on_that_instance():
+    from types import SimpleNamespace
+
+    src, sampler = node()
+    stage = sampler.attribution
+
+    def pod_keys(pid):
+        key, labels = key_of(pid)
+        if pid == 601:  # alice's process in GI 5 runs in a pod
+            labels = {**labels, "kind": "kubernetes", "user": "", "pod_uid": "uid-601"}
+            return "pod:uid-601", labels
+        return key, labels
+
+    stage.key_of = pod_keys
+    stage.pods = lambda: {"MIG-5": (SimpleNamespace(namespace="ml", pod="trainer-0"),),
+                          "MIG-1": (SimpleNamespace(namespace="ml", pod="other"),)}
+    stage.refresh_pods()
+    run(src, sampler, 5)
+    labels = {(r.workload, r.gpu_instance): r.labels for r in sampler.snapshot.workloads}
+    assert (labels[("pod:uid-601", "5")]["namespace"], labels[("pod:uid-601", "5")]["pod"]) == ("ml", "trainer-0")
+    assert labels[("user:1001", "1")]["pod"] == ""  # not a pod's process: no name

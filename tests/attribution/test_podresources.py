@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from concurrent import futures
@@ -30,6 +31,24 @@ MIG1 = "MIG-0f1e2d3c-4b5a-5697-b8a9-c0d1e2f3a4b5"
 @pytest.fixture(scope="module")
 def answer() -> bytes:
     return FIXTURE.read_bytes()
+
+
+@contextlib.contextmanager
+def fake_kubelet(sock: Path, answer):
+    """A kubelet pod-resources server over real gRPC on ``sock``; ``answer(request, context)`` answers List."""
+    grpc = pytest.importorskip("grpc")
+    handler = grpc.method_handlers_generic_handler(
+        "v1.PodResourcesLister",
+        {"List": grpc.unary_unary_rpc_method_handler(answer, lambda b: b, lambda b: b)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"unix://{sock}")
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop(None)
 
 
 def test_decode_recorded_list_response(answer):
@@ -112,7 +131,6 @@ def test_without_socket_the_client_is_off(monkeypatch, tmp_path):
 
 
 def test_list_over_grpc_from_a_fake_kubelet(answer, tmp_path):
-    grpc = pytest.importorskip("grpc")
     sock = tmp_path / "kubelet.sock"
     requests = []
 
@@ -120,15 +138,7 @@ def test_list_over_grpc_from_a_fake_kubelet(answer, tmp_path):
         requests.append(request)
         return answer
 
-    handler = grpc.method_handlers_generic_handler(
-        "v1.PodResourcesLister",
-        {"List": grpc.unary_unary_rpc_method_handler(list_handler, lambda b: b, lambda b: b)},
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
+    with fake_kubelet(sock, list_handler):
         c = PodResourcesClient(sock, timeout_s=5)
         assert c.available
         m = c.gpu_devices()
@@ -136,8 +146,6 @@ def test_list_over_grpc_from_a_fake_kubelet(answer, tmp_path):
         assert len(m[GPU1]) == 2
         assert requests == [b""]
         c.close()
-    finally:
-        server.stop(None)
 
 
 def test_grpc_error_is_one_line(tmp_path):
@@ -147,18 +155,29 @@ def test_grpc_error_is_one_line(tmp_path):
     def denied(request, context):
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "not allowed")
 
-    handler = grpc.method_handlers_generic_handler(
-        "v1.PodResourcesLister",
-        {"List": grpc.unary_unary_rpc_method_handler(denied, lambda b: b, lambda b: b)},
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-    try:
+    with fake_kubelet(sock, denied):
         c = PodResourcesClient(sock, timeout_s=5)
         with pytest.raises(PodResourcesError, match="PERMISSION_DENIED: not allowed"):
             c.list()
         c.close()
-    finally:
-        server.stop(None)
+
+
+def test_attribution_asks_the_socket_named_in_the_config(answer, tmp_path):
+    """[attribution] pod_resources = true: the stage the agent builds asks that socket (a fake
+    kubelet over real gRPC) and labels by its answer; without the socket it stays off."""
+    from agent.accounting import Ledger
+    from agent.attribution.split import from_settings
+    from agent.config import Settings
+
+    sock = tmp_path / "kubelet.sock"
+    with fake_kubelet(sock, lambda request, context: answer):
+        settings = Settings(attribution={"pod_resources": True, "pod_resources_socket": str(sock)})
+        stage = from_settings(settings, Ledger().workloads, replay=False)
+        assert stage.pods is not None
+        stage.refresh_pods()
+        labels = {"kind": "kubernetes", "pod_uid": "u", "namespace": "", "pod": ""}
+        assert stage._with_pod_names(GPU0, labels) == {**labels, "namespace": "ml", "pod": "trainer-0"}
+        assert stage._with_pod_names(GPU1, labels) == labels  # two pods share it: not guessed
+        assert stage._with_pod_names(GPU0, {**labels, "kind": "user"})["pod"] == ""
+    off = Settings(attribution={"pod_resources": True, "pod_resources_socket": str(tmp_path / "none.sock")})
+    assert from_settings(off, Ledger().workloads, replay=False).pods is None

@@ -329,3 +329,44 @@ def test_totals_class_merges_and_expires_directly():
     assert {r.workload: r.energy_joules for r in t.rows()} == {"user:1": 5.0, OTHER: 4.0}
     assert t.expire(112.0) == 1  # user:1 last seen at 100
     assert [r.workload for r in t.rows()] == [OTHER]
+
+
+def test_pod_names_from_the_kubelet_label_the_pod_that_holds_the_gpu():
+    """[attribution] pod_resources: the kubelet's answer (GPU UUID -> pod containers) names the pod
+    of a /proc pod process on that GPU; a GPU shared by two pods keeps the names empty (the kubelet
+    does not say which PID is whose), a failed ask keeps the previous answer and is counted."""
+    from agent.attribution.podresources import PodContainer
+
+    resolver = IdentityResolver(NODE, lookup_user=lambda uid: None)
+    src, sampler = node(key_of=resolver_keys(resolver), gpus=2)
+    stage = sampler.attribution
+    answers = [
+        {"GPU-fake-0": (PodContainer("ml", "train-7f9c", "trainer", "nvidia.com/gpu"),),
+         "GPU-fake-1": (PodContainer("ml", "a", "c", "nvidia.com/gpu"), PodContainer("web", "b", "c", "nvidia.com/gpu"))},
+    ]
+
+    def ask():
+        if not answers:
+            raise RuntimeError("kubelet pod-resources List failed: UNAVAILABLE: connection refused")
+        return answers.pop()
+
+    stage.pods = ask
+    stage.refresh_pods()
+    for g in src.gpus:
+        g.procs = lambda t: [(1701, GIB)]  # a BestEffort pod on cgroup v2
+    run(src, sampler, 5)
+    stage.refresh_pods()  # fails: the previous answer stays
+    assert sampler.errors["process_read"] == 1
+    run(src, sampler, 5)
+    sampler.tick(final=True)
+    by_gpu = {r.uuid: r for r in sampler.snapshot.workloads if r.workload.startswith("pod:")}
+    named, shared = by_gpu["GPU-fake-0"], by_gpu["GPU-fake-1"]
+    assert (named.labels["namespace"], named.labels["pod"]) == ("ml", "train-7f9c")
+    assert named.labels["pod_uid"] == named.workload[4:]
+    assert (shared.labels["namespace"], shared.labels["pod"]) == ("", "")
+    for i, uuid in enumerate(("GPU-fake-0", "GPU-fake-1")):
+        parts = [r.energy_joules for r in sampler.snapshot.workloads if r.uuid == uuid]
+        assert math.fsum(parts) == pytest.approx(gpu_total(sampler, i), rel=1e-12)
+    text = metrics_text(sampler)
+    assert any('namespace="ml"' in l and 'pod="train-7f9c"' in l for l in text.splitlines()
+               if l.startswith("gpucost_workload_gpu_energy_joules_total"))
