@@ -8,7 +8,7 @@ Their own families, never job labels multiplied onto device series:
   the GPU's, with ``currency``.
 
 Every label is always present, "" when not known or switched off. ``gpu_instance`` is
-the MIG GPU instance, "" without MIG. Rendered from the snapshot only.
+the MIG GPU instance id, "" without MIG (and for ``other``). Rendered from the snapshot only.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def workload_families(snap: Snapshot) -> Iterator[Metric]:
         gpu = index_of.get(r.uuid)
         if gpu is None:
             continue  # a GPU not present now exports nothing
-        labels = [gpu, r.uuid, "", r.workload] + [str(r.labels.get(n, "")) for n in IDENTITY_LABELS]
+        labels = [gpu, r.uuid, r.gpu_instance, r.workload] + [str(r.labels.get(n, "")) for n in IDENTITY_LABELS]
         energy.add_metric(labels, r.energy_joules)
         for currency, value in sorted(r.cost.items()):
             cost.add_metric(labels + [currency], value)
