@@ -118,6 +118,8 @@ class Sampler:
         self.devices: list[GpuInfo] = []
         #: GPU UUID -> (counter mJ, monotonic s) the loaded totals end at (see resume_counters).
         self._resume_marks: dict[str, tuple[int, float]] = {}
+        #: Monotonic time the loaded hardware amortisation ends at (same boot), or None.
+        self._resume_mono: float | None = None
         self._up: dict[int, bool] = {}
         self._energy: dict[int, GpuEnergy] = {}
         #: The stage that splits each GPU slice among workloads (agent.attribution.split.Attributor), or None.
@@ -240,6 +242,13 @@ class Sampler:
             # them (tariff bands, samples). A wall step (NTP, VM resume) moves
             # where a tick lands, never how long it lasted.
             t0 = None
+            if self._prev_mono is None and self._resume_mono is not None and mono > self._resume_mono:
+                # First tick after a restart on the same boot: the hardware cost of the time no
+                # agent ran is accrued now (it costs the same whether anyone watches or not).
+                gap = mono - self._resume_mono
+                log.info("hardware amortisation of the %.1f s the agent was not running accrued", gap)
+                self._prev_mono, self._prev_wall = self._resume_mono, wall - gap
+            self._resume_mono = None
             if self._prev_mono is not None and mono >= self._prev_mono:
                 t0 = wall - (mono - self._prev_mono)
                 step = t0 - self._prev_wall  # type: ignore[operator]
@@ -300,12 +309,14 @@ class Sampler:
             if boot is not None:
                 marks = [[d.uuid, m[0], m[1]] for d in self.devices
                          if (m := self._energy[d.index].counter_mark) is not None]
-                state["gpu_counters"] = {"boot_id": boot, "readings": marks}
+                state["gpu_counters"] = {"boot_id": boot, "readings": marks, "mono": self._prev_mono}
             return state
 
-    def resume_counters(self, marks: dict[str, tuple[int, float]]) -> None:
-        """The counter readings the loaded totals end at (:func:`counter_marks`), before the first tick."""
+    def resume_counters(self, marks: dict[str, tuple[int, float]], mono: float | None = None) -> None:
+        """The counter readings the loaded totals end at (:func:`counter_marks`), and the monotonic
+        time the loaded amortisation ends at (:func:`resume_mono`), before the first tick."""
         with self._lock:
+            self._resume_mono = mono
             self._resume_marks = dict(marks)
             for d in self.devices:
                 mark = marks.get(d.uuid)
@@ -573,6 +584,19 @@ def counter_marks(state: Any) -> dict[str, tuple[int, float]]:
     if boot is None or data.get("boot_id") != boot:
         return {}  # saved before a reboot: nothing to bridge
     return out
+
+
+def resume_mono(state: Any) -> float | None:
+    """The monotonic time a persisted state's amortisation ends at, when saved on this boot."""
+    data = state.get("gpu_counters") if isinstance(state, dict) else None
+    if not isinstance(data, dict) or data.get("boot_id") is None or data.get("boot_id") != boot_id():
+        return None
+    mono = data.get("mono")
+    if mono is None:
+        return None
+    if isinstance(mono, bool) or not isinstance(mono, (int, float)) or not 0 <= mono < 1e10:
+        raise ValueError("gpu_counters.mono: expected monotonic seconds")
+    return float(mono)
 
 
 def _fetch(src: GpuSource, index: int, reacquire: bool, counter: bool, since_us: int | None,

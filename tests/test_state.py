@@ -285,3 +285,7 @@ def test_counter_marks_only_from_this_boot_and_malformed_ones_refused(monkeypatc
     for bad in ([["GPU-1", -1, 1.0]], [["GPU-1", 1.5, 1.0]], [["GPU-1", 1, float("nan")]], [["", 1, 1.0]], "x"):
         with pytest.raises(ValueError, match="gpu_counters"):
             sampler.counter_marks({"gpu_counters": {"boot_id": "boot-a", "readings": bad}})
+    assert sampler.resume_mono({"gpu_counters": {"boot_id": "boot-a", "readings": [], "mono": 99.5}}) == 99.5
+    assert sampler.resume_mono({"gpu_counters": {"boot_id": "boot-b", "readings": [], "mono": 99.5}}) is None
+    with pytest.raises(ValueError, match="gpu_counters.mono"):
+        sampler.resume_mono({"gpu_counters": {"boot_id": "boot-a", "readings": [], "mono": -1}})
