@@ -15,7 +15,7 @@ from . import __version__
 from .accounting import Ledger
 from .config import ConfigError, Settings, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
-from .sampler import Sampler
+from .sampler import Sampler, counter_marks, resume_mono
 from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
 from .state import StateError, StateStore, default_state_dir
 from .webconfig import WebConfigError
@@ -141,7 +141,9 @@ def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateSto
     state = store.load()
     if state is not None:
         try:
+            marks, mono = counter_marks(state), resume_mono(state)  # checked first: all or nothing
             ledger.load_state(state)  # all or nothing: on error the ledger stays at zero
+            store.counter_marks, store.resume_mono = marks, mono
         except Exception as exc:  # whatever is wrong with the file, the agent starts
             store.reject(str(exc) or type(exc).__name__)
         else:
@@ -276,6 +278,8 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         attribution=_attribution(settings, ledger, replay=False) if settings.gpu.enabled else None,
         methods=methods,
     )
+    if store is not None:
+        sampler.resume_counters(store.counter_marks, store.resume_mono)
     retry = open_source if settings.gpu.enabled and source is None else None
     return _serve(settings, sampler, store, listener, open_source=retry)
 

@@ -88,6 +88,9 @@ class GpuEnergy:
     _power: float | None = None
     _counter_mj: int | None = None
     _counter_mono: float | None = None
+    #: The counter reading the persisted totals end at, from the state of an earlier run on
+    #: this boot: (mJ, monotonic s). The first read bridges the time the agent was not running.
+    _resume: tuple[int, float] | None = None
     _pending: list[_Tick] = field(default_factory=list)
     #: Newest power sample integrated: the left edge of the next sample's stretch.
     _anchor: tuple[int, int] | None = None
@@ -210,9 +213,49 @@ class GpuEnergy:
             return []
         return [EnergySlice(self.gpu, t0, wall, polled, "polled", utilization)]
 
+    @property
+    def counter_mark(self) -> tuple[int, float] | None:
+        """(counter mJ, monotonic s) that every joule accounted so far ends at, or None.
+
+        Every counter read settles the ticks before it, so what the totals hold ends exactly at
+        the last reading; None where that is not so (no read yet, reads stale, flushed)."""
+        if self.method != "counter" or self._counter_mj is None or self._counter_mono is None:
+            return None
+        return self._counter_mj, self._counter_mono
+
+    def resume(self, counter_mj: int, mono: float) -> None:
+        """Continue from the reading an earlier run's totals ended at (same boot: the monotonic
+        clock and the counter go on across processes). The first read then counts the energy
+        used while no agent ran, exact from the counter, if it is plausibly the same count."""
+        self._resume = (int(counter_mj), float(mono))
+
+    def _bridge(self, wall: float, mono: float, counter_mj: int) -> list[EnergySlice]:
+        """The energy between an earlier run's last reading and this first one, as one slice.
+
+        Taken only if it cannot be a counter that restarted in between: the delta is not negative,
+        fits under the GPU's power limit over the gap, and the earlier reading exceeds what a counter
+        restarted in the gap could have reached (so a driver reload is never mistaken for use)."""
+        resume, self._resume = self._resume, None
+        if resume is None:
+            return []
+        mj0, mono0 = resume
+        gap = mono - mono0
+        delta_j = (counter_mj - mj0) / 1000.0
+        bound = None if self.max_watts is None else self.max_watts * gap * 1.1 + 1.0
+        if gap <= 0 or bound is None or not (0 <= delta_j <= bound) or mj0 / 1000.0 <= bound:
+            log.info("GPU %d: the energy used while the agent was not running (%.1f s) is not counted: "
+                     "the counter cannot bridge it (%.3f J -> %.3f J)", self.gpu, gap, mj0 / 1000.0,
+                     counter_mj / 1000.0)
+            return []
+        log.info("GPU %d: %.3f J used in the %.1f s the agent was not running, from the energy counter",
+                 self.gpu, delta_j, gap)
+        return [EnergySlice(self.gpu, wall - gap, wall, delta_j, "counter")]
+
     def _tick_counter(self, first: bool, mono: float, tick: _Tick, counter_mj: int | None) -> list[EnergySlice]:
         if not first:
             self._pending.append(tick)
+        elif counter_mj is None:
+            self._resume = None  # only a first read can bridge: later ones are this run's
         if counter_mj is None:
             # No counter this tick. If reads have failed for too long, stop
             # holding energy back: settle what is pending from polled power.
@@ -226,6 +269,8 @@ class GpuEnergy:
         if self._counter_mj is None:
             # First read (or first after a stale stretch): a new baseline.
             out = self._settle_polled()
+            if first:
+                out += self._bridge(tick.t1, mono, counter_mj)
             self._counter_mj, self._counter_mono = counter_mj, mono
             return out
         span = mono - self._counter_mono  # type: ignore[operator]

@@ -8,15 +8,16 @@ Their own families, never job labels multiplied onto device series:
   the GPU's, with ``currency``.
 
 Every label is always present, "" when not known or switched off. ``gpu_instance`` is
-the MIG GPU instance, "" without MIG. Rendered from the snapshot only.
+the MIG GPU instance id, "" without MIG (and for ``other``). Rendered from the snapshot only.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .attribution.split import COMMAND
 from .attribution.workloads import IDENTITY_LABELS
 from .snapshot import Snapshot
 
@@ -39,13 +40,24 @@ def workload_families(snap: Snapshot) -> Iterator[Metric]:
         "Facility energy cost of each workload's GPU energy, priced when the energy was used.",
         labels=WORKLOAD_LABELS + ["currency"],
     )
+    command = GaugeMetricFamily(
+        "gpucost_workload_command_info",
+        "The command line of a workload's process ([attribution] cmdline = true only; command lines can "
+        "hold secrets). Join on gpu, uuid, gpu_instance, workload.",
+        labels=["gpu", "uuid", "gpu_instance", "workload", "command"],
+    )
     for r in rows:
         gpu = index_of.get(r.uuid)
         if gpu is None:
             continue  # a GPU not present now exports nothing
-        labels = [gpu, r.uuid, "", r.workload] + [str(r.labels.get(n, "")) for n in IDENTITY_LABELS]
+        labels = [gpu, r.uuid, r.gpu_instance, r.workload] + [str(r.labels.get(n, "")) for n in IDENTITY_LABELS]
         energy.add_metric(labels, r.energy_joules)
         for currency, value in sorted(r.cost.items()):
             cost.add_metric(labels + [currency], value)
+        cmd = r.labels.get(COMMAND)
+        if cmd:
+            command.add_metric(labels[:4] + [cmd], 1.0)
     yield energy
     yield cost
+    if command.samples:
+        yield command

@@ -3,9 +3,9 @@
 Records everything the replay can answer with: the cheap readings every
 ``interval``, the energy counter every ``energy_interval`` and the new
 entries of the driver's power-sample buffer every ``samples_interval``; the
-process list (9 µs on H100) and the new per-process utilisation samples
-(``last_seen`` advanced) on every row; host CPU and memory. Recording is a short-lived
-diagnostic, so it may read the costly counter far more often than the agent.
+process list (9 µs on H100), the new per-process utilisation samples
+(``last_seen`` advanced) and, on a GPU in MIG mode, its MIG instances on every
+row; host CPU and memory. Recording is a short-lived diagnostic, so it may read the costly counter far more often than the agent.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import psutil
 
 from . import __version__
 from .sources.gpu import GpuError, GpuNotSupported, GpuSource
-from .trace import TraceWriter
+from .trace import TraceWriter, mig_to_json
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def record(
     no_samples: set[int] = set()
     no_procs: set[int] = set()
     no_util: set[int] = set()
+    no_mig: set[int] = set()
     util_seen = {d.index: 0 for d in devices}
     # Who each PID is, written once per PID the first time it is listed, so a replay
     # attributes energy to the recorded users, jobs and pods (never this machine's PIDs).
@@ -132,7 +133,21 @@ def record(
                         no_procs.add(d.index)
                     except GpuError:
                         g["processes"] = None
-                new_pids = [p for p, _ in (g.get("processes") or ()) if p not in described]
+                if d.index not in no_mig:
+                    try:
+                        mig = src.mig_instances(d.index)
+                    except GpuNotSupported:
+                        no_mig.add(d.index)
+                    except GpuError:
+                        g["mig"] = None
+                    else:
+                        if mig is None:
+                            no_mig.add(d.index)  # not in MIG mode: changing that takes a GPU reset
+                        else:
+                            g["mig"] = mig_to_json(mig)
+                listed = [p for p, _ in (g.get("processes") or ())]
+                listed += [p for inst in (g.get("mig") or ()) for p, _ in inst["processes"]]
+                new_pids = [p for p in dict.fromkeys(listed) if p not in described]
                 if new_pids:
                     facts = {}
                     for pid in new_pids:

@@ -116,6 +116,10 @@ class Sampler:
         #: Real Unix time of the last successful write of the totals (set by the service).
         self.last_save_timestamp: float | None = None
         self.devices: list[GpuInfo] = []
+        #: GPU UUID -> (counter mJ, monotonic s) the loaded totals end at (see resume_counters).
+        self._resume_marks: dict[str, tuple[int, float]] = {}
+        #: Monotonic time the loaded hardware amortisation ends at (same boot), or None.
+        self._resume_mono: float | None = None
         self._up: dict[int, bool] = {}
         self._energy: dict[int, GpuEnergy] = {}
         #: The stage that splits each GPU slice among workloads (agent.attribution.split.Attributor), or None.
@@ -144,6 +148,9 @@ class Sampler:
                 on_event=self._count,
             )
             log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
+            mark = self._resume_marks.get(d.uuid)
+            if mark is not None and method == "counter":
+                self._energy[d.index].resume(*mark)
 
     def attach(self, source: GpuSource, methods: dict[int, str]) -> None:
         """A GPU source that could not be opened at start (NVML init failed) opened now:
@@ -235,6 +242,13 @@ class Sampler:
             # them (tariff bands, samples). A wall step (NTP, VM resume) moves
             # where a tick lands, never how long it lasted.
             t0 = None
+            if self._prev_mono is None and self._resume_mono is not None and mono > self._resume_mono:
+                # First tick after a restart on the same boot: the hardware cost of the time no
+                # agent ran is accrued now (it costs the same whether anyone watches or not).
+                gap = mono - self._resume_mono
+                log.info("hardware amortisation of the %.1f s the agent was not running accrued", gap)
+                self._prev_mono, self._prev_wall = self._resume_mono, wall - gap
+            self._resume_mono = None
             if self._prev_mono is not None and mono >= self._prev_mono:
                 t0 = wall - (mono - self._prev_mono)
                 step = t0 - self._prev_wall  # type: ignore[operator]
@@ -282,9 +296,32 @@ class Sampler:
             self.snapshot = replace(snap, agent=replace(snap.agent, last_save_timestamp=t))
 
     def state(self) -> dict[str, Any]:
-        """The ledger's totals, consistent (taken between two ticks), for persisting."""
+        """The ledger's totals, consistent (taken between two ticks), for persisting.
+
+        With them, for live GPUs, the energy-counter reading each GPU's total ends at and this
+        boot's id (``gpu_counters``), so that a restart on the same boot counts, exact from the
+        counter, the energy used while no agent ran (after a crash, kill -9 or an upgrade) and
+        the totals never go back.
+        """
         with self._lock:
-            return self.ledger.state()
+            state = self.ledger.state()
+            boot = boot_id() if self.source_kind == "nvml" else None
+            if boot is not None:
+                marks = [[d.uuid, m[0], m[1]] for d in self.devices
+                         if (m := self._energy[d.index].counter_mark) is not None]
+                state["gpu_counters"] = {"boot_id": boot, "readings": marks, "mono": self._prev_mono}
+            return state
+
+    def resume_counters(self, marks: dict[str, tuple[int, float]], mono: float | None = None) -> None:
+        """The counter readings the loaded totals end at (:func:`counter_marks`), and the monotonic
+        time the loaded amortisation ends at (:func:`resume_mono`), before the first tick."""
+        with self._lock:
+            self._resume_mono = mono
+            self._resume_marks = dict(marks)
+            for d in self.devices:
+                mark = marks.get(d.uuid)
+                if mark is not None and self._energy[d.index].method == "counter":
+                    self._energy[d.index].resume(*mark)
 
     def _host_description(self) -> str:
         """The host source's one-line description, re-formatted only when its mode changes."""
@@ -516,6 +553,51 @@ class _Fetched:
     samples_error: GpuError | None = None
     #: The attribution stage's process reads (see Attributor.fetch), when it has one.
     processes: Any = None
+
+
+def boot_id() -> str | None:
+    """This boot's id (``/proc/sys/kernel/random/boot_id``), or None where there is none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def counter_marks(state: Any) -> dict[str, tuple[int, float]]:
+    """GPU UUID -> (counter mJ, monotonic s) from a persisted state's ``gpu_counters``, when it was
+    saved on this boot (the monotonic clock and the counters restart with a reboot); else empty.
+    Raises ValueError for a malformed entry (the whole state is then set aside, as for any value)."""
+    data = state.get("gpu_counters") if isinstance(state, dict) else None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("readings"), list):
+        raise ValueError("gpu_counters: expected an object with a list of readings")
+    out: dict[str, tuple[int, float]] = {}
+    for i, row in enumerate(data["readings"]):
+        ok = (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and 0 < len(row[0]) <= 256
+              and isinstance(row[1], int) and not isinstance(row[1], bool) and 0 <= row[1] < 2**63
+              and isinstance(row[2], (int, float)) and not isinstance(row[2], bool) and 0 <= row[2] < 1e10)
+        if not ok:
+            raise ValueError(f"gpu_counters.readings[{i}]: expected [gpu uuid, counter mJ, monotonic s]")
+        out[row[0]] = (row[1], float(row[2]))
+    boot = boot_id()
+    if boot is None or data.get("boot_id") != boot:
+        return {}  # saved before a reboot: nothing to bridge
+    return out
+
+
+def resume_mono(state: Any) -> float | None:
+    """The monotonic time a persisted state's amortisation ends at, when saved on this boot."""
+    data = state.get("gpu_counters") if isinstance(state, dict) else None
+    if not isinstance(data, dict) or data.get("boot_id") is None or data.get("boot_id") != boot_id():
+        return None
+    mono = data.get("mono")
+    if mono is None:
+        return None
+    if isinstance(mono, bool) or not isinstance(mono, (int, float)) or not 0 <= mono < 1e10:
+        raise ValueError("gpu_counters.mono: expected monotonic seconds")
+    return float(mono)
 
 
 def _fetch(src: GpuSource, index: int, reacquire: bool, counter: bool, since_us: int | None,

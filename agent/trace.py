@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
 
+from .sources.gpu import MigComputeInstance, MigInstance
+
 FORMAT = "gpu-cost-agent-trace"
 VERSION = 1
 
@@ -36,6 +38,11 @@ GPU_FIELDS = {
     "process_utilization": (
         "nvmlDeviceGetProcessUtilization(last_seen) new since the previous read: "
         "[[pid, timestamp_us, sm_pct, mem_pct], ...], [] where it answered NotFound"
+    ),
+    "mig": (
+        "the MIG GPU instances of a GPU in MIG mode (absent: not in MIG mode): "
+        "[{gpu_instance, profile, slices, compute_instances: [[ci, uuid, compute_slices, sms], ...], "
+        "processes: [[pid, used_bytes], ...], sm_active_pct}, ...]"
     ),
     "identities": "who each PID is, once per PID: {pid: {workload: key, labels: {kind, user, ...}}}",
 }
@@ -100,6 +107,12 @@ def load(path: str | Path) -> Trace:
                     raise TraceError(f"{path}:{lineno}: 't' goes backwards ({t} < {last_t})")
                 if not isinstance(obj.get("gpus", {}), dict):
                     raise TraceError(f"{path}:{lineno}: 'gpus' must be an object keyed by GPU index")
+                for key, g in obj.get("gpus", {}).items():
+                    if isinstance(g, dict) and g.get("mig") is not None:
+                        try:
+                            mig_from_json(g["mig"])
+                        except ValueError as exc:
+                            raise TraceError(f"{path}:{lineno}: gpus.{key}.mig: {exc}") from exc
                 last_t = t
                 rows.append(obj)
         except (OSError, EOFError, UnicodeDecodeError) as exc:
@@ -124,6 +137,79 @@ def _check_header(path: Path, lineno: int, obj: dict[str, Any]) -> dict[str, Any
         if not isinstance(g, dict) or not isinstance(g.get("index"), int) or not g.get("uuid"):
             raise TraceError(f"{path}:{lineno}: each header GPU needs an integer 'index' and a 'uuid'")
     return obj
+
+
+def mig_to_json(instances: Iterable[MigInstance]) -> list[dict[str, Any]]:
+    """The ``mig`` value of a trace row (format: docs/trace-format.md)."""
+    return [
+        {
+            "gpu_instance": m.gpu_instance,
+            "profile": m.profile,
+            "slices": m.slices,
+            "compute_instances": [[c.compute_instance, c.uuid, c.compute_slices, c.multiprocessors]
+                                  for c in m.compute_instances],
+            "processes": [[pid, used] for pid, used in m.processes],
+            "sm_active_pct": round(m.sm_activity * 100.0, 3) if m.sm_activity is not None else None,
+        }
+        for m in instances
+    ]
+
+
+def mig_from_json(value: Any) -> list[MigInstance]:
+    """MIG instances from a trace row's ``mig`` value. Raises ValueError naming the bad part."""
+
+    def count(v: Any, where: str) -> int | None:
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{where}: expected a whole number >= 0 or null, got {v!r}")
+        return v
+
+    def need(v: Any, where: str) -> int:
+        n = count(v, where)
+        if n is None:
+            raise ValueError(f"{where}: expected a whole number >= 0, got null")
+        return n
+
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of GPU instances, got {type(value).__name__}")
+    out: list[MigInstance] = []
+    seen: set[int] = set()
+    for i, m in enumerate(value):
+        where = f"[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: expected an object")
+        gi = need(m.get("gpu_instance"), f"{where}.gpu_instance")
+        if gi in seen:
+            raise ValueError(f"{where}: GPU instance {gi} appears twice")
+        seen.add(gi)
+        profile = m.get("profile") or ""
+        if not isinstance(profile, str):
+            raise ValueError(f"{where}.profile: expected a string")
+        cis = []
+        for j, c in enumerate(m.get("compute_instances") or []):
+            if not isinstance(c, list) or len(c) != 4 or not isinstance(c[1], str):
+                raise ValueError(f"{where}.compute_instances[{j}]: expected [ci, uuid, compute_slices, sms]")
+            cis.append(MigComputeInstance(need(c[0], f"{where}.compute_instances[{j}][0]"), c[1],
+                                          count(c[2], f"{where}.compute_instances[{j}][2]"),
+                                          count(c[3], f"{where}.compute_instances[{j}][3]")))
+        procs = []
+        for j, p in enumerate(m.get("processes") or []):
+            if not isinstance(p, list) or len(p) != 2:
+                raise ValueError(f"{where}.processes[{j}]: expected [pid, used_bytes]")
+            procs.append((need(p[0], f"{where}.processes[{j}][0]"), count(p[1], f"{where}.processes[{j}][1]")))
+        pct = m.get("sm_active_pct")
+        if pct is not None and (isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 <= pct <= 100):
+            raise ValueError(f"{where}.sm_active_pct: expected a number from 0 to 100 or null, got {pct!r}")
+        out.append(MigInstance(
+            gpu_instance=gi,
+            profile=profile,
+            slices=count(m.get("slices"), f"{where}.slices"),
+            compute_instances=tuple(cis),
+            processes=tuple(procs),
+            sm_activity=pct / 100.0 if pct is not None else None,
+        ))
+    return out
 
 
 class TraceWriter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from agent.sources.gpu import GpuError, GpuInfo, GpuLost, GpuNotSupported, GpuReading
+from agent.sources.gpu import GpuError, GpuInfo, GpuLost, GpuNotSupported, GpuReading, MigInstance
 
 
 class FakeGpu:
@@ -28,6 +28,8 @@ class FakeGpu:
         self.util_samples: list[tuple[int, int, int, int]] | None = []
         #: Utilisation reading of the whole GPU (ratio).
         self.utilization = 0.5
+        #: MIG GPU instances: a function of time giving the instances, or None (not in MIG mode).
+        self.mig: Callable[[float], list[MigInstance]] | None = None
 
 
 class FakeSource:
@@ -97,6 +99,11 @@ class FakeSource:
             raise GpuNotSupported("process_utilization")
         now_us = int(round(self.t * 1e6))
         return sorted((s for s in g.util_samples if since_us < s[1] <= now_us), key=lambda s: s[1])
+
+    def mig_instances(self, index: int) -> list[MigInstance] | None:
+        self._count("mig_instances")
+        g = self.gpus[index]
+        return list(g.mig(self.t)) if g.mig is not None else None
 
     def close(self) -> None:
         pass

@@ -411,3 +411,47 @@ def test_service_reads_the_buffer_between_long_ticks():
         service.stop()
     assert ticks == 2  # make_sampler's and start()'s: no scheduled 5 s tick has run yet
     assert reads >= 2  # ... but the buffer was read at 1 s and 2 s
+
+
+# -- the time no agent ran: bridged by the counter on the same boot ----------------------
+
+
+def _resumed(mj0: int, mono0: float, max_watts: float | None = 700.0) -> GpuEnergy:
+    e = GpuEnergy(0, "counter", max_watts=max_watts)
+    e.resume(mj0, mono0)
+    return e
+
+
+def test_first_read_after_a_restart_counts_the_energy_used_while_no_agent_ran():
+    # The last run's totals ended at 50,000,000 mJ at monotonic 1000 s; 30 s later, at 300 W.
+    e = _resumed(50_000_000, 1000.0)
+    out = e.tick(1030.0, 1_800_000_030.0, 300.0, 0.5, counter_mj=50_000_000 + 9_000_000)
+    assert [(s.t0, s.t1, s.joules, s.source) for s in out] == [(1_800_000_000.0, 1_800_000_030.0, 9000.0, "counter")]
+    assert e.counter_mark == (59_000_000, 1030.0)
+    # From here on, ordinary counter intervals.
+    out = []
+    for k in range(1, 6):
+        out += e.tick(1030.0 + k, 1_800_000_030.0 + k, 300.0, 0.5,
+                      counter_mj=59_000_000 + 1_500_000 if k == 5 else None)
+    assert sum(s.joules for s in out) == pytest.approx(1500.0)
+
+
+@pytest.mark.parametrize("mj0, mono0, now_mj, max_watts, why", [
+    (50_000_000, 1000.0, 40_000_000, 700.0, "the counter went back: a driver reload in between"),
+    (50_000_000, 1000.0, 50_000_000 + 30_000_000, 700.0, "more than the power limit allows over the gap"),
+    (10_000_000, 1000.0, 10_000_000 + 3_000_000, 700.0, "a counter restarted in the gap could have got this far"),
+    (50_000_000, 1030.0, 51_000_000, 700.0, "no time passed (a clock that is not this boot's)"),
+    (50_000_000, 1000.0, 51_000_000, None, "no power limit to bound it"),
+])
+def test_a_gap_the_counter_cannot_vouch_for_is_not_counted(mj0, mono0, now_mj, max_watts, why):
+    e = _resumed(mj0, mono0, max_watts)
+    assert e.tick(1030.0, 1_800_000_030.0, 300.0, 0.5, counter_mj=now_mj) == [], why
+    assert e.counter_mark == (now_mj, 1030.0)  # a plain new baseline
+
+
+def test_only_the_first_read_bridges():
+    """A first tick without a counter answer: later reads are this run's, never the gap's."""
+    e = _resumed(50_000_000, 1000.0)
+    assert e.tick(1030.0, 1_800_000_030.0, 300.0, 0.5, counter_mj=None) == []
+    out = e.tick(1031.0, 1_800_000_031.0, 300.0, 0.5, counter_mj=59_300_000)
+    assert all(s.t0 >= 1_800_000_030.0 for s in out) and sum(s.joules for s in out) <= 300.0

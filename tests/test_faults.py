@@ -9,6 +9,7 @@ lost, a counter that resets, an NVML that fails to initialise at boot.
 from __future__ import annotations
 
 import json
+import signal
 import os
 import time
 from pathlib import Path
@@ -253,3 +254,42 @@ def test_a_hung_process_list_stalls_no_other_gpu_and_its_workloads_still_add_up(
     started = time.monotonic()
     rc = agent.stop(timeout=20)
     assert rc == 0 and time.monotonic() - started < 5.0, agent.output[-2000:]
+
+
+def test_after_kill_9_the_counter_bridges_the_downtime_and_totals_never_go_back(tmp_path):
+    """kill -9 loses what was not yet saved; on the same boot the energy counter still holds it.
+    The restarted agent's first read counts everything since the state's last reading, so its
+    totals continue where the GPU is, not where the last save was: Prometheus sees no reset."""
+    node = Node(tmp_path)
+    with node.config.open("a") as f:  # amortisation of 1 EUR per hour: it must not go back either
+        f.write('[hardware]\nnode_price = 8766\nnode_lifetime_years = 1\ncurrency = "EUR"\n')
+    launched = time.monotonic()
+    first = node.agent()
+    started = time.monotonic()  # the first run's first counter read is shortly before this
+    m = until(first, lambda m: energy(m, 0) >= 900.0, 8, "3 s of energy counted")
+    before = energy(m, 0)
+    hardware_before = value(m, "gpucost_hardware_cost_total", component="node")
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    saved = node.saved_energy()[UUID.format(0)]
+    assert saved < before  # the state file lags: without the bridge the counter would go back
+    time.sleep(2.0)  # nobody is counting: 600 J per GPU happen here
+    second = node.agent()
+    try:
+        m = second.metrics()
+        after = energy(m, 0)
+        assert after >= before + 2.0 * 300.0, (before, after)
+        polled = sum(s.value for s in m["gpucost_gpu_energy_joules"]
+                     if s.name.endswith("_total") and s.labels["source"] == "polled")
+        assert polled == 0.0  # the bridge is exact, from the counter
+        m = until(second, lambda m: energy(m, 0) > after + 600.0, 5, "the restarted agent counting on")
+        elapsed = time.monotonic() - started
+        # Everything since the first run's first read, at 300 W: the counter lags by at most
+        # one read (1 s) and the first read came up to ~1 s before `started`.
+        assert energy(m, 0) == pytest.approx(300.0 * elapsed, abs=300.0 * 1.5)
+        # Amortisation ran on through the downtime: what the node's hardware costs per real hour.
+        hardware = value(m, "gpucost_hardware_cost_total", component="node")
+        assert hardware > hardware_before
+        assert hardware * 3600 == pytest.approx(time.monotonic() - launched, abs=2.5)
+    finally:
+        second.stop()
+    assert "used in the" in second.output and "the agent was not running" in second.output

@@ -270,3 +270,22 @@ def _wait_for(agent: AgentProcess, ok, timeout: float = 10.0) -> dict:
             return health
         time.sleep(0.1)
     raise AssertionError(f"/healthz never got there: {agent.health()}")
+
+
+def test_counter_marks_only_from_this_boot_and_malformed_ones_refused(monkeypatch):
+    """``gpu_counters`` (the counter readings the totals end at) bridge a restart only on the boot
+    that wrote them; a malformed entry is refused like any bad value (the whole state set aside)."""
+    from agent import sampler
+
+    monkeypatch.setattr(sampler, "boot_id", lambda: "boot-a")
+    good = {"gpu_counters": {"boot_id": "boot-a", "readings": [["GPU-1", 50_000_000, 1234.5]]}}
+    assert sampler.counter_marks(good) == {"GPU-1": (50_000_000, 1234.5)}
+    assert sampler.counter_marks({**good, "gpu_counters": {**good["gpu_counters"], "boot_id": "boot-b"}}) == {}
+    assert sampler.counter_marks({}) == {}  # states saved before this existed
+    for bad in ([["GPU-1", -1, 1.0]], [["GPU-1", 1.5, 1.0]], [["GPU-1", 1, float("nan")]], [["", 1, 1.0]], "x"):
+        with pytest.raises(ValueError, match="gpu_counters"):
+            sampler.counter_marks({"gpu_counters": {"boot_id": "boot-a", "readings": bad}})
+    assert sampler.resume_mono({"gpu_counters": {"boot_id": "boot-a", "readings": [], "mono": 99.5}}) == 99.5
+    assert sampler.resume_mono({"gpu_counters": {"boot_id": "boot-b", "readings": [], "mono": 99.5}}) is None
+    with pytest.raises(ValueError, match="gpu_counters.mono"):
+        sampler.resume_mono({"gpu_counters": {"boot_id": "boot-a", "readings": [], "mono": -1}})

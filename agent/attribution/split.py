@@ -25,6 +25,15 @@ The split of one slice (``t0``, ``t1``, ``joules``) of a GPU:
 4. The parts add up to the slice: the largest part is the slice minus all the others.
    The slice's cost (priced once, by the ledger, at the band in force when the energy was
    used) is split in the same proportions.
+
+On a GPU in MIG mode (NVML measures the whole GPU only; docs/attribution.md, "MIG"), the
+slice is first split among the GPU instances read on the tick that ended it
+(:func:`split_instances`: the idle part by compute slices, the rest by slices × GPM SM
+activity; by slices alone where activity is not known for every instance), then each
+instance's part among the workloads of its processes by GPU memory share (NVML gives no
+per-process SM samples under MIG); an instance without processes charges its part to
+``unallocated`` on that instance. The totals keys carry the instance
+(:func:`~.workloads.instance_key`).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
 
 from ..energy import EnergySlice
-from ..sources.gpu import GpuError, GpuNotSupported, GpuReading
+from ..sources.gpu import GpuError, GpuNotSupported, GpuReading, MigInstance
 from .identity import (
     KIND_CONTAINER,
     KIND_KUBERNETES,
@@ -48,7 +57,7 @@ from .identity import (
     IdentityResolver,
     WorkloadIdentity,
 )
-from .workloads import IDENTITY_LABELS, UNALLOCATED, WorkloadTotals, pseudo_labels
+from .workloads import IDENTITY_LABELS, UNALLOCATED, WorkloadTotals, instance_key, pseudo_labels, split_key
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +122,39 @@ def split_slice(
     return parts
 
 
+def split_instances(
+    joules: float, idle_joules: float, instances: Mapping[K, tuple[int | None, float | None]]
+) -> dict[K, float]:
+    """Divide one slice of a MIG GPU among its GPU instances (needs at least one).
+
+    ``instances`` maps each instance to (compute slices or None, SM activity 0–1 or None).
+    The weight of an instance is its slices (1 each when any instance's count is unknown).
+    When every instance's activity is known and some instance was active, ``idle_joules``
+    (clipped to ``[0, joules]``) goes by slices and the rest by slices × activity; otherwise
+    everything goes by slices. The parts add up to ``joules``, the remainder on the largest.
+    """
+    if not instances:
+        raise ValueError("no GPU instance to split among")
+    if all(n is not None and n > 0 for n, _ in instances.values()):
+        slices = {k: float(n) for k, (n, _) in instances.items()}  # type: ignore[arg-type]
+    else:
+        slices = {k: 1.0 for k in instances}
+    acts = {k: a for k, (_, a) in instances.items()}
+    if any(a is None for a in acts.values()):
+        return apportion(joules, slices)
+    active_w = {k: slices[k] * min(max(float(a), 0.0), 1.0) for k, a in acts.items()}  # type: ignore[arg-type]
+    if not math.fsum(active_w.values()) > 0:
+        return apportion(joules, slices)
+    idle = min(max(idle_joules, 0.0), joules)
+    parts = apportion(joules - idle, active_w)
+    if idle > 0:
+        for k, v in apportion(idle, slices).items():
+            parts[k] += v
+    largest = max(parts, key=lambda k: parts[k])
+    parts[largest] = joules - math.fsum(v for k, v in parts.items() if k != largest)
+    return parts
+
+
 # -- identities -----------------------------------------------------------------------
 
 
@@ -154,12 +196,20 @@ def identity_labels(ident: WorkloadIdentity) -> dict[str, str]:
     }
 
 
+#: Not an identity label: the command line of the workload's process, only with ``[attribution]
+#: cmdline = true``, exported on its own info family (gpucost_workload_command_info).
+COMMAND = "command"
+
+
 def resolver_keys(resolver: IdentityResolver) -> KeyOf:
     """Workloads of live PIDs, from ``/proc`` through ``resolver``."""
 
     def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
         ident = resolver.resolve(pid)
-        return workload_key(ident), identity_labels(ident)
+        labels = identity_labels(ident)
+        if ident.cmdline:
+            labels[COMMAND] = ident.cmdline
+        return workload_key(ident), labels
 
     return key_of
 
@@ -195,6 +245,18 @@ def recorded_keys(identities: Mapping[int, Mapping[str, Any]]) -> KeyOf:
 
 
 @dataclass
+class _Instance:
+    """One MIG GPU instance as read on one tick, its processes grouped into workloads."""
+
+    #: Compute slices of the instance (the 3 of ``3g.40gb``); None unknown.
+    slices: int | None
+    #: GPM SM activity of the instance since the previous tick, 0–1; None unknown.
+    activity: float | None
+    #: workload key → GPU memory (bytes; None when NVML did not give it for every process)
+    memory: dict[str, int | None]
+
+
+@dataclass
 class _Listing:
     """The process list read on one tick, grouped into workloads."""
 
@@ -203,6 +265,8 @@ class _Listing:
     keys: dict[int, str]
     #: workload key → GPU memory (bytes; None when NVML did not give it for every process)
     memory: dict[str, int | None]
+    #: GPU in MIG mode: GPU instance id → that instance (``memory`` is then empty); None: no MIG.
+    mig: dict[int, _Instance] | None = None
 
 
 @dataclass
@@ -213,6 +277,9 @@ class _ProcessRead:
     procs_error: GpuError | None = None
     samples: list[tuple[int, int, int, int]] | None = None
     samples_error: GpuError | None = None
+    #: The GPU's MIG instances (None: not in MIG mode, or not asked).
+    mig: list[MigInstance] | None = None
+    mig_error: GpuError | None = None
 
 
 @dataclass
@@ -228,6 +295,10 @@ class _Gpu:
     util_seen_us: int = 0
     lists_supported: bool = True
     util_supported: bool = True
+    #: Whether the source can say if the GPU is in MIG mode (False once it answered NotSupported).
+    mig_supported: bool = True
+    #: Whether the GPU was in MIG mode at its latest successful MIG read.
+    in_mig: bool = False
 
     @property
     def idle_watts(self) -> float | None:
@@ -336,15 +407,28 @@ class Attributor:
     # -- per tick -----------------------------------------------------------
 
     def fetch(self, source: Any, index: int) -> _ProcessRead | None:
-        """The GPU's process list and its per-process samples newer than the last seen.
+        """The GPU's process list and its per-process samples newer than the last seen; on a
+        GPU in MIG mode its MIG instances (with their processes) instead.
 
         Source calls only (run on the sampler's GPU worker thread, under its deadline);
         what they answered is applied by :meth:`observe` on the tick's thread.
         """
         g = self._gpus.get(index)
-        if g is None or not g.lists_supported:
+        if g is None:
             return None
         read = _ProcessRead()
+        if g.mig_supported:
+            ask = getattr(source, "mig_instances", None)
+            try:
+                if ask is None:
+                    raise GpuNotSupported("mig_instances")
+                read.mig = ask(index)
+            except GpuError as exc:  # GpuNotSupported included
+                read.mig_error = exc
+            if read.mig is not None or (read.mig_error is not None and g.in_mig):
+                return read  # MIG: the instances carry the processes
+        if not g.lists_supported:
+            return read if read.mig_error is not None else None
         try:
             read.procs = source.processes(index)
         except GpuError as exc:  # GpuNotSupported included
@@ -367,6 +451,21 @@ class Attributor:
                 g.idle_seen = reading.power_watts
         if read is None:
             return
+        if isinstance(read.mig_error, GpuNotSupported):
+            g.mig_supported = False
+        elif read.mig_error is not None:
+            self.on_error(PROCESS_READ)
+            log.debug("GPU %d: MIG read failed: %s", index, read.mig_error)
+            if g.in_mig:
+                return  # the latest MIG listing stays in force
+        elif read.mig is not None:
+            if not g.in_mig:
+                log.info("GPU %d is in MIG mode: its energy is split among its GPU instances", index)
+            g.in_mig = True
+            g.listings.append(self._mig_listing(wall, read.mig))
+            return
+        elif g.mig_supported:
+            g.in_mig = False
         if isinstance(read.procs_error, GpuNotSupported):
             if g.lists_supported:
                 g.lists_supported = False
@@ -406,12 +505,29 @@ class Attributor:
                 memory[key] = used
         return _Listing(wall, keys, memory)
 
+    def _mig_listing(self, wall: float, instances: list[MigInstance]) -> _Listing:
+        keys: dict[int, str] = {}
+        mig: dict[int, _Instance] = {}
+        for inst in instances:
+            # Pods hold MIG devices (compute instances): their names are known where the
+            # instance is one MIG device, as the device plugin's default "mixed" strategy makes.
+            cis = [c.uuid for c in inst.compute_instances]
+            sub = self._listing(wall, list(inst.processes), cis[0] if len(cis) == 1 else "")
+            keys.update(sub.keys)
+            slices = inst.slices
+            if slices is None:  # the GPU instance's slices, else its compute instances' together
+                counts = [c.compute_slices for c in inst.compute_instances]
+                if counts and all(n is not None for n in counts):
+                    slices = sum(counts)  # type: ignore[arg-type]
+            mig[inst.gpu_instance] = _Instance(slices, inst.sm_activity, sub.memory)
+        return _Listing(wall, keys, {}, mig)
+
     # -- per slice ------------------------------------------------------------
 
     def account(self, index: int, priced: Iterable[tuple[EnergySlice, float | None]], currency: str | None) -> None:
         """Split priced slices of GPU ``index`` (each with its cost, or None) into the totals."""
         g = self._gpus.get(index)
-        if g is None or not g.lists_supported:
+        if g is None or not (g.lists_supported or g.in_mig):
             return
         newest = None
         for s, cost in priced:
@@ -428,6 +544,8 @@ class Attributor:
         listing = g.listing_at(s.t1)
         if listing is None:
             return {KIND_UNKNOWN: s.joules}  # no process list read yet: who used it is not known
+        if listing.mig is not None:
+            return self._split_mig(g, listing.mig, s)
         if not listing.memory:
             return {UNALLOCATED: s.joules}
         start = s.t1 - max(self.window_seconds, s.t1 - s.t0)
@@ -443,6 +561,25 @@ class Attributor:
         idle_j = idle_w * (s.t1 - s.t0) if idle_w is not None else 0.0
         return split_slice(s.joules, idle_j, sm, listing.memory)
 
+    def _split_mig(self, g: _Gpu, instances: Mapping[int, _Instance], s: EnergySlice) -> dict[str, float]:
+        """How slice ``s`` of a GPU in MIG mode divides among (workload, GPU instance) totals keys."""
+        if not instances:
+            return {UNALLOCATED: s.joules}  # MIG mode without any GPU instance
+        idle_w = g.idle_watts
+        idle_j = idle_w * (s.t1 - s.t0) if idle_w is not None else 0.0
+        per_gi = split_instances(s.joules, idle_j, {gi: (x.slices, x.activity) for gi, x in instances.items()})
+        out: dict[str, float] = {}
+        for gi, joules in per_gi.items():
+            memory = instances[gi].memory
+            if not memory:
+                out[instance_key(UNALLOCATED, gi)] = joules
+                continue
+            for key, part in split_slice(joules, 0.0, {}, memory).items():
+                out[instance_key(key, gi)] = part
+        largest = max(out, key=lambda k: out[k])
+        out[largest] = s.joules - math.fsum(v for k, v in out.items() if k != largest)
+        return out
+
     def _account_one(self, g: _Gpu, s: EnergySlice, cost: float | None, currency: str | None) -> None:
         parts = self.split(g.index, s)
         costs: dict[str, float] = {}
@@ -450,7 +587,8 @@ class Attributor:
             weights = {k: v for k, v in parts.items() if v > 0}
             costs = apportion(cost, weights) if weights else {}
         for key, joules in parts.items():
-            labels = pseudo_labels(key) if key == UNALLOCATED else self._labels.get(key) or _unknown_labels()
+            base = split_key(key)[0]
+            labels = pseudo_labels(base) if base == UNALLOCATED else self._labels.get(base) or _unknown_labels()
             self.totals.charge(g.uuid, key, labels, joules, costs.get(key, 0.0 if cost is not None else None),
                                currency, s.t1)
 

@@ -5,6 +5,10 @@ Keyed by (GPU UUID, workload key). Workload keys (see docs/attribution.md): ``po
 ``pid:<pid>`` (replays only), and the pseudo-workloads ``unallocated`` (energy of a GPU
 with no process) and ``other`` (workloads merged beyond ``max_workloads``).
 
+On a MIG GPU a workload is charged per GPU instance: its totals key is
+``<workload>#gi<id>`` (:func:`instance_key`), exported as ``workload`` and ``gpu_instance``
+(``"#"`` occurs in no workload key: unit names, ids and uids never hold it).
+
 Cardinality is bounded two ways:
 
 - **retention**: a workload not charged for ``retention_seconds`` is dropped (its last
@@ -36,6 +40,21 @@ DEFAULT_RETENTION_SECONDS = 300.0
 Key = tuple[str, str]  # (gpu uuid, workload key)
 
 
+#: Between a workload key and its MIG GPU instance in a totals key.
+_GI = "#gi"
+
+
+def instance_key(key: str, gpu_instance: int | str) -> str:
+    """The totals key of workload ``key`` on MIG GPU instance ``gpu_instance``."""
+    return f"{key}{_GI}{gpu_instance}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(workload key, GPU instance id or "") of a totals key."""
+    base, sep, gi = key.rpartition(_GI)
+    return (base, gi) if sep and gi.isdigit() else (key, "")
+
+
 def pseudo_labels(key: str) -> dict[str, str]:
     """Labels of ``unallocated`` and ``other``: the kind says which, nothing else is known."""
     return {name: (key if name == "kind" else "") for name in IDENTITY_LABELS}
@@ -51,6 +70,8 @@ class WorkloadRow:
     energy_joules: float
     #: currency → cost of that energy
     cost: Mapping[str, float]
+    #: The MIG GPU instance id; "" without MIG.
+    gpu_instance: str = ""
 
 
 class WorkloadTotals:
@@ -96,8 +117,13 @@ class WorkloadTotals:
         self.energy[k] += joules
         if cost is not None and currency:
             self.cost[(k[0], k[1], currency)] += cost
-        if k not in self.labels:
+        known = self.labels.get(k)
+        if known is None:
             self.labels[k] = dict(labels)
+        elif any(v and not known.get(n) for n, v in labels.items()):
+            # A label learnt later (pod names from the kubelet's first answer, a command line
+            # after a restart) fills in what was empty; a known label never changes.
+            self.labels[k] = {**known, **{n: v for n, v in labels.items() if v and not known.get(n)}}
         self.last_seen[k] = max(t, self.last_seen.get(k, t))
 
     def expire(self, now: float) -> int:
@@ -122,7 +148,7 @@ class WorkloadTotals:
 
         Returns how many were merged. Energy and cost move, so sums per GPU are unchanged.
         """
-        live = [k for k in self.energy if k[1] not in PSEUDO]
+        live = [k for k in self.energy if split_key(k[1])[0] not in PSEUDO]
         excess = len(live) - self.max_workloads
         if excess <= 0:
             return 0
@@ -146,7 +172,8 @@ class WorkloadTotals:
         for (uuid, key, cur), v in self.cost.items():
             by_key[(uuid, key)][cur] = v
         return tuple(
-            WorkloadRow(k[0], k[1], dict(self.labels.get(k, {})), j, dict(by_key.get(k, {})))
+            WorkloadRow(k[0], split_key(k[1])[0], dict(self.labels.get(k, {})), j, dict(by_key.get(k, {})),
+                        split_key(k[1])[1])
             for k, j in sorted(self.energy.items())
         )
 

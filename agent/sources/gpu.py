@@ -80,6 +80,42 @@ GpuProcess = tuple[int, "int | None"]
 ProcessUtilSample = tuple[int, int, int, int]
 
 
+@dataclass(frozen=True)
+class MigComputeInstance:
+    """One compute instance of a MIG GPU instance: what NVML calls a MIG device."""
+
+    #: ``nvmlDeviceGetComputeInstanceId`` of the MIG device.
+    compute_instance: int
+    #: The MIG device's UUID (``MIG-…``), as the device plugin and the kubelet name it; "" unknown.
+    uuid: str = ""
+    #: ``nvmlDeviceGetAttributes().computeInstanceSliceCount``; None unknown.
+    compute_slices: int | None = None
+    #: ``nvmlDeviceGetAttributes().multiprocessorCount``: the SMs of this compute instance; None unknown.
+    multiprocessors: int | None = None
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """One MIG GPU instance of a GPU in MIG mode, read (never changed) through NVML.
+
+    NVML gives power and energy for the whole GPU only, never per instance: these are
+    the facts the whole GPU's energy is split by (docs/attribution.md, "MIG").
+    """
+
+    #: ``nvmlDeviceGetGpuInstanceId``: the ``gpu_instance`` label.
+    gpu_instance: int
+    #: The GPU instance profile, e.g. ``3g.40gb`` (from the MIG device's name); "" unknown.
+    profile: str = ""
+    #: ``gpuInstanceSliceCount``: the compute slices the instance holds (the 3 of ``3g.40gb``); None unknown.
+    slices: int | None = None
+    compute_instances: tuple[MigComputeInstance, ...] = ()
+    #: Processes on the instance's compute instances: (PID, GPU memory in bytes or None).
+    processes: tuple["GpuProcess", ...] = ()
+    #: Share of the instance's SMs busy since the previous read (GPM ``SM_UTIL`` of the GPU
+    #: instance, Hopper and later). Units: ratio 0–1. None: not measured (no GPM, first read).
+    sm_activity: float | None = None
+
+
 class GpuSource(Protocol):
     """One vendor's (or a trace's) view of the node's GPUs."""
 
@@ -119,6 +155,13 @@ class GpuSource(Protocol):
         two processes it gives one process per call and answers NotFound (here: an
         empty list) on most calls, ~5 samples a second in all. Raises
         :class:`GpuNotSupported`.
+        """
+
+    def mig_instances(self, index: int) -> list[MigInstance] | None:
+        """The GPU's MIG GPU instances, or None when the GPU is not in MIG mode (or has no MIG).
+
+        Read-only: the MIG mode and the instances are never changed. ``sm_activity`` covers
+        the time since the previous call. Raises :class:`GpuError` when the read failed.
         """
 
     def close(self) -> None:

@@ -10,7 +10,9 @@ a GPU that hangs in NVML holds up only its own calls.
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .gpu import (
@@ -20,6 +22,8 @@ from .gpu import (
     GpuNotSupported,
     GpuProcess,
     GpuReading,
+    MigComputeInstance,
+    MigInstance,
     PowerSample,
     ProcessUtilSample,
     SourceUnavailable,
@@ -35,6 +39,25 @@ except ImportError:  # pragma: no cover - nvidia-ml-py is a hard dependency
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: The profile at the end of a MIG device's name: "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
+#: "… MIG 1c.3g.40gb" (a compute instance smaller than its GPU instance), "… MIG 1g.10gb+me".
+_MIG_PROFILE = re.compile(r"MIG\s+(?:\d+c\.)?(\d+g\.\S+)\s*$")
+
+
+@dataclass
+class _MigState:
+    """What the MIG reads of one GPU keep between calls (only that GPU's worker touches it)."""
+
+    #: (GPU instance id, compute instance id) → static facts of that MIG device
+    static: dict[tuple[int, int], MigComputeInstance] = field(default_factory=dict)
+    #: GPU instance id → (profile, GPU instance slice count)
+    gi_static: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+    #: whether GPM (per-instance SM activity) works on the GPU; None: not asked yet
+    gpm_ok: bool | None = None
+    #: GPU instance id → the previous GPM sample buffer
+    gpm_prev: dict[int, Any] = field(default_factory=dict)
 
 
 class NvmlGpuSource:
@@ -71,6 +94,7 @@ class NvmlGpuSource:
             self._handles[i] = handle
             self._locks[i] = threading.Lock()
             self._devices.append(self._inventory(i, handle))
+        self._mig: dict[int, _MigState] = {i: _MigState() for i in self._handles}
 
     # -- inventory -------------------------------------------------------
 
@@ -147,6 +171,8 @@ class NvmlGpuSource:
                 pass
         with self._locks[index]:
             self._handles[index] = handle
+            # A reset may have changed the MIG layout (changing the mode needs one): ask afresh.
+            self._mig_forget(index)
 
     # -- per tick ---------------------------------------------------------
 
@@ -258,8 +284,227 @@ class NvmlGpuSource:
         out = [(int(s.pid), int(s.timeStamp), int(s.smUtil), int(s.memUtil)) for s in samples]
         return sorted((s for s in out if s[1] > since_us), key=lambda s: s[1])
 
+    # -- MIG (read-only: the mode and the instances are never changed) --------------
+
+    def mig_instances(self, index: int) -> list[MigInstance] | None:
+        """The GPU's MIG GPU instances (read-only), or None when the GPU is not in MIG mode.
+
+        ``nvmlDeviceGetMigMode`` (NotSupported: no MIG, never asked again), then every MIG
+        device (compute instance) by index up to ``nvmlDeviceGetMaxMigDeviceCount``: its GPU
+        and compute instance ids, UUID, profile (from its name), slice and SM counts (asked
+        once per MIG device), and its processes (``nvmlDeviceGetComputeRunningProcesses`` on
+        the MIG device handle; where that is not supported, the parent's list grouped by each
+        process's ``gpuInstanceId``). SM activity per GPU instance comes from GPM
+        (``nvmlGpmMigSampleGet``, Hopper and later) over the time since the previous call.
+        """
+        nv = self._nv
+        with self._locks[index]:
+            # Looked up inside the call: a binding too old to have it is "no MIG", not a crash.
+            try:
+                current, _pending = self._call(index, "mig_mode", lambda h: nv.nvmlDeviceGetMigMode(h))
+            except GpuNotSupported:
+                return None
+            if current != getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1):
+                return None
+            count = int(self._call(index, "mig_device_count", lambda h: nv.nvmlDeviceGetMaxMigDeviceCount(h)))
+            instances: dict[int, dict[str, Any]] = {}
+            per_device_lists = True
+            for i in range(count):
+                handle = self._mig_handle(index, i)
+                if handle is None:
+                    continue
+                gi = int(self._call(index, "mig_gpu_instance", lambda _h: nv.nvmlDeviceGetGpuInstanceId(handle)))
+                ci = int(self._call(index, "mig_compute_instance",
+                                    lambda _h: nv.nvmlDeviceGetComputeInstanceId(handle)))
+                facts = self._mig_static(index, gi, ci, handle)
+                entry = instances.setdefault(gi, {"cis": [], "procs": {}})
+                entry["cis"].append(facts)
+                if per_device_lists:
+                    try:
+                        procs = self._call(index, "mig_processes",
+                                           lambda _h: nv.nvmlDeviceGetComputeRunningProcesses(handle))
+                    except GpuNotSupported:
+                        per_device_lists = False
+                    else:
+                        _merge_processes(entry["procs"], procs)
+            if not per_device_lists:
+                for entry in instances.values():
+                    entry["procs"] = {}
+                for p in self._call(index, "processes", nv.nvmlDeviceGetComputeRunningProcesses):
+                    gi = getattr(p, "gpuInstanceId", None)
+                    if gi in instances:
+                        _merge_processes(instances[gi]["procs"], [p])
+            activity = self._gpm_activity(index, sorted(instances))
+        out = []
+        for gi in sorted(instances):
+            profile, slices = self._mig[index].gi_static.get(gi, ("", None))
+            entry = instances[gi]
+            out.append(MigInstance(
+                gpu_instance=gi,
+                profile=profile,
+                slices=slices,
+                compute_instances=tuple(sorted(entry["cis"], key=lambda c: c.compute_instance)),
+                processes=tuple(sorted(entry["procs"].items())),
+                sm_activity=activity.get(gi),
+            ))
+        return out
+
+    def _mig_handle(self, index: int, i: int) -> Any:
+        """The MIG device at index ``i`` of GPU ``index``; None where there is none."""
+        nv = self._nv
+        try:
+            return self._call(index, "mig_device", lambda h: nv.nvmlDeviceGetMigDeviceHandleByIndex(h, i))
+        except GpuError as exc:
+            code = getattr(exc.__cause__, "value", None)
+            if code in (getattr(nv, "NVML_ERROR_NOT_FOUND", -1), getattr(nv, "NVML_ERROR_INVALID_ARGUMENT", -1)):
+                return None  # no MIG device at this index (instances need not be numbered densely)
+            raise
+
+    def _mig_static(self, index: int, gi: int, ci: int, handle: Any) -> MigComputeInstance:
+        """UUID, profile, slice and SM counts of a MIG device: asked once per (GPU, GI, CI)."""
+        st = self._mig[index]
+        key = (gi, ci)
+        known = st.static.get(key)
+        if known is not None:
+            return known
+        nv = self._nv
+
+        def opt(field: str, fn: Callable[[], Any]) -> Any:
+            try:
+                return self._call(index, field, lambda _h: fn())
+            except GpuNotSupported:
+                return None
+            except GpuLost:
+                raise
+            except GpuError as exc:
+                log.debug("GPU %d MIG %d/%d: %s failed: %s", index, gi, ci, field, exc)
+                return None
+
+        uuid = opt("mig_uuid", lambda: nv.nvmlDeviceGetUUID(handle))
+        name = opt("mig_name", lambda: nv.nvmlDeviceGetName(handle))
+        attrs = opt("mig_attributes", lambda: nv.nvmlDeviceGetAttributes(handle))
+        m = _MIG_PROFILE.search(_text(name)) if name is not None else None
+        profile = m.group(1) if m else ""
+
+        def count(name: str) -> int | None:
+            v = getattr(attrs, name, None) if attrs is not None else None
+            return int(v) if v else None
+
+        gi_slices = count("gpuInstanceSliceCount")
+        if gi_slices is None and profile:
+            gi_slices = int(profile.split("g.", 1)[0])
+        st.gi_static.setdefault(gi, (profile, gi_slices))
+        facts = MigComputeInstance(
+            compute_instance=ci,
+            uuid=_text(uuid) if uuid is not None else "",
+            compute_slices=count("computeInstanceSliceCount"),
+            multiprocessors=count("multiprocessorCount"),
+        )
+        st.static[key] = facts
+        return facts
+
+    def _gpm_activity(self, index: int, gis: list[int]) -> dict[int, float]:
+        """SM activity of each GPU instance since the previous call (GPM ``SM_UTIL``), ratio 0–1.
+
+        GPM is asked once per GPU (``nvmlGpmQueryDeviceSupport``); without it, or for an
+        instance's first read, or a failed read, the instance has no entry.
+        """
+        nv = self._nv
+        st = self._mig[index]
+        if st.gpm_ok is None:
+            try:
+                support = self._call(index, "gpm", lambda h: nv.nvmlGpmQueryDeviceSupport(h))
+                st.gpm_ok = bool(getattr(support, "isSupportedDevice", 0))
+            except GpuNotSupported:
+                st.gpm_ok = False
+            except GpuError as exc:
+                log.debug("GPU %d: GPM support query failed: %s", index, exc)
+                return {}
+            if not st.gpm_ok:
+                log.info("GPU %d: no GPM; MIG instances are split by their slices alone", index)
+        for gi in [gi for gi in st.gpm_prev if gi not in gis]:
+            self._gpm_free(st.gpm_prev.pop(gi))  # an instance that is gone
+        if not st.gpm_ok:
+            return {}
+        out: dict[int, float] = {}
+        for gi in gis:
+            try:
+                sample = self._call(index, "gpm_sample", lambda _h: nv.nvmlGpmSampleAlloc())
+                try:
+                    self._call(index, "gpm_sample", lambda h: nv.nvmlGpmMigSampleGet(h, gi, sample))
+                except GpuError:
+                    self._gpm_free(sample)
+                    raise
+            except GpuNotSupported:
+                st.gpm_ok = False
+                for prev in st.gpm_prev.values():
+                    self._gpm_free(prev)
+                st.gpm_prev.clear()
+                return {}
+            except GpuLost:
+                raise
+            except GpuError as exc:
+                log.debug("GPU %d GI %d: GPM sample failed: %s", index, gi, exc)
+                continue
+            prev = st.gpm_prev.pop(gi, None)
+            st.gpm_prev[gi] = sample
+            if prev is None:
+                continue
+            try:
+                value = self._gpm_sm_util(prev, sample)
+            except Exception as exc:  # a metric we cannot compute is simply not known
+                log.debug("GPU %d GI %d: GPM metrics failed: %s", index, gi, exc)
+                value = None
+            finally:
+                self._gpm_free(prev)
+            if value is not None:
+                out[gi] = min(max(value / 100.0, 0.0), 1.0)
+        return out
+
+    def _gpm_sm_util(self, sample1: Any, sample2: Any) -> float | None:
+        """``NVML_GPM_METRIC_SM_UTIL`` (% of the instance's SMs busy) between two samples."""
+        nv = self._nv
+        req = nv.c_nvmlGpmMetricsGet_t()
+        req.version = nv.NVML_GPM_METRICS_GET_VERSION
+        req.numMetrics = 1
+        req.sample1 = sample1
+        req.sample2 = sample2
+        req.metrics[0].metricId = nv.NVML_GPM_METRIC_SM_UTIL
+        nv.nvmlGpmMetricsGet(req)
+        metric = req.metrics[0]
+        if metric.nvmlReturn != getattr(nv, "NVML_SUCCESS", 0):
+            return None
+        return float(metric.value)
+
+    def _gpm_free(self, sample: Any) -> None:
+        try:
+            self._nv.nvmlGpmSampleFree(sample)
+        except Exception:
+            pass
+
+    def _mig_forget(self, index: int) -> None:
+        """Drop what the MIG reads of GPU ``index`` remember (its GPM buffers freed)."""
+        st = self._mig.get(index)
+        if st is not None:
+            for sample in st.gpm_prev.values():
+                self._gpm_free(sample)
+        self._mig[index] = _MigState()
+
     def close(self) -> None:
+        for index in list(self._mig):
+            self._mig_forget(index)
         try:
             self._nv.nvmlShutdown()
         except Exception:
             pass
+
+
+def _merge_processes(into: dict[int, int | None], procs: Any) -> None:
+    """Add NVML process records to ``pid → used bytes``: one entry per PID, the larger figure."""
+    for p in procs:
+        pid = int(p.pid)
+        used = getattr(p, "usedGpuMemory", None)
+        used = int(used) if used is not None else None
+        prev = into.get(pid)
+        if pid not in into or (used is not None and (prev is None or used > prev)):
+            into[pid] = used

@@ -21,8 +21,17 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from ..trace import Trace
-from .gpu import GpuError, GpuInfo, GpuNotSupported, GpuProcess, GpuReading, PowerSample, ProcessUtilSample
+from ..trace import Trace, mig_from_json
+from .gpu import (
+    GpuError,
+    GpuInfo,
+    GpuNotSupported,
+    GpuProcess,
+    GpuReading,
+    MigInstance,
+    PowerSample,
+    ProcessUtilSample,
+)
 
 _CHEAP = (
     "power_mw",
@@ -298,6 +307,15 @@ class ReplaySource:
                 (pid, ts + shift_us, sm, mem) for pid, ts, sm, mem in samples[i:j] if ts + shift_us > since_us
             )
         return sorted(out, key=lambda s: s[1])
+
+    def mig_instances(self, index: int) -> list[MigInstance] | None:
+        """The ``mig`` value of the latest row: None for a GPU the trace never shows in MIG mode."""
+        _, t = self._split(self.t)
+        try:
+            value = self._field(index, "mig", t)
+        except GpuNotSupported:
+            return None
+        return mig_from_json(value)  # checked when the trace was loaded
 
     def host_row(self) -> dict[str, Any] | None:
         """The host readings recorded at the current instant, if any."""

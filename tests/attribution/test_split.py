@@ -351,9 +351,11 @@ def test_pod_names_from_the_kubelet_label_the_pod_that_holds_the_gpu():
         return answers.pop()
 
     stage.pods = ask
-    stage.refresh_pods()
     for g in src.gpus:
         g.procs = lambda t: [(1701, GIB)]  # a BestEffort pod on cgroup v2
+    run(src, sampler, 6)  # charged before the kubelet's first answer: names learnt later fill in
+    assert {r.labels["pod"] for r in sampler.snapshot.workloads} == {""}
+    stage.refresh_pods()
     run(src, sampler, 5)
     stage.refresh_pods()  # fails: the previous answer stays
     assert sampler.errors["process_read"] == 1
@@ -370,3 +372,22 @@ def test_pod_names_from_the_kubelet_label_the_pod_that_holds_the_gpu():
     text = metrics_text(sampler)
     assert any('namespace="ml"' in l and 'pod="train-7f9c"' in l for l in text.splitlines()
                if l.startswith("gpucost_workload_gpu_energy_joules_total"))
+
+
+def test_command_lines_only_when_switched_on_and_on_their_own_info_family():
+    """[attribution] cmdline = true: gpucost_workload_command_info{workload, command} 1; off (the
+    default): no command anywhere on /metrics. Never a label of the energy or cost families."""
+    texts = {}
+    for on in (False, True):
+        resolver = IdentityResolver(NODE, cmdline=on, lookup_user=lambda uid: None)
+        src, sampler = node(key_of=resolver_keys(resolver))
+        src.gpus[0].procs = lambda t: [(1300, GIB), (1200, GIB)]
+        run(src, sampler, 6)
+        texts[on] = metrics_text(sampler)
+    assert "command" not in texts[False]
+    info = [l for l in texts[True].splitlines() if l.startswith("gpucost_workload_command_info{")]
+    assert len(info) == 2 and all(l.endswith(" 1.0") for l in info)
+    slurm = next(l for l in info if 'workload="slurm:4242"' in l)
+    cmdline = (NODE / "1300" / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode()
+    assert f'command="{cmdline}"' in slurm
+    assert not any("command=" in l for l in texts[True].splitlines() if l.startswith("gpucost_workload_gpu_energy"))

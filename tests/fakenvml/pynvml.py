@@ -53,7 +53,8 @@ Scenario file (all keys optional; GPU keys are indices as strings)::
     }
 
 Values in force when the module is imported are the starting state (a
-``counter_reset`` present then is not a reset).
+``counter_reset`` present then is not a reset; ``watts`` then holds since boot, so the
+counter reads the same in every process started with that scenario).
 """
 
 from __future__ import annotations
@@ -269,7 +270,13 @@ def _apply(script: dict[str, Any], first: bool) -> None:
             if not first and token is not None:
                 g.counter_zero_j = g.energy_j(time.monotonic())
             g.reset_token = token
-        g.set_watts(None if s.get("watts") is None else float(s["watts"]))
+        watts = None if s.get("watts") is None else float(s["watts"])
+        if first and watts is not None:
+            # Constant since boot: the counter is then the same function of the monotonic clock
+            # in every process, as a real GPU's is (an agent restarted on the same boot reads on).
+            g.segments = [(0.0, 0.0, watts)]
+        else:
+            g.set_watts(watts)
 
 
 def _applies(g: _Gpu, fn: str) -> bool:
