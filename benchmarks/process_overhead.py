@@ -191,6 +191,8 @@ def measure_window(exporters: list[Exporter], seconds: float, scrape_every: floa
     elapsed = time.monotonic() - t0
     out = []
     for e, (c0, s0), (c1, s1) in zip(exporters, before, after):
+        if e.proc.poll() is not None:
+            raise RuntimeError(f"{e.name} exited with {e.proc.returncode} during the window (see {e.log.name})")
         st = status(e.pid)
         out.append(Window(
             seconds=elapsed,

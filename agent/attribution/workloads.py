@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping
 
 UNALLOCATED = "unallocated"
@@ -49,8 +50,10 @@ def instance_key(key: str, gpu_instance: int | str) -> str:
     return f"{key}{_GI}{gpu_instance}"
 
 
+@lru_cache(maxsize=4096)
 def split_key(key: str) -> tuple[str, str]:
-    """(workload key, GPU instance id or "") of a totals key."""
+    """(workload key, GPU instance id or "") of a totals key. Cached: asked for every key at
+    every tick (rows, enforce_max), while the keys change only when workloads come and go."""
     base, sep, gi = key.rpartition(_GI)
     return (base, gi) if sep and gi.isdigit() else (key, "")
 
@@ -171,11 +174,12 @@ class WorkloadTotals:
         by_key: dict[Key, dict[str, float]] = defaultdict(dict)
         for (uuid, key, cur), v in self.cost.items():
             by_key[(uuid, key)][cur] = v
-        return tuple(
-            WorkloadRow(k[0], split_key(k[1])[0], dict(self.labels.get(k, {})), j, dict(by_key.get(k, {})),
-                        split_key(k[1])[1])
-            for k, j in sorted(self.energy.items())
-        )
+        rows = []
+        for k, j in sorted(self.energy.items()):
+            workload, gpu_instance = split_key(k[1])
+            rows.append(WorkloadRow(k[0], workload, dict(self.labels.get(k, {})), j, dict(by_key.get(k, {})),
+                                    gpu_instance))
+        return tuple(rows)
 
     def energy_of_gpu(self, uuid: str) -> float:
         return sum(j for (u, _), j in self.energy.items() if u == uuid)
