@@ -127,10 +127,11 @@ class Ticker:
     """Calls ``func`` every ``interval`` seconds of the monotonic clock, on its own thread.
 
     The sampling tick is the agent's only frequent work, so it does not go through
-    apscheduler: there it cost three thread wake-ups per tick (pacer, scheduler,
-    pool worker) and apscheduler's per-run bookkeeping, ~0.3 ms of CPU per second
-    measured on a 2-core VM, more than an 8-GPU tick itself. Here it costs one
-    wake-up. Semantics are those the job had: a tick never overlaps itself; beats
+    apscheduler: there each tick woke three threads (pacer, scheduler, pool worker)
+    and paid apscheduler's per-run bookkeeping. Here it wakes one. Measured whole
+    (benchmarks/process_overhead.py, 8 fake GPUs, 2-core VM, back to back): 1.52 ms
+    of CPU per second with the tick on apscheduler, 1.39 ms on this thread. The
+    slower jobs (persist, sample buffer, BMC, pod names) stay on apscheduler. Semantics are those the job had: a tick never overlaps itself; beats
     that passed while a tick ran long are dropped (the next tick is the next beat of
     the grid), and beats missed while the process was stalled are not run in a burst
     (one late tick, then the grid); both are reported to ``on_skip``. An exception
