@@ -336,6 +336,8 @@ class Attributor:
     ) -> None:
         self.totals = totals
         self.key_of = key_of
+        #: Attributing a replayed trace (set by from_settings): only log levels depend on it.
+        self.replay = False
         self.window_seconds = window_seconds
         self.idle_watts = idle_watts
         self.on_error = on_error
@@ -469,8 +471,10 @@ class Attributor:
         if isinstance(read.procs_error, GpuNotSupported):
             if g.lists_supported:
                 g.lists_supported = False
-                log.warning("GPU %d: no process list (not supported by the driver, or not in the trace); "
-                            "its energy is not attributed to workloads", index)
+                # A live GPU without one is worth a warning; a trace recorded without one is not.
+                log.log(logging.INFO if self.replay else logging.WARNING,
+                        "GPU %d: no process list (not supported by the driver, or not in the trace); "
+                        "its energy is not attributed to workloads", index)
             return
         if read.procs_error is not None:
             self.on_error(PROCESS_READ)
@@ -617,6 +621,7 @@ def from_settings(
     else:
         key_of = resolver_keys(IdentityResolver(user_names=a.user_names, cmdline=a.cmdline))
     stage = Attributor(totals, key_of, window_seconds=a.window_seconds, idle_watts=a.idle_watts)
+    stage.replay = replay
     if a.pod_resources and not replay:
         from .podresources import PodResourcesClient
 
