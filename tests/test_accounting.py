@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 
 import pytest
 from fakes import FakeGpu, FakeSource, real_time_source
@@ -111,3 +112,46 @@ def test_energy_of_every_gpu_in_one_pass_is_each_gpus_own():
     assert by_gpu == {u: led.gpu_energy_by_source(u) for u in ("GPU-a", "GPU-b")}
     assert by_gpu["GPU-a"] == {"counter": 10.0, "polled": 5.0} and by_gpu["GPU-b"] == {"polled": 27.0}
     assert "GPU-c" not in by_gpu and led.gpu_energy_by_source("GPU-c") == {}
+
+
+def test_host_read_every_5_s_counts_the_same_energy_as_every_second(monkeypatch):
+    """The host is read every HOST_READ_SECONDS, not every tick: the model is linear in CPU
+    utilisation measured as the average since the last read, so the energy is the same."""
+    from types import SimpleNamespace
+
+    from agent import sampler as sampler_mod
+    from agent.sampler import Sampler
+    from agent.sources.host import CpuUtilMeter, HostConfig, HostPowerSource
+
+    def run(host_read_seconds: float) -> tuple[dict, int]:
+        monkeypatch.setattr(sampler_mod, "HOST_READ_SECONDS", host_read_seconds)
+        clock = {"t": 1000.0, "busy": 0.0, "idle": 0.0}
+        rng = random.Random(4)
+
+        def cpu_times():  # CPU time of 16 CPUs, busy a different share each second
+            return SimpleNamespace(user=clock["busy"], nice=0.0, system=0.0, idle=clock["idle"], iowait=0.0,
+                                   irq=0.0, softirq=0.0, steal=0.0, guest=0.0, guest_nice=0.0)
+
+        mem = SimpleNamespace(total=64 << 30, available=40 << 30)
+        host = HostPowerSource(HostConfig(mode="model", platform_watts=50.0), cpu_percent=CpuUtilMeter(cpu_times),
+                               virtual_memory=lambda: mem, cpu_count=16)
+        reads = []
+        real_read = host.read
+        host.read = lambda t: reads.append(t) or real_read(t)
+        s = Sampler(None, clock=lambda: (1_800_000_000.0 + clock["t"], clock["t"]), host=host, source_kind="nvml")
+        s.tick()
+        for _ in range(60):
+            share = rng.random()
+            clock["busy"] += 16 * share
+            clock["idle"] += 16 * (1 - share)
+            clock["t"] += 1.0
+            s.tick()
+        s.tick(final=True)
+        return dict(s.ledger.host_energy), len(reads)
+
+    every_second, n1 = run(0.0)
+    every_five, n5 = run(5.0)
+    assert n1 == 62 and n5 <= 15
+    assert every_five.keys() == every_second.keys()
+    for k, joules in every_second.items():
+        assert every_five[k] == pytest.approx(joules, rel=1e-9), k
