@@ -112,10 +112,17 @@ def split_slice(
     sm_w = {k: max(0.0, float(sm.get(k, 0.0))) for k in memory}
     if not math.fsum(sm_w.values()) > 0:
         return apportion(joules, mem_w)
+    return _active_and_idle(joules, idle_joules, sm_w, mem_w)
+
+
+def _active_and_idle(joules: float, idle_joules: float, active_w: Mapping[K, float],
+                     idle_w: Mapping[K, float]) -> dict[K, float]:
+    """``idle_joules`` (clipped to ``[0, joules]``) by ``idle_w``, the rest by ``active_w``;
+    the parts add up to ``joules`` exactly, the remainder on the largest."""
     idle = min(max(idle_joules, 0.0), joules)
-    parts = apportion(joules - idle, sm_w)
+    parts = apportion(joules - idle, active_w)
     if idle > 0:
-        for k, v in apportion(idle, mem_w).items():
+        for k, v in apportion(idle, idle_w).items():
             parts[k] += v
     largest = max(parts, key=lambda k: parts[k])
     parts[largest] = joules - math.fsum(v for k, v in parts.items() if k != largest)
@@ -145,14 +152,7 @@ def split_instances(
     active_w = {k: slices[k] * min(max(float(a), 0.0), 1.0) for k, a in acts.items()}  # type: ignore[arg-type]
     if not math.fsum(active_w.values()) > 0:
         return apportion(joules, slices)
-    idle = min(max(idle_joules, 0.0), joules)
-    parts = apportion(joules - idle, active_w)
-    if idle > 0:
-        for k, v in apportion(idle, slices).items():
-            parts[k] += v
-    largest = max(parts, key=lambda k: parts[k])
-    parts[largest] = joules - math.fsum(v for k, v in parts.items() if k != largest)
-    return parts
+    return _active_and_idle(joules, idle_joules, active_w, slices)
 
 
 # -- identities -----------------------------------------------------------------------
