@@ -15,7 +15,7 @@ from . import __version__
 from .accounting import Ledger
 from .config import ConfigError, Settings, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
-from .sampler import Sampler, counter_marks, resume_mono
+from .sampler import Sampler, resume_point
 from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
 from .state import StateError, StateStore, default_state_dir
 from .webconfig import WebConfigError
@@ -128,27 +128,35 @@ def _attribution(settings: Settings, ledger: Ledger, *, replay: bool, identities
     return stage
 
 
-def _open_state(settings: Settings, ledger: Ledger, *, replay: bool) -> StateStore | None:
-    """The state store, with its totals loaded into ``ledger``. Raises StateError."""
+#: Where loaded totals end on this boot (see agent.sampler.resume_point): nothing to bridge.
+_NO_RESUME: tuple[dict[str, tuple[int, float]], float | None] = ({}, None)
+
+
+def _open_state(
+    settings: Settings, ledger: Ledger, *, replay: bool
+) -> tuple[StateStore | None, tuple[dict[str, tuple[int, float]], float | None]]:
+    """The state store, with its totals loaded into ``ledger``, and where those totals end on
+    this boot (for the sampler to bridge the time no agent ran). Raises StateError."""
     directory = settings.agent.state_dir
     if directory is None:
         if replay:
-            return None  # a replay's totals are not the node's: kept only when asked
+            return None, _NO_RESUME  # a replay's totals are not the node's: kept only when asked
         directory = default_state_dir()
     store = StateStore(directory)
     store.check_writable()
     store.remove_stale_temp_files()
     state = store.load()
+    resume = _NO_RESUME
     if state is not None:
         try:
-            marks, mono = counter_marks(state), resume_mono(state)  # checked first: all or nothing
+            found = resume_point(state)  # checked first: all or nothing
             ledger.load_state(state)  # all or nothing: on error the ledger stays at zero
-            store.counter_marks, store.resume_mono = marks, mono
+            resume = found
         except Exception as exc:  # whatever is wrong with the file, the agent starts
             store.reject(str(exc) or type(exc).__name__)
         else:
             log.info("totals continue from %s (saved at %s)", store.path, state.get("saved_at"))
-    return store
+    return store, resume
 
 
 #: Loads the configuration again for SIGHUP (set by main for the serving commands).
@@ -194,7 +202,7 @@ def _serve_replay(
         print(f"gpu-cost-agent: config error: for this trace's host: {exc}", file=sys.stderr)
         return 2
     ledger = _make_ledger(settings)
-    store = _open_state(settings, ledger, replay=True)
+    store, _ = _open_state(settings, ledger, replay=True)
     if loop:
         # A looping demo runs forever: price it at today's wall time (today's
         # tariff band), anchored now and advancing with the trace. A single
@@ -264,7 +272,7 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
             print(_rapl_refusal(exc), file=sys.stderr)
             return 2
     ledger = _make_ledger(settings)
-    store = _open_state(settings, ledger, replay=False)
+    store, resume = _open_state(settings, ledger, replay=False)
     sampler = Sampler(
         source,
         host=host,
@@ -278,8 +286,7 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         attribution=_attribution(settings, ledger, replay=False) if settings.gpu.enabled else None,
         methods=methods,
     )
-    if store is not None:
-        sampler.resume_counters(store.counter_marks, store.resume_mono)
+    sampler.resume_counters(*resume)
     retry = open_source if settings.gpu.enabled and source is None else None
     return _serve(settings, sampler, store, listener, open_source=retry)
 

@@ -14,6 +14,7 @@ covers the whole gap.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -152,9 +153,13 @@ class Sampler:
                 on_event=self._count,
             )
             log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
-            mark = self._resume_marks.get(d.uuid)
-            if mark is not None and method == "counter":
-                self._energy[d.index].resume(*mark)
+            self._resume(d)
+
+    def _resume(self, d: GpuInfo) -> None:
+        """Hand GPU ``d`` the counter reading the loaded totals end at, if it has one."""
+        mark = self._resume_marks.get(d.uuid)
+        if mark is not None and self._energy[d.index].method == "counter":
+            self._energy[d.index].resume(*mark)
 
     def attach(self, source: GpuSource, methods: dict[int, str]) -> None:
         """A GPU source that could not be opened at start (NVML init failed) opened now:
@@ -317,15 +322,13 @@ class Sampler:
             return state
 
     def resume_counters(self, marks: dict[str, tuple[int, float]], mono: float | None = None) -> None:
-        """The counter readings the loaded totals end at (:func:`counter_marks`), and the monotonic
-        time the loaded amortisation ends at (:func:`resume_mono`), before the first tick."""
+        """The counter readings the loaded totals end at, and the monotonic time the loaded
+        amortisation ends at (:func:`resume_point`), before the first tick."""
         with self._lock:
             self._resume_mono = mono
             self._resume_marks = dict(marks)
             for d in self.devices:
-                mark = marks.get(d.uuid)
-                if mark is not None and self._energy[d.index].method == "counter":
-                    self._energy[d.index].resume(*mark)
+                self._resume(d)
 
     def _host_description(self) -> str:
         """The host source's one-line description, re-formatted only when its mode changes."""
@@ -370,6 +373,7 @@ class Sampler:
         assert src is not None
         for index, seconds in self._calls.came_back():
             log.warning("GPU %d: its stuck call returned after %.1f s; it is asked again", index, seconds)
+        procs = self.attribution.fetch if self.attribution is not None else None
         jobs = []
         for d in self.devices:
             i = d.index
@@ -379,7 +383,6 @@ class Sampler:
             acc = self._energy[i]
             counter = acc.counter_due(mono) or (read_counter and acc.method == "counter")
             since = acc.samples_since_us if acc.method == "samples" and not counter else None
-            procs = self.attribution.fetch if self.attribution is not None else None
             jobs.append((i, partial(_fetch, src, i, lost is not None, counter, since, procs)))
         results, timed_out, skipped = self._calls.run(jobs, GPU_TICK_BUDGET_SECONDS)
         self._not_answering(timed_out)
@@ -570,6 +573,7 @@ class _Fetched:
     processes: Any = None
 
 
+@functools.lru_cache(maxsize=1)
 def boot_id() -> str | None:
     """This boot's id (``/proc/sys/kernel/random/boot_id``), or None where there is none."""
     try:
@@ -579,40 +583,47 @@ def boot_id() -> str | None:
         return None
 
 
-def counter_marks(state: Any) -> dict[str, tuple[int, float]]:
-    """GPU UUID -> (counter mJ, monotonic s) from a persisted state's ``gpu_counters``, when it was
-    saved on this boot (the monotonic clock and the counters restart with a reboot); else empty.
-    Raises ValueError for a malformed entry (the whole state is then set aside, as for any value)."""
+def _gpu_counters(state: Any) -> dict[str, Any] | None:
+    """A persisted state's ``gpu_counters``, checked, when it was saved on this boot (the
+    monotonic clock and the counters restart with a reboot); else None. Raises ValueError for a
+    malformed entry (the whole state is then set aside, as for any value)."""
     data = state.get("gpu_counters") if isinstance(state, dict) else None
     if data is None:
-        return {}
+        return None
     if not isinstance(data, dict) or not isinstance(data.get("readings"), list):
         raise ValueError("gpu_counters: expected an object with a list of readings")
-    out: dict[str, tuple[int, float]] = {}
     for i, row in enumerate(data["readings"]):
         ok = (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and 0 < len(row[0]) <= 256
               and isinstance(row[1], int) and not isinstance(row[1], bool) and 0 <= row[1] < 2**63
               and isinstance(row[2], (int, float)) and not isinstance(row[2], bool) and 0 <= row[2] < 1e10)
         if not ok:
             raise ValueError(f"gpu_counters.readings[{i}]: expected [gpu uuid, counter mJ, monotonic s]")
-        out[row[0]] = (row[1], float(row[2]))
+    mono = data.get("mono")
+    if mono is not None and (isinstance(mono, bool) or not isinstance(mono, (int, float)) or not 0 <= mono < 1e10):
+        raise ValueError("gpu_counters.mono: expected monotonic seconds")
     boot = boot_id()
-    if boot is None or data.get("boot_id") != boot:
-        return {}  # saved before a reboot: nothing to bridge
-    return out
+    return data if boot is not None and data.get("boot_id") == boot else None
+
+
+def resume_point(state: Any) -> tuple[dict[str, tuple[int, float]], float | None]:
+    """Where a persisted state's totals end, when it was saved on this boot: GPU UUID ->
+    (counter mJ, monotonic s), and the monotonic time its amortisation ends at. Else ({}, None).
+    Raises ValueError for a malformed ``gpu_counters`` (see :func:`_gpu_counters`)."""
+    data = _gpu_counters(state)
+    if data is None:
+        return {}, None
+    mono = data.get("mono")
+    return {row[0]: (row[1], float(row[2])) for row in data["readings"]}, None if mono is None else float(mono)
+
+
+def counter_marks(state: Any) -> dict[str, tuple[int, float]]:
+    """The counter readings of :func:`resume_point`."""
+    return resume_point(state)[0]
 
 
 def resume_mono(state: Any) -> float | None:
-    """The monotonic time a persisted state's amortisation ends at, when saved on this boot."""
-    data = state.get("gpu_counters") if isinstance(state, dict) else None
-    if not isinstance(data, dict) or data.get("boot_id") is None or data.get("boot_id") != boot_id():
-        return None
-    mono = data.get("mono")
-    if mono is None:
-        return None
-    if isinstance(mono, bool) or not isinstance(mono, (int, float)) or not 0 <= mono < 1e10:
-        raise ValueError("gpu_counters.mono: expected monotonic seconds")
-    return float(mono)
+    """The amortisation end of :func:`resume_point`."""
+    return resume_point(state)[1]
 
 
 def _fetch(src: GpuSource, index: int, reacquire: bool, counter: bool, since_us: int | None,

@@ -47,11 +47,6 @@ class StateStore:
         self.path = self.dir / FILENAME
         self.saves = 0
         self.last_save: float | None = None
-        #: GPU UUID -> the counter reading the loaded totals end at (same boot only; see
-        #: agent.sampler.counter_marks), set when a state is loaded.
-        self.counter_marks: dict[str, tuple[int, float]] = {}
-        #: Monotonic time the loaded amortisation ends at (same boot only), or None.
-        self.resume_mono: float | None = None
 
     def check_writable(self) -> None:
         """Create the directory if needed and prove a file can be written there."""

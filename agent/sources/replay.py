@@ -140,6 +140,8 @@ class ReplaySource:
                     for pid, ts, sm, mem in value or ():
                         util_read.append((t, (int(pid), int(ts), int(sm), int(mem))))
                     continue
+                if name == "mig" and value is not None:
+                    value = tuple(mig_from_json(value))  # parsed once here, not on every tick
                 s = series.setdefault(name, _Series([], []))
                 s.times.append(t)
                 s.values.append(value)
@@ -315,7 +317,7 @@ class ReplaySource:
             value = self._field(index, "mig", t)
         except GpuNotSupported:
             return None
-        return mig_from_json(value)  # checked when the trace was loaded
+        return None if value is None else list(value)  # parsed when the trace was indexed
 
     def host_row(self) -> dict[str, Any] | None:
         """The host readings recorded at the current instant, if any."""
