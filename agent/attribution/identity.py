@@ -492,9 +492,6 @@ class IdentityResolver:
             return ident
         return unknown_identity(pid, "exited")
 
-    def resolve_many(self, pids: Iterable[int]) -> dict[int, WorkloadIdentity]:
-        return {pid: self.resolve(pid) for pid in pids}
-
     def _resolve(self, pid: int, start: int) -> WorkloadIdentity:
         self.resolutions += 1
         try:

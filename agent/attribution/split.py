@@ -38,7 +38,6 @@ per-process SM samples under MIG); an instance without processes charges its par
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 from collections import deque
@@ -221,9 +220,7 @@ def replay_keys(pid: int) -> tuple[str, Mapping[str, str]]:
     machine's ``/proc`` would name whatever process has that PID here. Traces do not
     carry identity facts yet.
     """
-    labels = {name: "" for name in IDENTITY_LABELS}
-    labels["kind"] = KIND_UNKNOWN
-    return f"pid:{pid}", labels
+    return f"pid:{pid}", pseudo_labels(KIND_UNKNOWN)
 
 
 def recorded_keys(identities: Mapping[int, Mapping[str, Any]]) -> KeyOf:
@@ -554,13 +551,12 @@ class Attributor:
             return {UNALLOCATED: s.joules}
         start = s.t1 - max(self.window_seconds, s.t1 - s.t0)
         sm: dict[str, float] = {}
-        times = [x[0] for x in g.samples]
-        lo = bisect.bisect_right(times, start)
-        hi = bisect.bisect_right(times, s.t1 + 1e-6)
-        for _, pid, pct in list(g.samples)[lo:hi]:
-            key = listing.keys.get(pid)
-            if key is not None:  # a PID not in the list (exited) cannot be charged by identity
-                sm[key] = sm.get(key, 0.0) + pct
+        end = s.t1 + 1e-6
+        for t, pid, pct in g.samples:  # one pass, no copies; the window holds seconds of samples
+            if start < t <= end:
+                key = listing.keys.get(pid)
+                if key is not None:  # a PID not in the list (exited) cannot be charged by identity
+                    sm[key] = sm.get(key, 0.0) + pct
         idle_w = g.idle_watts
         idle_j = idle_w * (s.t1 - s.t0) if idle_w is not None else 0.0
         return split_slice(s.joules, idle_j, sm, listing.memory)
@@ -592,15 +588,9 @@ class Attributor:
             costs = apportion(cost, weights) if weights else {}
         for key, joules in parts.items():
             base = split_key(key)[0]
-            labels = pseudo_labels(base) if base == UNALLOCATED else self._labels.get(base) or _unknown_labels()
+            labels = pseudo_labels(base) if base == UNALLOCATED else self._labels.get(base) or pseudo_labels(KIND_UNKNOWN)
             self.totals.charge(g.uuid, key, labels, joules, costs.get(key, 0.0 if cost is not None else None),
                                currency, s.t1)
-
-
-def _unknown_labels() -> dict[str, str]:
-    labels = {name: "" for name in IDENTITY_LABELS}
-    labels["kind"] = KIND_UNKNOWN
-    return labels
 
 
 def from_settings(

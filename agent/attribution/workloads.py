@@ -181,9 +181,6 @@ class WorkloadTotals:
                                     gpu_instance))
         return tuple(rows)
 
-    def energy_of_gpu(self, uuid: str) -> float:
-        return sum(j for (u, _), j in self.energy.items() if u == uuid)
-
     # -- persistence ------------------------------------------------------
 
     def state(self) -> dict[str, Any]:

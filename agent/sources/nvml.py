@@ -253,12 +253,7 @@ class NvmlGpuSource:
             except GpuNotSupported:
                 graphics = []
         merged: dict[int, int | None] = {}
-        for p in list(compute) + list(graphics):
-            pid = int(p.pid)
-            used = getattr(p, "usedGpuMemory", None)
-            used = int(used) if used is not None else None
-            if pid not in merged or (used is not None and (merged[pid] is None or used > merged[pid])):  # type: ignore[operator]
-                merged[pid] = used
+        _merge_processes(merged, list(compute) + list(graphics))
         return list(merged.items())
 
     def process_utilization(self, index: int, since_us: int) -> list[ProcessUtilSample]:
