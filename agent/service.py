@@ -26,6 +26,11 @@ from .sampler import Sampler
 log = logging.getLogger(__name__)
 
 
+#: The notify socket, connected once (WATCHDOG=1 goes out every tick): (address, socket).
+_notify: tuple[str, socket.socket] | None = None
+_notify_lock = threading.Lock()
+
+
 def sd_notify(message: str) -> None:
     """Tell systemd about our state (``Type=notify``, ``WatchdogSec=``); no-op outside systemd."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -33,11 +38,26 @@ def sd_notify(message: str) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
+    with _notify_lock:
+        _send_notify(address, message)
+
+
+def _send_notify(address: str, message: str) -> None:
+    global _notify
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(address)
-            s.sendall(message.encode())
+        if _notify is None or _notify[0] != address:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                s.connect(address)
+            except OSError:
+                s.close()
+                raise
+            _notify = (address, s)
+        _notify[1].sendall(message.encode())
     except OSError as exc:
+        if _notify is not None:
+            _notify[1].close()
+            _notify = None  # connected again on the next message
         log.debug("sd_notify failed: %s", exc)
 
 
