@@ -400,6 +400,8 @@ class Sampler:
                 log.warning("GPU %d: read failed unexpectedly: %r", d.index, fetched)
                 continue
             self._account_gpu(d.index, fetched, wall, mono)
+        if self.attribution is not None:
+            self.attribution.end_tick()
         if skipped:
             log.warning("GPUs %s not read this tick: the tick ran out of time", skipped)
 

@@ -341,6 +341,8 @@ class Attributor:
         self._gpus: dict[int, _Gpu] = {}
         #: workload key → identity labels of the process that last mapped to it
         self._labels: dict[str, Mapping[str, str]] = {}
+        #: Newest slice end charged this tick (see end_tick).
+        self._newest: float | None = None
         #: Where pod names come from: a callable giving GPU (or MIG device) UUID → the pod
         #: containers holding it (the kubelet's pod-resources API), or None.
         self.pods: Callable[[], Mapping[str, tuple[Any, ...]]] | None = None
@@ -536,8 +538,15 @@ class Attributor:
             newest = s.t1 if newest is None else max(newest, s.t1)
         if newest is not None:
             g.prune(newest - self.window_seconds - 1.0)
-            self.totals.expire(newest)
+            self._newest = newest if self._newest is None else max(self._newest, newest)
+
+    def end_tick(self) -> None:
+        """After every GPU of a tick is accounted: retention and the series bound, once for
+        the node (both scan every workload), up to the newest slice charged."""
+        if self._newest is not None:
+            self.totals.expire(self._newest)
             self.totals.enforce_max()
+            self._newest = None
 
     def split(self, index: int, s: EnergySlice) -> dict[str, float]:
         """How slice ``s`` of GPU ``index`` divides among workload keys (joules)."""
