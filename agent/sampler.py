@@ -502,7 +502,7 @@ class Sampler:
             cost=self._cost_view(wall),
             replay=replay,
             t_wall=wall,
-            workloads=self.ledger.workloads.rows() if self.attribution is not None else None,
+            workloads=self.ledger.workloads.frozen_rows() if self.attribution is not None else None,
         )
 
 

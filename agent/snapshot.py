@@ -7,7 +7,7 @@ whichever snapshot is current. No scrape ever touches NVML or a lock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .sources.gpu import GpuInfo, GpuReading
 
@@ -90,6 +90,6 @@ class Snapshot:
     cost: CostView | None = None
     #: Source time of the tick (trace time for a replay). Units: s since the epoch.
     t_wall: float | None = None
-    #: GPU energy and cost split among workloads (:class:`agent.attribution.workloads.WorkloadRow`);
-    #: None when attribution is off.
-    workloads: tuple[Any, ...] | None = None
+    #: GPU energy and cost split among workloads (:class:`agent.attribution.workloads.WorkloadRow`
+    #: rows, built when first read); None when attribution is off.
+    workloads: Sequence[Any] | None = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 UNALLOCATED = "unallocated"
 OTHER = "other"
@@ -171,15 +171,12 @@ class WorkloadTotals:
     # -- reading ----------------------------------------------------------
 
     def rows(self) -> tuple[WorkloadRow, ...]:
-        by_key: dict[Key, dict[str, float]] = defaultdict(dict)
-        for (uuid, key, cur), v in self.cost.items():
-            by_key[(uuid, key)][cur] = v
-        rows = []
-        for k, j in sorted(self.energy.items()):
-            workload, gpu_instance = split_key(k[1])
-            rows.append(WorkloadRow(k[0], workload, dict(self.labels.get(k, {})), j, dict(by_key.get(k, {})),
-                                    gpu_instance))
-        return tuple(rows)
+        return _rows(self.energy, self.cost, self.labels)
+
+    def frozen_rows(self) -> "FrozenRows":
+        """The rows as they are now, built only when read: a snapshot is frozen every tick, and
+        most ticks nobody scrapes (copying the totals is microseconds, building rows is not)."""
+        return FrozenRows(dict(self.energy), dict(self.cost), dict(self.labels))
 
     # -- persistence ------------------------------------------------------
 
@@ -249,3 +246,41 @@ class WorkloadTotals:
         self.labels = other.labels
         self.last_seen = other.last_seen
         self.merged = other.merged
+
+
+def _rows(energy: Mapping[Key, float], cost: Mapping[tuple[str, str, str], float],
+          labels: Mapping[Key, Mapping[str, str]]) -> tuple[WorkloadRow, ...]:
+    by_key: dict[Key, dict[str, float]] = defaultdict(dict)
+    for (uuid, key, cur), v in cost.items():
+        by_key[(uuid, key)][cur] = v
+    rows = []
+    for k, j in sorted(energy.items()):
+        workload, gpu_instance = split_key(k[1])
+        rows.append(WorkloadRow(k[0], workload, dict(labels.get(k, {})), j, dict(by_key.get(k, {})), gpu_instance))
+    return tuple(rows)
+
+
+class FrozenRows(Sequence[WorkloadRow]):
+    """Workload rows of one instant (copies of the totals), built on first read and kept."""
+
+    __slots__ = ("_parts", "_rows")
+
+    def __init__(self, energy: dict[Key, float], cost: dict[tuple[str, str, str], float],
+                 labels: dict[Key, Mapping[str, str]]) -> None:
+        self._parts = (energy, cost, labels)
+        self._rows: tuple[WorkloadRow, ...] | None = None
+
+    def _built(self) -> tuple[WorkloadRow, ...]:
+        rows = self._rows
+        if rows is None:  # two first readers at once build the same rows; either is kept
+            rows = self._rows = _rows(*self._parts)
+        return rows
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        return self._built()[i]
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __iter__(self) -> Iterator[WorkloadRow]:
+        return iter(self._built())
