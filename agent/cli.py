@@ -238,6 +238,18 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         source = NvmlGpuSource()
         return source, probe_methods(source, settings.gpu.energy_method)
 
+    # The host first: a refused [host] mode = "rapl" ends the start at once, as check-config
+    # refuses it, not after NVML has been opened and probed.
+    host = None
+    if settings.host.enabled:
+        from .sources.host import HostPowerSource
+        from .sources.rapl import RaplUnavailable
+
+        try:
+            host = HostPowerSource(settings.host)
+        except RaplUnavailable as exc:  # only with [host] mode = "rapl"
+            print(_rapl_refusal(exc), file=sys.stderr)
+            return 2
     source = None
     methods = None
     error = ""
@@ -261,16 +273,6 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
             )
     else:
         error = "GPU sampling disabled in the configuration ([gpu] enabled = false)"
-    host = None
-    if settings.host.enabled:
-        from .sources.host import HostPowerSource
-        from .sources.rapl import RaplUnavailable
-
-        try:
-            host = HostPowerSource(settings.host)
-        except RaplUnavailable as exc:  # only with [host] mode = "rapl"
-            print(_rapl_refusal(exc), file=sys.stderr)
-            return 2
     ledger = _make_ledger(settings)
     store, resume = _open_state(settings, ledger, replay=False)
     sampler = Sampler(
