@@ -154,14 +154,21 @@ class Exposition:
         self._entries: dict[str, _Rendered] = {}
         self._lock = threading.Lock()
 
+    def _current(self, content_type: str, snap: Any, now: float) -> _Rendered | None:
+        """The cached rendering of ``content_type`` if it is of ``snap`` and young enough."""
+        entry = self._entries.get(content_type)
+        if entry is None or entry.snapshot is not snap or now - entry.at > self.max_age:
+            return None
+        return entry
+
     def body(self, accept: str, want_gzip: bool) -> tuple[str, bytes, bool]:
         """(content type, bytes, gzipped) for a scrape. Thread-safe; renders only on a miss."""
         encoder, content_type = choose_encoder(accept)
         with self._lock:  # one render per miss, however many scrapers arrive at once
             snap = self.snapshot()
             now = time.monotonic()
-            entry = self._entries.get(content_type)
-            if entry is None or entry.snapshot is not snap or now - entry.at > self.max_age:
+            entry = self._current(content_type, snap, now)
+            if entry is None:
                 entry = _Rendered(snap, now, content_type, encoder(self.registry))
                 self._entries[content_type] = entry
                 self.renders += 1
@@ -174,8 +181,8 @@ class Exposition:
     def fresh(self, accept: str, want_gzip: bool) -> tuple[str, bytes, bool] | None:
         """The cached body if it is still current, without rendering: the event loop's fast path."""
         _, content_type = choose_encoder(accept)
-        entry = self._entries.get(content_type)
-        if entry is None or entry.snapshot is not self.snapshot() or time.monotonic() - entry.at > self.max_age:
+        entry = self._current(content_type, self.snapshot(), time.monotonic())
+        if entry is None:
             return None
         if want_gzip:
             return (content_type, entry.gz, True) if entry.gz is not None else None
