@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a configuration and print the effective tariff table")
     p.add_argument("file", metavar="FILE")
+    replayed = p.add_mutually_exclusive_group()
+    replayed.add_argument("--demo", action="store_true",
+                          help="check it as 'demo' uses it: the host model describes the bundled trace's host")
+    replayed.add_argument("--trace", metavar="TRACE",
+                          help="check it as 'replay TRACE' uses it: the host model describes the recorded host")
 
     p = sub.add_parser("record", help="record live NVML readings to a trace file")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="trace to write (.jsonl or .jsonl.gz)")
@@ -172,18 +177,32 @@ def _serve(settings: Settings, sampler: Sampler, store: StateStore | None, liste
     return Service(settings, sampler, store=store, listener=listener, reload=_reload, **kw).run_forever()
 
 
-def _serve_replay(
-    settings: Settings, listener: Listener, trace_path: Path, args: argparse.Namespace, loop: bool
-) -> int:
-    from .sources.replay import ReplaySource
+def _load_trace(path: Path) -> Any:
+    """The trace at ``path``, or None after saying on stderr why it cannot be played."""
     from .trace import TraceError
     from .trace import load as load_trace
 
     try:
-        trace = load_trace(trace_path)
+        return load_trace(path)
     except TraceError as exc:
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
-        return 2
+        return None
+
+
+def _cpu_host(trace: Any) -> Any:
+    """The machine the host model describes: this one (``run``), or a replayed trace's host."""
+    if trace is None:
+        return "local"
+    from .sources.replay import recorded_host
+
+    return recorded_host(trace)
+
+
+def _serve_replay(
+    settings: Settings, listener: Listener, trace: Any, trace_path: Path, args: argparse.Namespace, loop: bool
+) -> int:
+    from .sources.replay import ReplaySource
+
     if args.speed <= 0:
         print("gpu-cost-agent: --speed must be greater than 0", file=sys.stderr)
         return 2
@@ -196,11 +215,8 @@ def _serve_replay(
         args.speed,
         ", looping" if loop else "",
     )
-    try:
-        host = source.host_source(settings.host) if settings.host.enabled else None
-    except ValueError as exc:  # the CPU model's defaults scale with the trace's CPUs, not this machine's
-        print(f"gpu-cost-agent: config error: for this trace's host: {exc}", file=sys.stderr)
-        return 2
+    # The configuration was checked against the trace's host (load's cpu_host), so this holds.
+    host = source.host_source(settings.host) if settings.host.enabled else None
     ledger = _make_ledger(settings)
     store, _ = _open_state(settings, ledger, replay=True)
     if loop:
@@ -319,11 +335,17 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(path: str) -> int:
+def _check_config(args: argparse.Namespace) -> int:
     from .cost import Amortization, Tariff, tariff_table
 
+    path = args.file
+    trace = None
+    if args.demo or args.trace:
+        trace = _load_trace(demo_trace_path() if args.demo else Path(args.trace))
+        if trace is None:
+            return 2
     try:
-        settings = load(path)
+        settings = load(path, cpu_host=_cpu_host(trace))
         web = load_web_config(settings.agent.web_config_file) if settings.agent.web_config_file else None
     except (ConfigError, WebConfigError) as exc:
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
@@ -331,7 +353,12 @@ def _check_config(path: str) -> int:
     for line in unknown_env_vars():
         print(f"gpu-cost-agent: warning: {line}", file=sys.stderr)
     host_line = "host power: disabled ([host] enabled = false)"
-    if settings.host.enabled:  # what run does at start, so check-config refuses what run refuses
+    if settings.host.enabled and trace is not None:  # what a replay models: the recorded host
+        from .sources.replay import ReplaySource
+
+        replayed = ReplaySource(trace).host_source(settings.host)
+        host_line = replayed.describe() if replayed is not None else "host power: none (the trace has no host readings)"
+    elif settings.host.enabled:  # what run does at start, so check-config refuses what run refuses
         from .sources.host import HostPowerSource
         from .sources.rapl import RaplUnavailable
 
@@ -432,13 +459,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging("info")
         return _record(args)
     if args.command == "check-config":
-        return _check_config(args.file)
+        return _check_config(args)
     config_path, origin = args.config, f"the file {args.config}" if args.config else ""
     if config_path is None and args.command == "demo":
         config_path = str(bundled_config_path())
         origin = f"the demo's bundled example config ({config_path}; --config FILE replaces it)"
+    trace = trace_path = None
+    if args.command in ("demo", "replay"):
+        # Read first: the configuration is checked against the host the trace recorded.
+        trace_path = demo_trace_path() if args.command == "demo" else Path(args.trace)
+        trace = _load_trace(trace_path)
+        if trace is None:
+            return 2
+    cpu_host = _cpu_host(trace)
     try:
-        settings = load(config_path, _overrides(args))
+        settings = load(config_path, _overrides(args), cpu_host=cpu_host)
         # Bound before anything starts, so a taken port is the first and only thing said.
         listener = open_listener(settings.agent.listen, settings.agent.web_config_file)
     except (ConfigError, WebConfigError) as exc:
@@ -455,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("web config %s: %s", listener.web.path, listener.web.describe())
 
     def reload() -> Settings:
-        new = load(config_path, _overrides(args))
+        new = load(config_path, _overrides(args), cpu_host=cpu_host)
         _log_tariff(new, origin, args.command)
         return new
 
@@ -464,9 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _serve_nvml(settings, listener)
-        if args.command == "demo":
-            return _serve_replay(settings, listener, demo_trace_path(), args, loop=True)
-        return _serve_replay(settings, listener, Path(args.trace), args, loop=args.loop)
+        assert trace_path is not None
+        return _serve_replay(settings, listener, trace, trace_path, args, loop=args.command == "demo" or args.loop)
     except StateError as exc:  # a state directory that cannot be written: refuse to start
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 2

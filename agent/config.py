@@ -25,12 +25,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .attribution.config import AttributionConfig
 from .cost import CarbonConfig, HardwareConfig, IdleConfig, PueConfig, TariffConfig, format_validation_error
-from .cost.config import field_error
 from .sources.host import (
     DEFAULT_CPU_IDLE_WATTS_PER_CPU,
     DEFAULT_CPU_MAX_WATTS_PER_CPU,
+    CpuHost,
     HostConfig,
-    logical_cpus,
     resolve_cpu_watts,
 )
 
@@ -151,29 +150,7 @@ class Settings(BaseSettings):
         priced = hw.gpu_price > 0 or hw.node_price > 0 or bool(hw.gpus)
         if priced and not hw.currency and self.tariff is None:
             raise ValueError("hardware.currency is required when there is no [tariff] to take it from")
-        if self.host.enabled:
-            self._check_cpu_model(self.host)
         return self
-
-    @staticmethod
-    def _check_cpu_model(host: HostConfig) -> None:
-        """The CPU model's max must not be below its idle, with an unset figure resolved to
-        its default on this machine exactly as ``run`` resolves it."""
-        cpus = logical_cpus()
-        idle, peak = resolve_cpu_watts(host, cpus)
-        if peak >= idle:
-            return
-        if host.cpu_max_watts is None:
-            raise field_error("Settings", ("host", "cpu_idle_watts"), (
-                f"{idle:g} W is above cpu_max_watts, which is unset and defaults to {peak:g} W on this "
-                f"machine ({DEFAULT_CPU_MAX_WATTS_PER_CPU:g} W x {cpus} logical CPUs); set cpu_max_watts too"
-            ), idle)
-        if host.cpu_idle_watts is None:
-            raise field_error("Settings", ("host", "cpu_max_watts"), (
-                f"{peak:g} W is below cpu_idle_watts, which is unset and defaults to {idle:g} W on this "
-                f"machine ({DEFAULT_CPU_IDLE_WATTS_PER_CPU:g} W x {cpus} logical CPUs); set cpu_idle_watts too"
-            ), peak)
-        # Both set: HostConfig's own check has already refused it.
 
     @property
     def hardware_currency(self) -> str | None:
@@ -187,8 +164,17 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+def load(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    cpu_host: CpuHost | None | Literal["local"] = "local",
+) -> Settings:
     """Load settings from ``path`` (TOML), the environment and ``overrides`` (CLI flags).
+
+    ``cpu_host`` is the machine the host power model will describe, whose CPU count the CPU
+    model's unset figures default by: ``"local"`` (this machine) for ``run``, the recorded host
+    for a replay, None where no host is modelled (a trace without host readings).
 
     Raises :class:`ConfigError` with a one-line message naming the file or field, and
     the ``GPUCOST_*`` variable when the bad value came from the environment.
@@ -209,17 +195,43 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
             base = Settings()
         except ValidationError as exc:
             raise ConfigError(_describe_with_env(exc)) from exc
-        if not overrides:
-            return base
-        # Flags are merged section by section so a flag does not wipe the
-        # rest of its table coming from the file or environment.
-        merged = _merge(base.model_dump(), overrides)
-        try:
-            return Settings.model_validate(merged)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from exc
+        if overrides:
+            # Flags are merged section by section so a flag does not wipe the
+            # rest of its table coming from the file or environment.
+            try:
+                base = Settings.model_validate(_merge(base.model_dump(), overrides))
+            except ValidationError as exc:
+                raise ConfigError(format_validation_error(exc)) from exc
     finally:
         Settings._toml_file = None
+    if cpu_host is not None:
+        check_cpu_model(base.host, CpuHost.local() if cpu_host == "local" else cpu_host)
+    return base
+
+
+def check_cpu_model(host: HostConfig, on: CpuHost) -> None:
+    """The CPU model's max must not be below its idle once an unset figure takes its default
+    on the machine it describes (``on``), exactly as the host source resolves it there.
+
+    Raises :class:`ConfigError` naming the field (and its ``GPUCOST_*`` variable)."""
+    if not host.enabled:
+        return
+    idle, peak = resolve_cpu_watts(host, on.cpus)
+    if peak >= idle:
+        return
+    if host.cpu_max_watts is None:
+        field, line = "cpu_idle_watts", (
+            f"{idle:g} W is above cpu_max_watts, which is unset and defaults to {peak:g} W on {on.name} "
+            f"({DEFAULT_CPU_MAX_WATTS_PER_CPU:g} W x {on.cpus} logical CPUs); set cpu_max_watts too")
+    elif host.cpu_idle_watts is None:
+        field, line = "cpu_max_watts", (
+            f"{peak:g} W is below cpu_idle_watts, which is unset and defaults to {idle:g} W on {on.name} "
+            f"({DEFAULT_CPU_IDLE_WATTS_PER_CPU:g} W x {on.cpus} logical CPUs); set cpu_idle_watts too")
+    else:
+        return  # both set: HostConfig's own check has already refused it
+    line = f"host.{field}: {line}"
+    origin = _env_origin(("host", field))
+    raise ConfigError(f"{origin}: {line}" if origin else line)
 
 
 # -- the environment ----------------------------------------------------------------------

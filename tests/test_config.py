@@ -147,6 +147,18 @@ def test_the_cpu_check_uses_this_machines_defaults_and_skips_a_disabled_host(tmp
     assert load(write(tmp_path, "[host]\nenabled = false\ncpu_idle_watts = 5000\n")).host.cpu_idle_watts == 5000
 
 
+def test_the_cpu_check_uses_the_host_the_model_describes(tmp_path):
+    """A replay models the recorded host: its CPU count scales the defaults, not this machine's."""
+    from agent.sources.host import CpuHost
+
+    path = write(tmp_path, "[host]\ncpu_idle_watts = 50\n")
+    recorded = CpuHost(16, "the recorded host node17")
+    assert load(path, cpu_host=recorded).host.cpu_idle_watts == 50  # 3.5 W x 16 = 56 W max
+    with pytest.raises(ConfigError, match=r"defaults to 14 W on the recorded host node17 \(3.5 W x 4 logical"):
+        load(path, cpu_host=CpuHost(4, "the recorded host node17"))
+    assert load(path, cpu_host=None).host.cpu_idle_watts == 50  # no host readings: nothing is modelled
+
+
 def test_toml_syntax_error_names_file_and_line(tmp_path):
     p = write(tmp_path, "[agent]\ntick_seconds = \n")
     with pytest.raises(ConfigError, match=r"agent\.toml: invalid TOML: .*line 2"):

@@ -76,6 +76,7 @@ def test_check_config_refuses_exactly_what_run_and_demo_refuse(tmp_path):
             "run": _start(["run", "--config", str(cfg), *listen], "", env, state_dir),
         }
         if name not in RUN_ONLY:
+            procs[name]["check-config --demo"] = _start(["check-config", "--demo", str(cfg)], "", env, state_dir)
             procs[name]["demo"] = _start(["demo", "--config", str(cfg), *listen], "", env, state_dir)
     results = {}
     try:
@@ -89,17 +90,57 @@ def test_check_config_refuses_exactly_what_run_and_demo_refuse(tmp_path):
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
+    # check-config checks what run uses; with --demo, what demo uses (its host model describes
+    # the recorded host, so the CPU model's defaults there are the trace's, not this machine's).
+    pairs = [("check-config", "run"), ("check-config --demo", "demo")]
     for name, _, _, expected in CORPUS:
-        rc, lines = results[(name, "check-config")]
-        assert rc == 2 and len(lines) == 1, (name, rc, lines)
-        line = lines[0]
-        assert line.startswith(f"gpu-cost-agent: {expected}"), (name, line)
-        for command in ("run",) if name in RUN_ONLY else ("run", "demo"):
+        for checker, command in pairs[:1] if name in RUN_ONLY else pairs:
+            rc, lines = results[(name, checker)]
+            assert rc == 2 and len(lines) == 1, (name, checker, rc, lines)
+            line = lines[0]
+            assert line.startswith(f"gpu-cost-agent: {expected}"), (name, checker, line)
             rc, lines = results[(name, command)]
             assert rc == 2 and lines and lines[-1] == line, (name, command, rc, lines)
             assert not any("Traceback" in x for x in lines), (name, command)
             if line.startswith("gpu-cost-agent: config error:"):
                 assert len(lines) == 1, (name, command, lines)  # refused before anything starts
+
+
+def test_demo_checks_the_cpu_model_against_the_recorded_host_not_this_machine(tmp_path):
+    """The bundled trace was recorded on a 16-CPU host: an unset cpu_max_watts defaults to
+    3.5 W x 16 there, whatever this machine has. A cpu_idle_watts between this machine's default
+    max and the recorded host's is valid for one and not the other: run and check-config judge it
+    for this machine, demo and check-config --demo for the recorded host, each with the same line."""
+    local = os.cpu_count() or 1
+    if local == 16:
+        pytest.skip("this machine has the recorded host's 16 CPUs: both defaults are the same")
+    idle = (3.5 * local + 3.5 * 16) / 2  # between the two defaults of cpu_max_watts
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[host]\ncpu_idle_watts = {idle}\n")
+    local_ok = local > 16  # this machine's default max is above the recorded host's
+    state_dir = tempfile.mkdtemp(dir=tmp_path)
+    checks = {cmd: _start(list(cmd), "", {}, state_dir) for cmd in (
+        ("check-config", str(cfg)), ("check-config", "--demo", str(cfg)))}
+    out = {cmd: (p.wait(30), p.communicate()) for cmd, p in checks.items()}
+    rc_local, (_, err_local) = out[("check-config", str(cfg))]
+    rc_demo, (stdout_demo, err_demo) = out[("check-config", "--demo", str(cfg))]
+    assert (rc_local == 0, rc_demo == 0) == (local_ok, not local_ok), out
+    refused_line = (err_demo if local_ok else err_local).strip()
+    if local_ok:
+        assert "on the recorded host h100-reference-vm (3.5 W x 16 logical CPUs)" in refused_line
+    else:
+        assert f"on this machine (3.5 W x {local} logical CPUs)" in refused_line
+        assert "over 16 CPUs" in stdout_demo  # the host model check-config --demo describes
+    accepted, refused = (["run"], ["demo"]) if local_ok else (["demo"], ["run"])
+    agent = AgentProcess(*accepted, "--config", str(cfg), env={"STATE_DIRECTORY": state_dir})
+    try:
+        agent.wait_ready()
+        assert agent.get("/metrics")[0] == 200
+    finally:
+        assert agent.stop() == 0, agent.output
+    proc = _start([*refused, "--config", str(cfg), "--listen", f"127.0.0.1:{free_port()}"], "", {}, state_dir)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and err.strip().splitlines() == [refused_line], err
 
 
 @pytest.mark.parametrize("command", [["check-config", "deploy/config.flat.toml"], ["demo", "--speed", "20"]])

@@ -110,6 +110,20 @@ def logical_cpus() -> int:
     return int(n) if n and n > 0 else 1
 
 
+@dataclass(frozen=True)
+class CpuHost:
+    """The machine the host power model describes, whose logical CPUs scale the CPU model's
+    unset figures: this machine for ``run``, the recorded one for a replay (its trace's
+    ``host.cpu_count``). ``name`` says which in error messages."""
+
+    cpus: int
+    name: str = "this machine"
+
+    @classmethod
+    def local(cls) -> "CpuHost":
+        return cls(logical_cpus())
+
+
 def resolve_cpu_watts(cfg: HostConfig, cpu_count: int) -> tuple[float, float]:
     """Whole-CPU (idle, max) watts of the model: the configured figures, else the per-CPU
     defaults × ``cpu_count``. The caller checks that max is not below idle."""

@@ -331,14 +331,15 @@ class ReplaySource:
         Returns None when the trace has no host readings. RAPL is never read
         during a replay: the machine replaying is not the machine recorded.
         """
-        if not any("host" in r for r in self.trace.rows):
+        recorded = recorded_host(self.trace)
+        if recorded is None:
             return None
         from types import SimpleNamespace
 
         from .host import HostPowerSource
 
-        info = self.trace.header.get("host", {})
-        mem_total = int(info.get("mem_total_bytes") or 0)
+        info = self.trace.header.get("host")
+        mem_total = int((info.get("mem_total_bytes") if isinstance(info, dict) else 0) or 0)
 
         def row() -> dict[str, Any]:
             return self.host_row() or {}
@@ -353,10 +354,29 @@ class ReplaySource:
 
         model_cfg = cfg.model_copy(update={"mode": "model"})
         host = HostPowerSource(
-            model_cfg, cpu_percent=cpu_percent, virtual_memory=virtual_memory, cpu_count=info.get("cpu_count") or 1
+            model_cfg, cpu_percent=cpu_percent, virtual_memory=virtual_memory, cpu_count=recorded.cpus
         )
         host.reason = "replay: the trace's CPU and memory readings"
         return host
 
     def close(self) -> None:
         pass
+
+
+def recorded_host(trace: Trace) -> Any:
+    """The machine a trace was recorded on, as its replay's host model describes it
+    (:class:`~agent.sources.host.CpuHost`: the header's ``host.cpu_count``, 1 where it is not
+    recorded); None when the trace has no host readings, so no host is modelled at all.
+
+    The CPU model's unset figures scale with these CPUs, never the replaying machine's: a
+    configuration is checked against the host it will describe (``config.load(cpu_host=...)``).
+    """
+    if not any("host" in r for r in trace.rows):
+        return None
+    from .host import CpuHost
+
+    info = trace.header.get("host")
+    n = info.get("cpu_count") if isinstance(info, dict) else None
+    cpus = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    name = trace.header.get("hostname")
+    return CpuHost(cpus, f"the recorded host {name}" if isinstance(name, str) and name else "the recorded host")
