@@ -7,18 +7,19 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
 from .accounting import Ledger
-from .config import ConfigError, Settings, load, unknown_env_vars
+from .config import ConfigError, Refused, Settings, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
 from .sampler import Sampler, resume_point
 from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
 from .state import StateError, StateStore, default_state_dir
-from .webconfig import WebConfigError
+from .webconfig import WebConfig, WebConfigError
 from .webconfig import load as load_web_config
 
 log = logging.getLogger("agent")
@@ -36,6 +37,11 @@ def bundled_config_path() -> Path:
 
 def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    _override_args(p)
+
+
+def _override_args(p: argparse.ArgumentParser) -> None:
+    """Flags that override the configuration: the serving commands' and check-config's."""
     p.add_argument("--listen", metavar="HOST:PORT", help="address of /metrics (default 0.0.0.0:9842)")
     p.add_argument("--tick", metavar="SECONDS", type=float, help="sampling interval (trace time for replays)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="check it as 'demo' uses it: the host model describes the bundled trace's host")
     replayed.add_argument("--trace", metavar="TRACE",
                           help="check it as 'replay TRACE' uses it: the host model describes the recorded host")
+    _override_args(p)
 
     p = sub.add_parser("record", help="record live NVML readings to a trace file")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="trace to write (.jsonl or .jsonl.gz)")
@@ -168,9 +175,50 @@ def _open_state(
 _reload: Any = None
 
 
-def _rapl_refusal(exc: Exception) -> str:
-    """The one line with which ``run`` and ``check-config`` refuse ``[host] mode = "rapl"`` without RAPL."""
-    return f"gpu-cost-agent: {getattr(exc, 'reason', exc)}"  # the reason says '[host] mode = "rapl" but ...'
+@dataclass
+class Checked:
+    """A configuration that passed :func:`validate`, with what the checks built on the way."""
+
+    settings: Settings
+    #: The endpoint's TLS and basic auth, from the web-config file; None: plain HTTP, no auth.
+    web: WebConfig | None
+    #: For ``run``: the host power source, built quietly (announce it when put to use); None
+    #: when ``[host]`` is disabled and for replays (they model the recorded host).
+    host: Any = None
+
+
+def _quiet_logger() -> logging.Logger:
+    quiet = logging.getLogger("agent.check")
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
+    return quiet
+
+
+def validate(config_path: str | None, overrides: dict[str, Any], *, trace: Any = None) -> Checked:
+    """The one check of a configuration that ``run``, ``demo``, ``replay``, ``check-config`` and
+    SIGHUP share, so that each refuses exactly what the others refuse, with the same line.
+
+    Every value (:func:`agent.config.load`; the CPU model against the host it will describe:
+    this machine, or ``trace``'s recorded host), the web-config file, and, without a trace, the
+    host power source as ``run`` builds it (``[host] mode = "rapl"`` without RAPL is refused).
+    Logs nothing. Raises :class:`~agent.config.Refused`.
+    """
+    try:
+        settings = load(config_path, overrides, cpu_host=_cpu_host(trace))
+        web = load_web_config(settings.agent.web_config_file) if settings.agent.web_config_file else None
+    except (ConfigError, WebConfigError) as exc:
+        raise Refused(f"config error: {exc}") from exc
+    host = None
+    if settings.host.enabled and trace is None:
+        from .sources.host import HostPowerSource
+        from .sources.rapl import RaplUnavailable
+
+        try:
+            host = HostPowerSource(settings.host, logger=_quiet_logger())
+        except RaplUnavailable as exc:  # only with [host] mode = "rapl": the reason says so
+            raise Refused(exc.reason) from exc
+    return Checked(settings, web, host)
 
 
 def _serve(settings: Settings, sampler: Sampler, store: StateStore | None, listener: Listener, **kw: Any) -> int:
@@ -244,7 +292,7 @@ def _serve_replay(
 NVML_OPEN_TIMEOUT_SECONDS = 10.0
 
 
-def _serve_nvml(settings: Settings, listener: Listener) -> int:
+def _serve_nvml(settings: Settings, host: Any, listener: Listener) -> int:
     from .gpucalls import call_with_timeout
     from .sampler import probe_methods
     from .sources.gpu import SourceUnavailable
@@ -254,18 +302,8 @@ def _serve_nvml(settings: Settings, listener: Listener) -> int:
         source = NvmlGpuSource()
         return source, probe_methods(source, settings.gpu.energy_method)
 
-    # The host first: a refused [host] mode = "rapl" ends the start at once, as check-config
-    # refuses it, not after NVML has been opened and probed.
-    host = None
-    if settings.host.enabled:
-        from .sources.host import HostPowerSource
-        from .sources.rapl import RaplUnavailable
-
-        try:
-            host = HostPowerSource(settings.host)
-        except RaplUnavailable as exc:  # only with [host] mode = "rapl"
-            print(_rapl_refusal(exc), file=sys.stderr)
-            return 2
+    if host is not None:  # built by validate, before anything started
+        host.announce(logging.getLogger("agent.sources.host"))
     source = None
     methods = None
     error = ""
@@ -345,31 +383,21 @@ def _check_config(args: argparse.Namespace) -> int:
         if trace is None:
             return 2
     try:
-        settings = load(path, cpu_host=_cpu_host(trace))
-        web = load_web_config(settings.agent.web_config_file) if settings.agent.web_config_file else None
-    except (ConfigError, WebConfigError) as exc:
-        print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
+        checked = validate(path, _overrides(args), trace=trace)
+    except Refused as exc:
+        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 2
+    settings, web = checked.settings, checked.web
     for line in unknown_env_vars():
         print(f"gpu-cost-agent: warning: {line}", file=sys.stderr)
     host_line = "host power: disabled ([host] enabled = false)"
-    if settings.host.enabled and trace is not None:  # what a replay models: the recorded host
+    if checked.host is not None:
+        host_line = checked.host.describe()
+    elif settings.host.enabled and trace is not None:  # what a replay models: the recorded host
         from .sources.replay import ReplaySource
 
         replayed = ReplaySource(trace).host_source(settings.host)
         host_line = replayed.describe() if replayed is not None else "host power: none (the trace has no host readings)"
-    elif settings.host.enabled:  # what run does at start, so check-config refuses what run refuses
-        from .sources.host import HostPowerSource
-        from .sources.rapl import RaplUnavailable
-
-        quiet = logging.getLogger("agent.check_config")
-        quiet.addHandler(logging.NullHandler())
-        quiet.propagate = False
-        try:
-            host_line = HostPowerSource(settings.host, logger=quiet).describe()
-        except RaplUnavailable as exc:
-            print(_rapl_refusal(exc), file=sys.stderr)
-            return 2
     a = settings.agent
     print(f"{path}: OK")
     print(host_line)
@@ -395,9 +423,13 @@ def _check_config(args: argparse.Namespace) -> int:
         idle = ("lowest power seen at 0 % utilisation" if at.idle_watts is None else
                 f"{at.idle_watts:g} W" if isinstance(at.idle_watts, (int, float)) else
                 ", ".join(f"{k} {v:g} W" for k, v in sorted(at.idle_watts.items())))
+        pods = "off"
+        if at.pod_resources:  # run goes without pod names where the socket is missing, and says so
+            pods = f"on ({at.pod_resources_socket}" + (
+                ")" if at.pod_resources_socket.exists() else ", not there now: run goes without pod names until restarted)")
         print(f"attribution: at most {at.max_workloads} workloads (then 'other'), kept {at.retention_seconds:g} s "
               f"after they end, SM window {at.window_seconds:g} s, idle power {idle}, user names "
-              f"{'on' if at.user_names else 'off'}, pod names from the kubelet {'on' if at.pod_resources else 'off'}")
+              f"{'on' if at.user_names else 'off'}, pod names from the kubelet {pods}")
     if settings.tariff is None:
         print("tariff: none ([tariff] absent): energy is exported, cost is not")
     else:
@@ -471,13 +503,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace = _load_trace(trace_path)
         if trace is None:
             return 2
-    cpu_host = _cpu_host(trace)
     try:
-        settings = load(config_path, _overrides(args), cpu_host=cpu_host)
+        checked = validate(config_path, _overrides(args), trace=trace)
+        settings = checked.settings
         # Bound before anything starts, so a taken port is the first and only thing said.
-        listener = open_listener(settings.agent.listen, settings.agent.web_config_file)
-    except (ConfigError, WebConfigError) as exc:
-        print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
+        listener = open_listener(settings.agent.listen, checked.web)
+    except Refused as exc:
+        print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 2
     except ListenError as exc:
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
@@ -489,16 +521,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if listener.web is not None:
         log.info("web config %s: %s", listener.web.path, listener.web.describe())
 
-    def reload() -> Settings:
-        new = load(config_path, _overrides(args), cpu_host=cpu_host)
-        _log_tariff(new, origin, args.command)
+    def reload() -> Checked:
+        new = validate(config_path, _overrides(args), trace=trace)  # as at start: raises Refused
+        _log_tariff(new.settings, origin, args.command)
         return new
 
     global _reload
     _reload = reload
     try:
         if args.command == "run":
-            return _serve_nvml(settings, listener)
+            return _serve_nvml(settings, checked.host, listener)
         assert trace_path is not None
         return _serve_replay(settings, listener, trace, trace_path, args, loop=args.command == "demo" or args.loop)
     except StateError as exc:  # a state directory that cannot be written: refuse to start

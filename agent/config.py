@@ -42,6 +42,13 @@ class ConfigError(Exception):
     """A configuration that cannot be used. ``str()`` is one line naming the field."""
 
 
+class Refused(Exception):
+    """A configuration a command cannot use, for whatever reason: a value, the web-config file,
+    ``[host] mode = "rapl"`` without RAPL. ``str()`` is the one line every command refuses it
+    with, after ``gpu-cost-agent: `` (exit code 2); on SIGHUP it is logged and the running
+    configuration stays. Raised by ``agent.cli.validate``, the one check they all share."""
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` → (host, port). IPv6 in brackets (``[::1]:9842``, ``[::]:9842`` for
     every address, IPv4 too); ``:9842`` listens on all IPv4 interfaces."""

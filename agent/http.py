@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
@@ -42,7 +41,6 @@ from prometheus_client.exposition import choose_encoder
 from . import __version__
 from .config import parse_listen
 from .webconfig import WebConfig, peer_allowed
-from .webconfig import load as load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +114,8 @@ def _reason(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
-def open_listener(listen: str, web_config_file: str | Path | None = None) -> Listener:
-    """Read the web config (raises WebConfigError), then bind (raises ListenError)."""
-    web = load_web_config(web_config_file) if web_config_file else None
+def open_listener(listen: str, web: WebConfig | None = None) -> Listener:
+    """Bind (raises ListenError); ``web`` (a loaded web config, None: plain HTTP) guards it."""
     return Listener(bind(listen), listen, web)
 
 

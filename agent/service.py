@@ -219,7 +219,7 @@ class Service:
         replay: Any = None,
         speed: float = 1.0,
         store: Any = None,
-        reload: Callable[[], Settings] | None = None,
+        reload: Callable[[], Any] | None = None,
         listener: Listener | None = None,
         open_source: Callable[[], tuple[Any, dict[int, str]]] | None = None,
     ) -> None:
@@ -237,7 +237,8 @@ class Service:
         self._reload_requested = False
         self._save_requested = False
         self._stop_signal: str | None = None
-        #: Loads the configuration again (SIGHUP); None: reload not possible.
+        #: Loads and checks the configuration again (SIGHUP), as at start: returns an
+        #: ``agent.cli.Checked`` or raises Refused; None: reload not possible.
         self._reload = reload
         self._finished = False
         #: Opens the GPU source and probes its energy methods (raises SourceUnavailable): tried
@@ -424,16 +425,17 @@ class Service:
 
     def reload(self) -> bool:
         """SIGHUP: apply a valid new configuration from now on; refuse an invalid one."""
-        from .config import ConfigError
+        from .config import Refused
 
         if self._reload is None:
             log.warning("received SIGHUP, but this agent has no configuration to reload")
             return False
         try:
-            new = self._reload()
-        except ConfigError as exc:
+            checked = self._reload()
+        except Refused as exc:
             log.error("received SIGHUP: new configuration refused, the running one stays: %s", exc)
             return False
+        new = checked.settings
         self.sampler.reconfigure(new)
         restart_only = [
             name for name, old, cur in (

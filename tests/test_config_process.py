@@ -48,7 +48,22 @@ CORPUS = [
      "config error: GPUCOST_HOST__CPU_IDLE_WATTS=5000: host.cpu_idle_watts: 5000 W is above cpu_max_watts"),
     ("env pue", "", {"GPUCOST_PUE__VALUE": "1e308"},
      "config error: GPUCOST_PUE__VALUE=1e308: pue.value: Input should be less than or equal to 5"),
+    ("web config missing", '[agent]\nweb_config_file = "/nonexistent/web.yml"\n', {},
+     "config error: /nonexistent/web.yml: cannot read: No such file or directory"),
+    ("web config invalid", '[agent]\nweb_config_file = "{tmp}/bad-web.yml"\n', {},
+     "config error: {tmp}/bad-web.yml: basic_auth_users: prometheus: not a bcrypt hash"),
+    ("web config flag missing", "", {}, "config error: /nonexistent/flag-web.yml: cannot read: No such file"),
+    ("tick flag above counter", "", {},
+     "config error: gpu.energy_counter_interval_seconds must be at least agent.tick_seconds (5.0 < 10.0)"),
+    ("env tick above counter", "", {"GPUCOST_AGENT__TICK_SECONDS": "10"},
+     "config error: gpu.energy_counter_interval_seconds must be at least agent.tick_seconds (5.0 < 10.0)"),
 ]
+
+#: Flags given to every command of a case (check-config takes the same overriding flags as run).
+FLAGS = {
+    "web config flag missing": ["--web.config.file", "/nonexistent/flag-web.yml"],
+    "tick flag above counter": ["--tick", "10"],
+}
 
 
 #: A replay models the recorded host and never reads RAPL: the demo has nothing to refuse here.
@@ -65,18 +80,21 @@ def test_check_config_refuses_exactly_what_run_and_demo_refuse(tmp_path):
     """Every bad config: check-config, run and demo all exit 2, and all end with the same
     one line (check-config and a config error print nothing else). The commands run side by
     side: about 50 interpreter starts."""
+    (tmp_path / "bad-web.yml").write_text("basic_auth_users:\n  prometheus: not-a-hash\n")
     procs = {}
     for i, (name, toml, env, _) in enumerate(CORPUS):
         cfg = tmp_path / f"{i}.toml"
-        cfg.write_text(toml)
+        cfg.write_text(toml.replace("{tmp}", str(tmp_path)))
         state_dir = tempfile.mkdtemp(dir=tmp_path)
-        listen = ["--listen", f"127.0.0.1:{free_port()}"]
+        listen = ["--listen", f"127.0.0.1:{free_port()}", *FLAGS.get(name, [])]
+        flags = FLAGS.get(name, [])
         procs[name] = {
-            "check-config": _start(["check-config", str(cfg)], "", env, state_dir),
+            "check-config": _start(["check-config", str(cfg), *flags], "", env, state_dir),
             "run": _start(["run", "--config", str(cfg), *listen], "", env, state_dir),
         }
         if name not in RUN_ONLY:
-            procs[name]["check-config --demo"] = _start(["check-config", "--demo", str(cfg)], "", env, state_dir)
+            procs[name]["check-config --demo"] = _start(["check-config", "--demo", str(cfg), *flags], "", env,
+                                                         state_dir)
             procs[name]["demo"] = _start(["demo", "--config", str(cfg), *listen], "", env, state_dir)
     results = {}
     try:
@@ -98,12 +116,32 @@ def test_check_config_refuses_exactly_what_run_and_demo_refuse(tmp_path):
             rc, lines = results[(name, checker)]
             assert rc == 2 and len(lines) == 1, (name, checker, rc, lines)
             line = lines[0]
-            assert line.startswith(f"gpu-cost-agent: {expected}"), (name, checker, line)
+            assert line.startswith(f"gpu-cost-agent: {expected.replace('{tmp}', str(tmp_path))}"), (name, line)
             rc, lines = results[(name, command)]
             assert rc == 2 and lines and lines[-1] == line, (name, command, rc, lines)
             assert not any("Traceback" in x for x in lines), (name, command)
             if line.startswith("gpu-cost-agent: config error:"):
                 assert len(lines) == 1, (name, command, lines)  # refused before anything starts
+
+
+def test_a_missing_pod_resources_socket_is_accepted_by_check_config_as_by_run(tmp_path):
+    """run does not refuse a pod-resources socket that is not there (a DaemonSet's config on a node
+    without the kubelet's socket): it goes without pod names and says so. check-config accepts it
+    too, and says the same."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[attribution]\npod_resources = true\npod_resources_socket = "/nonexistent/kubelet.sock"\n')
+    proc = subprocess.run([sys.executable, "-m", "agent", "check-config", str(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "pod names from the kubelet on (/nonexistent/kubelet.sock, not there now: run goes without pod names" \
+        in proc.stdout
+    agent = AgentProcess("run", "--config", str(cfg))
+    try:
+        agent.wait_ready()
+        assert agent.get("/metrics")[0] == 200
+    finally:
+        assert agent.stop() == 0, agent.output
+    assert "pod names from the kubelet: off, no /nonexistent/kubelet.sock" in agent.output
 
 
 def test_demo_checks_the_cpu_model_against_the_recorded_host_not_this_machine(tmp_path):

@@ -398,8 +398,18 @@ class HostPowerSource:
                 if cfg.mode == "rapl":
                     raise RaplUnavailable(f'[host] mode = "rapl" but {exc.reason}; {_DOC_HINT}') from exc
                 self.mode, self.reason = "model", self._reason_text(exc.reason)
+        self.announce()
+
+    def announce(self, logger: logging.Logger | None = None) -> None:
+        """Log which mode is in use and why (a warning where ``auto`` fell back to the model).
+
+        ``logger`` replaces the one given at construction, also for what the source says later
+        (a fall-back to the model): a source built quietly to check a configuration is put to
+        use, and speaks, from here on."""
+        if logger is not None:
+            self._log = logger
         line = self.describe()
-        if self.mode == "model" and cfg.mode == "auto":
+        if self.mode == "model" and self.cfg.mode == "auto":
             self._log.warning("%s", line)
         else:
             self._log.info("%s", line)
