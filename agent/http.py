@@ -277,10 +277,7 @@ class MetricsServer:
         self.write_timeout = write_timeout
         self.max_connections = max_connections
         self.workers = workers
-        web = listener.web
-        self._auth = web.auth if web is not None else None
-        self._sans = web.allowed_sans if web is not None else set()
-        self._extra_headers = list(web.headers.items()) if web is not None else []
+        self._set_web(listener.web)
         address = listener.sock.getsockname()
         self.host: str = address[0]
         self.port: int = address[1]
@@ -322,22 +319,52 @@ class MetricsServer:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self.listener.close()
 
+    def _set_web(self, web: WebConfig | None) -> None:
+        """What each request is checked against: basic auth, allowed client SANs, extra headers."""
+        self._auth = web.auth if web is not None else None
+        self._sans = web.allowed_sans if web is not None else set()
+        self._extra_headers = list(web.headers.items()) if web is not None else []
+
+    async def _start_server(self) -> asyncio.AbstractServer:
+        """Serve the listening socket with the current web config's TLS (or none). The server gets
+        a duplicate of the socket: closing it (a new web config, stop) leaves the port bound."""
+        ctx = self.listener.web.ssl_context if self.listener.web is not None else None
+        return await asyncio.start_server(
+            self._connection,
+            sock=self.listener.sock.dup(),
+            backlog=BACKLOG,
+            limit=MAX_HEAD_BYTES,
+            ssl=ctx,
+            ssl_handshake_timeout=self.idle_timeout if ctx is not None else None,
+            ssl_shutdown_timeout=2.0 if ctx is not None else None,
+        )
+
+    def apply_web(self, web: WebConfig | None) -> None:
+        """A web config read again (SIGHUP): basic auth, headers and allowed SANs apply from the
+        next request, TLS from the next connection on the same port (a new server takes the
+        bound socket over; connections open now keep the TLS they have)."""
+        loop = self._loop
+        if loop is None or not self._thread.is_alive():
+            self.listener.web = web
+            self._set_web(web)
+            return
+        asyncio.run_coroutine_threadsafe(self._swap_web(web), loop).result(timeout=10)
+
+    async def _swap_web(self, web: WebConfig | None) -> None:
+        old_ctx = self.listener.web.ssl_context if self.listener.web is not None else None
+        self.listener.web = web
+        self._set_web(web)  # first: a connection the new server accepts is checked by the new rules
+        if (web.ssl_context if web is not None else None) is None and old_ctx is None:
+            return  # plain HTTP before and after: nothing to change on the socket
+        old, self._server = self._server, await self._start_server()
+        if old is not None:
+            old.close()  # stops accepting; its connections run on
+
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="http-work")
         try:
-            ctx = self.listener.web.ssl_context if self.listener.web is not None else None
-            self._server = loop.run_until_complete(
-                asyncio.start_server(
-                    self._connection,
-                    sock=self.listener.sock,
-                    backlog=BACKLOG,
-                    limit=MAX_HEAD_BYTES,
-                    ssl=ctx,
-                    ssl_handshake_timeout=self.idle_timeout if ctx is not None else None,
-                    ssl_shutdown_timeout=2.0 if ctx is not None else None,
-                )
-            )
+            self._server = loop.run_until_complete(self._start_server())
         except BaseException as exc:  # pragma: no cover - the socket is already bound
             self._error = exc
             self._ready.set()
@@ -470,13 +497,14 @@ class MetricsServer:
         return HTTPStatus.NOT_FOUND, [("Content-Type", "text/plain; charset=utf-8")], b"not found\n"
 
     async def _authorized(self, header: str | None) -> bool:
-        assert self._auth is not None
+        auth = self._auth  # the one in force when the request came (SIGHUP may replace it)
+        assert auth is not None
         if not header:
             return False
-        if self._auth.cached(header):
+        if auth.cached(header):
             return True
         loop = asyncio.get_running_loop()
-        return await asyncio.shield(loop.run_in_executor(self._pool, self._auth.check, header))
+        return await asyncio.shield(loop.run_in_executor(self._pool, auth.check, header))
 
     async def _metrics(self, req: _Request) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
         accept = req.headers.get("accept", "")

@@ -2,8 +2,9 @@
 
 The format is exporter-toolkit's (``--web.config.file``, as node_exporter), a YAML
 file with ``tls_server_config``, ``http_server_config`` and ``basic_auth_users``.
-It is read once at start (and by ``check-config``); a file that cannot be used
-is refused with one line naming the file and the key, never half-applied.
+It is read at start, on SIGHUP and by ``check-config``; a file that cannot be used
+is refused with one line naming the file and the key, never half-applied (on
+SIGHUP the endpoint then keeps the web config it has).
 
 What Python's ``ssl`` module cannot do as Go's ``crypto/tls`` does is refused
 rather than silently ignored: ``cipher_suites`` and ``curve_preferences`` (Go

@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import shutil
 import socket
+import signal
 import ssl
 import subprocess
 import time
@@ -144,3 +146,63 @@ def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_path):
         prom.terminate()
         prom.wait(10)
         agent.stop()
+
+
+def test_sighup_applies_a_changed_web_config_and_refuses_a_broken_one_naming_the_file(tmp_path):
+    """SIGHUP reads the web-config file again, as the start does: new passwords and headers apply to
+    the next request, TLS switched on applies to the next connection on the same port; a file that
+    cannot be used is refused with one line naming it, and the running endpoint stays as it was."""
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  prometheus: '{bcrypt_hash('old')}'\n")
+    agent = AgentProcess("demo", "--speed", "10", "--web.config.file", str(web), auth=("prometheus", "old"))
+
+    def status(auth: tuple[str, str] | None) -> int:
+        try:
+            return agent.get("/healthz", auth=auth)[0] if auth else agent.get("/healthz")[0]
+        except (OSError, http.client.HTTPException):
+            return -1
+
+    def until(check, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.1)
+        agent.stop()
+        raise AssertionError(f"{what}; agent output:\n{agent.output[-3000:]}")
+
+    try:
+        agent.wait_ready()
+        assert status(("prometheus", "old")) == 200
+        web.write_text(f"basic_auth_users:\n  prometheus: '{bcrypt_hash('new')}'\n"
+                       "http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        until(lambda: status(("prometheus", "new")) == 200, "the new password was not accepted")
+        assert status(("prometheus", "old")) == 401
+        with urllib.request.urlopen(urllib.request.Request(
+                agent.base + "/healthz", headers={"Authorization": "Basic " + base64.b64encode(b"prometheus:new")
+                                                  .decode()}), timeout=2) as r:
+            assert r.headers["X-Frame-Options"] == "deny"
+        web.write_text("basic_auth_users: [\n")  # broken: the running endpoint must stay as it is
+        agent.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert agent.proc.poll() is None
+        assert status(("prometheus", "new")) == 200 and status(("prometheus", "old")) == 401
+        cert, key = make_cert(tmp_path, "server")
+        web.write_text(f"tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n"
+                       f"basic_auth_users:\n  prometheus: '{bcrypt_hash('tls')}'\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.base = agent.base.replace("http://", "https://")
+        agent.context = client_context(cert)
+        until(lambda: status(("prometheus", "tls")) == 200, "TLS did not come on at the same port")
+        assert status(("prometheus", "new")) == 401
+        agent.auth = ("prometheus", "tls")
+        assert value(agent.metrics(), "gpucost_agent_info", source="replay") == 1
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP gets nothing now
+            urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/healthz", timeout=2)
+    finally:
+        rc = agent.stop()
+    assert rc == 0, agent.output[-3000:]
+    refused = [ln for ln in agent.output.splitlines() if "new configuration refused" in ln]
+    assert len(refused) == 1 and f"config error: {web}: invalid YAML" in refused[0], refused
+    assert "web config" in agent.output and "TLS TLS12-TLS13, basic auth for 1 user" in agent.output
