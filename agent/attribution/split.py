@@ -68,6 +68,9 @@ DEFAULT_WINDOW_SECONDS = 5.0
 PROCESS_READ = "process_read"
 #: Most ticks of history kept per GPU (process lists, samples): a bound should slices stop.
 _MAX_HISTORY = 4096
+#: Labels of this many workloads beyond twice those the held process lists name are kept
+#: before the labels are pruned (see Attributor._prune_labels).
+_LABELS_SLACK = 64
 
 #: (workload key, identity labels) of a PID.
 KeyOf = Callable[[int], tuple[str, Mapping[str, str]]]
@@ -339,8 +342,10 @@ class Attributor:
         self.idle_watts = idle_watts
         self.on_error = on_error
         self._gpus: dict[int, _Gpu] = {}
-        #: workload key → identity labels of the process that last mapped to it
+        #: workload key → identity labels of the process that last mapped to it; pruned to the
+        #: workloads the held process lists name once it outgrows ``_labels_limit``
         self._labels: dict[str, Mapping[str, str]] = {}
+        self._labels_limit = _LABELS_SLACK
         #: Newest slice end charged this tick (see end_tick).
         self._newest: float | None = None
         #: Where pod names come from: a callable giving GPU (or MIG device) UUID → the pod
@@ -547,6 +552,24 @@ class Attributor:
             self.totals.expire(self._newest)
             self.totals.enforce_max()
             self._newest = None
+        if len(self._labels) > self._labels_limit:
+            self._prune_labels()
+
+    def _prune_labels(self) -> None:
+        """Forget the labels of workloads that no held process list names. Labels are looked up
+        only for the workloads of a listing a slice is split by, and listings older than the SM
+        window are dropped (``_Gpu.prune``), so those can never be asked for again; a workload
+        that comes back is labelled afresh by its next listing. Exported labels live in the
+        totals, with their own retention. Run when the map has doubled since the last prune
+        (plus a slack), so the scan of the held listings costs O(1) per new workload."""
+        named: set[str] = set()
+        for g in self._gpus.values():
+            for lst in g.listings:
+                named.update(lst.memory)
+                for inst in (lst.mig or {}).values():
+                    named.update(inst.memory)
+        self._labels = {k: v for k, v in self._labels.items() if k in named}
+        self._labels_limit = 2 * len(self._labels) + _LABELS_SLACK
 
     def split(self, index: int, s: EnergySlice) -> dict[str, float]:
         """How slice ``s`` of GPU ``index`` divides among workload keys (joules)."""

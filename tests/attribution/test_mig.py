@@ -356,3 +356,19 @@ def test_a_pod_holding_a_mig_device_gets_its_names_on_that_instance():
     labels = {(r.workload, r.gpu_instance): r.labels for r in sampler.snapshot.workloads}
     assert (labels[("pod:uid-601", "5")]["namespace"], labels[("pod:uid-601", "5")]["pod"]) == ("ml", "trainer-0")
     assert labels[("user:1001", "1")]["pod"] == ""  # not a pod's process: no name
+
+
+def test_pruning_the_labels_keeps_those_the_mig_instances_name():
+    """The labels the attributor prunes (agent.attribution.split.Attributor._prune_labels) are
+    those no held process list names; on a MIG GPU the names are in the instances' lists."""
+    src, sampler = node()
+    stage = sampler.attribution
+    stage._labels["user:9999"] = {"kind": "user", "user": "gone"}  # a workload no list names any more
+    for _ in range(5):
+        src.t += 1.0
+        sampler.tick()
+        stage._prune_labels()
+        assert set(stage._labels) == {"user:1000", "user:1001"}
+    sampler.tick(final=True)
+    labels = {(r.workload, r.gpu_instance): r.labels for r in sampler.snapshot.workloads}
+    assert labels[("user:1000", "5")]["user"] == "alice" and labels[("user:1001", "1")]["user"] == "bob"

@@ -391,3 +391,35 @@ def test_command_lines_only_when_switched_on_and_on_their_own_info_family():
     cmdline = (NODE / "1300" / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode()
     assert f'command="{cmdline}"' in slurm
     assert not any("command=" in l for l in texts[True].splitlines() if l.startswith("gpucost_workload_gpu_energy"))
+
+
+def test_labels_of_thousands_of_short_lived_workloads_stay_bounded_and_totals_unchanged(monkeypatch):
+    """A node running many short jobs: 3,000 processes, each its own workload, each listed on one
+    tick. The attributor's labels of workloads stay bounded by what its held process lists name
+    (not one entry per workload ever seen), and every total is what it is without the pruning."""
+
+    def drive(prune: bool):
+        if not prune:
+            monkeypatch.setattr(Attributor, "_prune_labels", lambda self: None, raising=False)
+        src, sampler = node(retention=30.0)
+        src.energy_between = lambda i, a, b: 300.0 * (b - a)  # the fake's counter in closed form: O(1) a read
+        first = int(src.t)
+        src.gpus[0].procs = lambda t: [(10_000 + int(t) - first, GIB), (7, GIB)]  # one new job a second, one daemon
+        seen = set()
+        for _ in range(3000):
+            src.t += 1.0
+            sampler.tick()
+            seen.update(sampler.ledger.workloads.energy)
+        sampler.tick(final=True)
+        monkeypatch.undo()
+        return sampler, seen
+
+    (pruned, seen), (reference, _) = drive(True), drive(False)
+    assert len(seen) >= 3000  # every job was a workload of its own, exported for the retention
+    assert len(reference.attribution._labels) >= 3000  # without pruning: one entry per workload ever seen
+    assert len(pruned.attribution._labels) <= 100, len(pruned.attribution._labels)
+    ledger, ref = pruned.ledger.workloads, reference.ledger.workloads
+    assert dict(ledger.energy) == dict(ref.energy) and dict(ledger.cost) == dict(ref.cost)
+    assert ledger.labels == ref.labels and ledger.last_seen == ref.last_seen
+    assert ledger.energy[("GPU-fake-0", "pid:7")] == pytest.approx(150.0 * 3000, rel=1e-6)  # half: by memory
+    assert ledger.labels[("GPU-fake-0", "pid:7")]["kind"] == "unknown"  # replay keys: pid workloads
