@@ -141,12 +141,12 @@ def _attribution(settings: Settings, ledger: Ledger, *, replay: bool, identities
 
 
 #: Where loaded totals end on this boot (see agent.sampler.resume_point): nothing to bridge.
-_NO_RESUME: tuple[dict[str, tuple[int, float]], float | None] = ({}, None)
+_NO_RESUME: tuple[dict[str, tuple[int, float]], float | None, Any] = ({}, None, None)
 
 
 def _open_state(
     settings: Settings, ledger: Ledger, *, replay: bool
-) -> tuple[StateStore | None, tuple[dict[str, tuple[int, float]], float | None]]:
+) -> tuple[StateStore | None, tuple[dict[str, tuple[int, float]], float | None, Any]]:
     """The state store, with its totals loaded into ``ledger``, and where those totals end on
     this boot (for the sampler to bridge the time no agent ran). Raises StateError."""
     directory = settings.agent.state_dir

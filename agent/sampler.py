@@ -28,6 +28,7 @@ from .energy import GpuEnergy
 from .gpucalls import GpuCalls
 from .snapshot import AgentStats, CostView, GpuState, ReplayProgress, Snapshot
 from .sources.gpu import GpuError, GpuInfo, GpuLost, GpuNotSupported, GpuReading, GpuSource, PowerSample
+from .sources.host import RaplMark
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,8 @@ class Sampler:
         With them, for live GPUs, the energy-counter reading each GPU's total ends at and this
         boot's id (``gpu_counters``), so that a restart on the same boot counts, exact from the
         counter, the energy used while no agent ran (after a crash, kill -9 or an upgrade) and
-        the totals never go back.
+        the totals never go back; the same for the host's RAPL counters (``host_counters``), and
+        only for them: a modelled host has no counter to bridge with.
         """
         with self._lock:
             state = self.ledger.state()
@@ -319,16 +321,22 @@ class Sampler:
                 marks = [[d.uuid, m[0], m[1]] for d in self.devices
                          if (m := self._energy[d.index].counter_mark) is not None]
                 state["gpu_counters"] = {"boot_id": boot, "readings": marks, "mono": self._prev_mono}
+                host = self.host.counter_mark() if self.host is not None else None
+                if host is not None:
+                    state["host_counters"] = host.to_state(boot)
             return state
 
-    def resume_counters(self, marks: dict[str, tuple[int, float]], mono: float | None = None) -> None:
-        """The counter readings the loaded totals end at, and the monotonic time the loaded
-        amortisation ends at (:func:`resume_point`), before the first tick."""
+    def resume_counters(self, marks: dict[str, tuple[int, float]], mono: float | None = None,
+                        host: RaplMark | None = None) -> None:
+        """The counter readings the loaded totals end at, the monotonic time the loaded
+        amortisation ends at and the host's RAPL mark (:func:`resume_point`), before the first tick."""
         with self._lock:
             self._resume_mono = mono
             self._resume_marks = dict(marks)
             for d in self.devices:
                 self._resume(d)
+            if host is not None and self.host is not None:
+                self.host.resume(host)
 
     def _host_description(self) -> str:
         """The host source's one-line description, re-formatted only when its mode changes."""
@@ -361,6 +369,11 @@ class Sampler:
         if prev is None:
             for c in sample.components:
                 self.ledger.open_host_component(c.component, c.source)
+            if sample.bridged_since is not None:  # a restart: RAPL energy used while no agent ran
+                gap = mono - sample.bridged_since
+                for c in sample.components:
+                    if c.source == "rapl":
+                        self.ledger.add_host(c.component, c.source, wall - gap, wall, c.joules)
         if prev is not None and not sample.baseline:
             dt = mono - prev.t_mono
             for c in sample.components:
@@ -607,15 +620,18 @@ def _gpu_counters(state: Any) -> dict[str, Any] | None:
     return data if boot is not None and data.get("boot_id") == boot else None
 
 
-def resume_point(state: Any) -> tuple[dict[str, tuple[int, float]], float | None]:
+def resume_point(state: Any) -> tuple[dict[str, tuple[int, float]], float | None, RaplMark | None]:
     """Where a persisted state's totals end, when it was saved on this boot: GPU UUID ->
-    (counter mJ, monotonic s), and the monotonic time its amortisation ends at. Else ({}, None).
-    Raises ValueError for a malformed ``gpu_counters`` (see :func:`_gpu_counters`)."""
+    (counter mJ, monotonic s), the monotonic time its amortisation ends at, and the host's RAPL
+    counters (:class:`~agent.sources.host.RaplMark`). Else ({}, None, None). Raises ValueError
+    for a malformed ``gpu_counters`` or ``host_counters`` (see :func:`_gpu_counters`)."""
+    host = RaplMark.from_state(state.get("host_counters") if isinstance(state, dict) else None, boot_id())
     data = _gpu_counters(state)
     if data is None:
-        return {}, None
+        return {}, None, host
     mono = data.get("mono")
-    return {row[0]: (row[1], float(row[2])) for row in data["readings"]}, None if mono is None else float(mono)
+    marks = {row[0]: (row[1], float(row[2])) for row in data["readings"]}
+    return marks, None if mono is None else float(mono), host
 
 
 def counter_marks(state: Any) -> dict[str, tuple[int, float]]:

@@ -10,6 +10,7 @@ import pytest
 from agentproc import AgentProcess, value
 
 IPMI = Path(__file__).resolve().parents[1] / "fixtures" / "ipmi"
+POWERCAP = Path(__file__).resolve().parents[1] / "fixtures" / "powercap"
 
 
 def scrape_after_ticks(agent: AgentProcess, ticks: int = 4, timeout: float = 20.0):
@@ -95,3 +96,46 @@ def test_bmc_error_is_logged_once_and_no_wall_power_is_exported(tmp_path):
     finally:
         assert agent.stop() == 0
     assert agent.output.count("insufficient resources for session") == 1  # once, not every poll
+
+
+def test_after_kill_9_the_rapl_counters_bridge_the_downtime_and_host_energy_never_goes_back(tmp_path):
+    """The host's RAPL counters bridge a kill -9 the way the GPUs' energy counters do (same boot):
+    the state holds the counters its host total ends at, and the restarted agent's first read
+    counts, exact and through a wrap, everything used since, so the exported total never goes
+    back below what was scraped. (A modelled host has no counter: it is not bridged.)"""
+    import json
+    import shutil
+    import signal
+
+    root = tmp_path / "powercap"
+    shutil.copytree(POWERCAP / "wrap", root)  # package-0 328 850 µJ below its range: the next step wraps
+    energy_uj = root / "intel-rapl:0" / "energy_uj"
+    state_dir = tmp_path / "state"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\ntick_seconds = 0.5\n[gpu]\nenabled = false\n[host]\nmode = "rapl"\n'
+                   f'powercap_root = "{root}"\n')
+    env = {"STATE_DIRECTORY": str(state_dir)}
+
+    def cpu_joules(agent: AgentProcess) -> float | None:
+        return value(agent.metrics(), "gpucost_host_energy_joules_total", component="cpu", source="rapl")
+
+    first = AgentProcess("run", "--config", str(cfg), env=env)
+    first.wait_ready()  # its first tick read the counter at 262 143 000 000 µJ
+    energy_uj.write_text("20000000\n")  # wrapped: +20.32885 J
+    deadline = time.monotonic() + 10
+    while cpu_joules(first) != pytest.approx(20.32885, abs=1e-6) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cpu_joules(first) == pytest.approx(20.32885, abs=1e-6)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    state = json.loads((state_dir / "state.json").read_text())
+    saved = {(c, s): j for c, s, j in state["host_energy_joules"]}
+    assert saved[("cpu", "rapl")] == 0.0  # saved at start: without the bridge the total would go back
+    assert state["host_counters"]["zones"] == [["intel-rapl:0", 262_143_000_000, 262_143_328_850]]
+    energy_uj.write_text("95000000\n")  # +75 J while no agent runs
+    second = AgentProcess("run", "--config", str(cfg), env=env)
+    try:
+        second.wait_ready()
+        assert cpu_joules(second) == pytest.approx(95.32885, abs=1e-6)  # 20.32885 + 75, not 0
+    finally:
+        assert second.stop() == 0
+    assert "host: 95.329 J used in the" in second.output and "from the RAPL counters" in second.output

@@ -289,3 +289,34 @@ def test_counter_marks_only_from_this_boot_and_malformed_ones_refused(monkeypatc
     assert sampler.resume_mono({"gpu_counters": {"boot_id": "boot-b", "readings": [], "mono": 99.5}}) is None
     with pytest.raises(ValueError, match="gpu_counters.mono"):
         sampler.resume_mono({"gpu_counters": {"boot_id": "boot-a", "readings": [], "mono": -1}})
+
+
+def test_host_counters_are_saved_for_rapl_only_and_resumed_from_this_boot(monkeypatch, tmp_path):
+    """The state holds the host's RAPL counters (``host_counters``) beside the GPUs'; a modelled
+    host writes none (nothing to bridge with); a malformed entry is refused like any bad value."""
+    import shutil
+    from pathlib import Path
+
+    from agent import sampler
+    from agent.sources.host import HostConfig, HostPowerSource, RaplMark
+
+    monkeypatch.setattr(sampler, "boot_id", lambda: "boot-a")
+    root = tmp_path / "powercap"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "powercap" / "one_socket", root)
+    host = {"rapl": HostPowerSource(HostConfig(mode="rapl", powercap_root=root)),
+            "model": HostPowerSource(HostConfig(mode="model"))}
+    saved = {}
+    for mode, source in host.items():
+        src = FakeSource([FakeGpu(lambda t: 300.0)], t0=T)
+        s = make_sampler(src, host=source)
+        saved[mode] = s.state()
+    assert "host_counters" not in saved["model"]
+    mark = saved["rapl"]["host_counters"]
+    assert mark["boot_id"] == "boot-a" and mark["zones"] == [["intel-rapl:0", 48_213_177_625, 262_143_328_850]]
+    assert sampler.resume_point(saved["rapl"])[2] == RaplMark({"intel-rapl:0": (48_213_177_625, 262_143_328_850)},
+                                                              mark["mono"])
+    assert sampler.resume_point(saved["model"])[2] is None
+    monkeypatch.setattr(sampler, "boot_id", lambda: "boot-b")  # rebooted: the counters restarted
+    assert sampler.resume_point(saved["rapl"]) == ({}, None, None)
+    with pytest.raises(ValueError, match=r"host_counters.zones\[0\]"):
+        sampler.resume_point({**saved["rapl"], "host_counters": {**mark, "zones": [["intel-rapl:0", -5, 1]]}})

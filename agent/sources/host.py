@@ -44,7 +44,7 @@ from typing import Any, Callable, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .ipmi import IpmiConfig
-from .rapl import DEFAULT_POWERCAP_ROOT, RaplDelta, RaplReader, RaplUnavailable, ReadText
+from .rapl import DEFAULT_POWERCAP_ROOT, RaplDelta, RaplReader, RaplUnavailable, ReadText, energy_delta_uj
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ MAX_MEMORY_WATTS_PER_GIB = 10.0
 
 #: Below this interval (s), zero RAPL package energy is not taken as "frozen counters".
 _FROZEN_CHECK_MIN_DT = 0.5
+#: Highest average power one RAPL zone (a package, or its DRAM) is taken to draw while no agent
+#: ran, W: the largest server CPUs are rated 500 W. It bounds the gap a restart can bridge, so
+#: that a counter cannot have wrapped more than once in it (a 262 kJ range: 262 s).
+MAX_RAPL_ZONE_WATTS = 1000.0
 _DOC_HINT = "see docs/host-power.md"
 
 
@@ -173,12 +177,52 @@ class HostComponent:
 
 
 @dataclass(frozen=True)
+class RaplMark:
+    """Where a run's host energy totals end: each counted RAPL zone's counter at the last read
+    whose energy is in them, zone id -> (µJ, ``max_energy_range_uj``), and that read's monotonic
+    time (s). Persisted with the boot id (``host_counters``), so that an agent restarted on the
+    same boot counts, from the counters, the host energy used while none ran."""
+
+    counters: dict[str, tuple[int, int]]
+    mono: float
+
+    def to_state(self, boot_id: str) -> dict[str, Any]:
+        zones = [[zone, uj, span] for zone, (uj, span) in sorted(self.counters.items())]
+        return {"boot_id": boot_id, "mono": self.mono, "zones": zones}
+
+    @classmethod
+    def from_state(cls, data: Any, boot_id: str | None) -> "RaplMark | None":
+        """The mark of a state's ``host_counters`` when saved on boot ``boot_id``, else None
+        (the counters and the monotonic clock restart with a reboot). Raises ValueError for a
+        malformed entry (the whole state is then set aside, as for any value)."""
+        if data is None:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("zones"), list):
+            raise ValueError("host_counters: expected an object with a list of zones")
+        counters: dict[str, tuple[int, int]] = {}
+        for i, row in enumerate(data["zones"]):
+            ok = (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and 0 < len(row[0]) <= 256
+                  and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in row[1:]))
+            if not ok or row[0] in counters:
+                raise ValueError(f"host_counters.zones[{i}]: expected [zone id, counter µJ, range µJ]")
+            counters[row[0]] = (row[1], row[2])
+        mono = data.get("mono")
+        if isinstance(mono, bool) or not isinstance(mono, (int, float)) or not 0 <= mono < 1e10:
+            raise ValueError("host_counters.mono: expected monotonic seconds")
+        if boot_id is None or data.get("boot_id") != boot_id:
+            return None
+        return cls(counters, float(mono))
+
+
+@dataclass(frozen=True)
 class HostSample:
     """Host readings at one tick (``t_mono``: the caller's monotonic clock, s).
 
     ``cpu_util_ratio``: 0..1 average since the previous read. ``mem_used_bytes``
     is ``total - available`` (memory really in use, not page cache).
-    ``baseline``: True on the first read, whose joules are all 0.0.
+    ``baseline``: True on the first read, whose joules are all 0.0, except that a first read
+    that continues an earlier run's RAPL counters (:meth:`HostPowerSource.resume`) gives its
+    ``rapl`` components the energy since that run's last read, at monotonic ``bridged_since``.
     """
 
     t_mono: float
@@ -187,6 +231,7 @@ class HostSample:
     mem_total_bytes: int
     components: tuple[HostComponent, ...]
     baseline: bool = False
+    bridged_since: float | None = None
 
     @property
     def watts(self) -> float:
@@ -381,6 +426,8 @@ class HostPowerSource:
         self._rapl: RaplReader | None = None
         self._t_prev: float | None = None
         self._frozen_checked = False
+        #: An earlier run's RAPL mark, bridged by the first read (see resume).
+        self._resume: RaplMark | None = None
         #: "rapl" | "model" | "disabled"
         self.mode: str
         #: Why this mode (for the model: why not RAPL).
@@ -468,16 +515,22 @@ class HostPowerSource:
 
         comps: list[HostComponent] = []
         rapl_dram = False
+        bridged: dict[str, float] | None = None
+        since: float | None = None
         if self._rapl is not None:
             try:
                 deltas = self._rapl.read_deltas()
             except RaplUnavailable as exc:
                 self._fall_back(exc.reason)
             else:
-                # On the baseline read the deltas (since construction) are discarded.
+                if baseline and self._resume is not None:
+                    since = self._resume.mono
+                    bridged = self._bridge(t_mono)
+                # On the baseline read the deltas (since construction) are discarded; a bridge
+                # gives the energy since the earlier run's last read instead.
                 if baseline or self._check_advancing(deltas, dt):  # else: fell back, modelled below
                     for d in deltas:
-                        j = 0.0 if baseline else d.joules
+                        j = (bridged[d.zone.zone_id] if bridged is not None else 0.0) if baseline else d.joules
                         w = j / dt if dt > 0 else 0.0
                         kind = "cpu" if d.zone.kind == "package" else "dram"
                         comps.append(HostComponent(kind, d.zone.socket, "rapl", w, j))
@@ -492,7 +545,65 @@ class HostPowerSource:
             comps.append(model("dram", self.dram_model_watts(total)))
         p = self.cfg.platform_watts
         comps.append(HostComponent("platform", None, "static", p, p * dt if dt > 0 else 0.0))
-        return HostSample(t_mono, util, used, total, tuple(comps), baseline)
+        return HostSample(t_mono, util, used, total, tuple(comps), baseline, since if bridged is not None else None)
+
+    # -- restarts on the same boot ---------------------------------------------
+
+    def counter_mark(self) -> RaplMark | None:
+        """Where the energy of the reads so far ends: the counted RAPL zones' counters at the last
+        read and its monotonic time. None without RAPL (a modelled host has no counter: the
+        energy of a time no agent ran is not known, and none is invented) or before a read."""
+        if self._rapl is None or self._t_prev is None:
+            return None
+        last = self._rapl.baseline_uj
+        return RaplMark({z.zone_id: (last[z.zone_id], z.max_energy_range_uj) for z in self._rapl.counted},
+                        self._t_prev)
+
+    def resume(self, mark: RaplMark) -> None:
+        """Continue from an earlier run's mark (same boot, before the first read): the first read
+        then counts, exact from the counters, the RAPL energy used while no agent ran."""
+        if self._rapl is None:
+            self._log.info("host: the energy used while the agent was not running is not counted: host power "
+                           "is %s now, not RAPL counters", self.mode)
+            return
+        self._resume = mark
+
+    def _bridge(self, t_mono: float) -> dict[str, float] | None:
+        """Energy of each counted zone from the resumed mark to this first read, J; None, said in
+        one line, where the counters cannot tell it: not the same zones, a gap in which a counter
+        could have wrapped more than once (the delta would be short by whole ranges), a range
+        unknown, or more than a zone can draw."""
+        mark, self._resume = self._resume, None
+        assert mark is not None and self._rapl is not None
+        gap = t_mono - mark.mono
+        now = self._rapl.baseline_uj
+        zones = {z.zone_id: z for z in self._rapl.counted}
+        out: dict[str, float] = {}
+        why = ""
+        if set(mark.counters) != set(zones) or any(mark.counters[k][1] != z.max_energy_range_uj
+                                                   for k, z in zones.items()):
+            why = "the RAPL zones are not those the totals end at"
+        elif gap <= 0:
+            why = f"the saved reading is {-gap:.1f} s in the future"
+        for k, z in zones.items():
+            if why:
+                break
+            span = z.max_energy_range_uj
+            if span <= 0:
+                why = f"{k} has no max_energy_range_uj, so a wrap cannot be undone"
+            elif gap * MAX_RAPL_ZONE_WATTS * 1e6 >= span:
+                why = f"{k} could have wrapped more than once in that time ({span / 1e6:.0f} J range)"
+            else:
+                out[k] = energy_delta_uj(mark.counters[k][0], now[k], span) / 1e6
+                if out[k] > MAX_RAPL_ZONE_WATTS * gap + 1.0:
+                    why = f"{k} went from {mark.counters[k][0]} to {now[k]} µJ, more than a zone can draw"
+        if why:
+            self._log.info("host: the energy used while the agent was not running (%.1f s) is not counted: %s",
+                           gap, why)
+            return None
+        self._log.info("host: %.3f J used in the %.1f s the agent was not running, from the RAPL counters",
+                       math.fsum(out.values()), gap)
+        return out
 
     def _check_advancing(self, deltas: list[RaplDelta], dt: float) -> bool:
         """Once, on the first real interval: frozen package counters mean fake RAPL (some VMs)."""

@@ -387,3 +387,90 @@ def test_cpu_util_meter_own_state():
     m = CpuUtilMeter(cpu_times=lambda: times.pop(0))
     assert m() == pytest.approx(30.0)  # 30 busy of 100
     assert m() == 0.0  # no time passed
+
+
+# -- a restart on the same boot: the RAPL counters bridge the time no agent ran -----------
+
+
+def test_a_restart_bridges_the_rapl_counters_through_a_wrap(powercap_copy, set_uj, caplog):
+    """kill -9 after the last read whose energy is in the totals: the next run's first read counts,
+    exact from the counter (one wrap undone), what was used since that read; later reads go on."""
+    root = powercap_copy("wrap")  # package-0 at 262 143 000 000 µJ, 328 850 µJ below its range
+    first = make(root=root)
+    first.read(100.0)
+    set_uj(root, "intel-rapl:0", 20_000_000)  # wrapped: +20.32885 J
+    assert by_name(first.read(101.0))["cpu0"].joules == pytest.approx(20.32885, abs=1e-9)
+    mark = first.counter_mark()
+    assert mark is not None and mark.mono == 101.0 and mark.counters == {"intel-rapl:0": (20_000_000, 262_143_328_850)}
+    set_uj(root, "intel-rapl:0", 95_000_000)  # +75 J while no agent runs
+    second = make(root=root)
+    second.resume(mark)
+    with caplog.at_level(logging.INFO, logger="agent.sources.host"):
+        s = second.read(131.0)  # 30 s later
+    assert s.baseline and s.bridged_since == 101.0
+    parts = by_name(s)
+    assert parts["cpu0"].joules == pytest.approx(75.0, abs=1e-9) and parts["cpu0"].source == "rapl"
+    assert parts["dram"].joules == 0.0 and parts["platform"].joules == 0.0  # modelled: nothing invented
+    assert "host: 75.000 J used in the 30.0 s the agent was not running, from the RAPL counters" in caplog.text
+    set_uj(root, "intel-rapl:0", 105_000_000)
+    assert by_name(second.read(132.0))["cpu0"].joules == pytest.approx(10.0, abs=1e-9)  # and on from there
+
+
+@pytest.mark.parametrize("case", ["long gap", "other zones", "future", "too much"])
+def test_a_rapl_bridge_the_counters_cannot_tell_is_not_taken(powercap_copy, set_uj, caplog, case):
+    root = powercap_copy("wrap")
+    first = make(root=root)
+    first.read(100.0)
+    mark = first.counter_mark()
+    assert mark is not None
+    now, why = 130.0, ""
+    if case == "long gap":  # 262 kJ of range, 1 kW at most: beyond 262 s a second wrap cannot be ruled out
+        now, why = 100.0 + 263.0, "could have wrapped more than once in that time (262143 J range)"
+    elif case == "other zones":
+        root = powercap_copy("two_sockets")
+        why = "the RAPL zones are not those the totals end at"
+    elif case == "future":
+        now, why = 90.0, "the saved reading is 10.0 s in the future"
+    else:  # 60 kJ in 30 s: 2 kW from one package
+        set_uj(root, "intel-rapl:0", 262_143_000_000 - 1 + 60_000_000_000 - 262_143_328_850)
+        why = "more than a zone can draw"
+    second = make(root=root)
+    second.resume(mark)
+    with caplog.at_level(logging.INFO, logger="agent.sources.host"):
+        s = second.read(now)
+    assert s.baseline and s.bridged_since is None
+    assert all(c.joules == 0.0 for c in s.components)
+    assert "host: the energy used while the agent was not running" in caplog.text and why in caplog.text
+
+
+def test_a_modelled_host_has_no_counter_mark_and_bridges_nothing(powercap_copy, caplog):
+    """No counter, no bridge: the model's energy for a time no agent ran is not known, and none is invented."""
+    rapl = make(root=powercap_copy("one_socket"))
+    rapl.read(10.0)
+    mark = rapl.counter_mark()
+    model = make(util_pct=50.0)
+    assert model.mode == "model"
+    model.read(20.0)
+    assert model.counter_mark() is None
+    again = make(util_pct=50.0)
+    with caplog.at_level(logging.INFO, logger="agent.sources.host"):
+        again.resume(mark)
+    s = again.read(40.0)
+    assert s.bridged_since is None and all(c.joules == 0.0 for c in s.components)
+    assert "not counted: host power is model now, not RAPL counters" in caplog.text
+
+
+def test_rapl_marks_are_taken_only_from_this_boot_and_malformed_ones_refused():
+    from agent.sources.host import RaplMark
+
+    good = {"boot_id": "boot-a", "mono": 12.5, "zones": [["intel-rapl:0", 5, 262_143_328_850]]}
+    assert RaplMark.from_state(good, "boot-a") == RaplMark({"intel-rapl:0": (5, 262_143_328_850)}, 12.5)
+    assert RaplMark.from_state(good, "boot-b") is None and RaplMark.from_state(good, None) is None
+    assert RaplMark.from_state(None, "boot-a") is None  # states saved before this existed
+    mark = RaplMark({"intel-rapl:0": (5, 262_143_328_850)}, 12.5)
+    assert RaplMark.from_state(mark.to_state("boot-a"), "boot-a") == mark
+    for bad in ({**good, "zones": [["intel-rapl:0", -1, 5]]}, {**good, "zones": [["intel-rapl:0", 1.5, 5]]},
+                {**good, "zones": [["", 1, 5]]}, {**good, "zones": [["z", 1, 5], ["z", 2, 5]]},
+                {**good, "zones": "x"}, {**good, "mono": float("nan")}, {**good, "mono": True}, []):
+        with pytest.raises(ValueError, match="host_counters"):
+            RaplMark.from_state(bad, "boot-a")
