@@ -351,12 +351,19 @@ class MetricsServer:
         asyncio.run_coroutine_threadsafe(self._swap_web(web), loop).result(timeout=10)
 
     async def _swap_web(self, web: WebConfig | None) -> None:
-        old_ctx = self.listener.web.ssl_context if self.listener.web is not None else None
+        before = self.listener.web
         self.listener.web = web
         self._set_web(web)  # first: a connection the new server accepts is checked by the new rules
-        if (web.ssl_context if web is not None else None) is None and old_ctx is None:
+        if (web.ssl_context if web is not None else None) is None and (
+                before is None or before.ssl_context is None):
             return  # plain HTTP before and after: nothing to change on the socket
-        old, self._server = self._server, await self._start_server()
+        try:
+            server = await self._start_server()
+        except BaseException:
+            self.listener.web = before  # all or nothing: the running server keeps its rules
+            self._set_web(before)
+            raise
+        old, self._server = self._server, server
         if old is not None:
             old.close()  # stops accepting; its connections run on
 

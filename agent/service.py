@@ -439,9 +439,13 @@ class Service:
         self.sampler.reconfigure(new)
         # The web-config file is read again, as at start: TLS, basic auth and headers apply now.
         if checked.web is not None or self.server.listener.web is not None:
-            self.server.apply_web(checked.web)
-            log.info("received SIGHUP: web config %s", f"{checked.web.path}: {checked.web.describe()}"
-                     if checked.web is not None else "removed: plain HTTP, no auth")
+            try:
+                self.server.apply_web(checked.web)
+            except Exception as exc:  # never let the endpoint end the agent: it keeps what it had
+                log.error("received SIGHUP: the web config could not be applied, the endpoint keeps its own: %r", exc)
+            else:
+                log.info("received SIGHUP: web config %s", f"{checked.web.path}: {checked.web.describe()}"
+                         if checked.web is not None else "removed: plain HTTP, no auth")
         restart_only = [
             name for name, old, cur in (
                 ("agent.listen", self.settings.agent.listen, new.agent.listen),
