@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 H100_TRACE = ROOT / "fixtures" / "h100_trace_a.jsonl"
 #: Two processes on one H100, with the driver's real power-sample buffer (fixtures/make_h100_trace_c.py).
 H100_TRACE_C = ROOT / "fixtures" / "h100_trace_c.jsonl"
+#: 74.9 s on a real H100, two users' processes, recorded by ``gpu-cost-agent record``.
+H100_TWO_USERS = ROOT / "fixtures" / "h100_two_users.jsonl.gz"
 
 
 def counter_delta_joules(trace: Trace, gpu: str = "0") -> float:
