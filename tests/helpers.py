@@ -35,11 +35,13 @@ def replay_through_sampler(
     poll: bool = True,
     attribution: bool = False,
     ledger=None,
+    on_tick=None,
 ) -> Sampler:
     """Play ``trace`` once through the real Sampler with a ``tick`` (trace seconds) and return it.
 
     As the service does, the replay clock stops between ticks for the reads of the
     power-sample buffer (``poll=False``: no reads between ticks, as before they existed).
+    ``on_tick(sampler, trace_time)`` is called after every tick, the first included.
     """
     src = ReplaySource(trace, hide=hide)
     stage = None
@@ -56,10 +58,14 @@ def replay_through_sampler(
     if start_offset:
         src.seek(src.t + start_offset)
     sampler.tick()
+    if on_tick:
+        on_tick(sampler, src.t)
     every = sampler.samples_poll_seconds if poll else None
     while not src.finished:
         src.advance(tick, every=every, on_step=sampler.poll_samples)
         sampler.tick(final=src.finished)
+        if on_tick:
+            on_tick(sampler, src.t)
     return sampler
 
 

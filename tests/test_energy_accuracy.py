@@ -91,6 +91,16 @@ def test_plain_5s_power_polling_is_off(h100_trace, capsys):
 TICKS = (1.0, 2.0, 5.0, 15.0)
 
 
+def buffer_path_joules(trace, tick: float) -> float:
+    """Energy of ``trace`` by the sample-buffer path (counter hidden), every sample measured."""
+    sampler = replay_through_sampler(trace, tick=tick, hide=("energy_mj",))
+    assert sampler.energy_method(0) == "samples"
+    energy = sampler.snapshot.gpus[0].energy_joules
+    assert energy == {"samples": energy["samples"], "polled": 0.0}, "no sample lost, nothing estimated"
+    assert sampler.errors["samples_gap"] == 0
+    return energy["samples"]
+
+
 def test_sample_buffer_path_within_0_2_percent_of_the_counter_at_any_tick(h100_trace_c, capsys):
     """On the real buffer (read between ticks as the service does), the tick no longer matters.
 
@@ -107,13 +117,9 @@ def test_sample_buffer_path_within_0_2_percent_of_the_counter_at_any_tick(h100_t
     assert round(raw_truth, 1) == 14600.3
     lines = []
     for tick in TICKS:
-        sampler = replay_through_sampler(h100_trace_c, tick=tick, hide=("energy_mj",))
-        assert sampler.energy_method(0) == "samples"
-        energy = sampler.snapshot.gpus[0].energy_joules
-        err, raw = rel_err(energy["samples"], truth), rel_err(energy["samples"], raw_truth)
-        lines.append(f"{tick:>4} s ticks: {energy['samples']:.1f} J, {err:+.3%} (raw counter delta: {raw:+.3%})")
-        assert energy == {"samples": energy["samples"], "polled": 0.0}, "no sample lost, nothing estimated"
-        assert sampler.errors["samples_gap"] == 0
+        joules = buffer_path_joules(h100_trace_c, tick)
+        err, raw = rel_err(joules, truth), rel_err(joules, raw_truth)
+        lines.append(f"{tick:>4} s ticks: {joules:.1f} J, {err:+.3%} (raw counter delta: {raw:+.3%})")
         assert abs(err) < 0.002
     with capsys.disabled():
         print(f"\ntrace_c, counter hidden, counter delayed {delay * 1000:.0f} ms:\n  " + "\n  ".join(lines))
@@ -143,21 +149,16 @@ def test_trace_c_raw_counter_gap_sits_in_the_two_power_steps(h100_trace_c, capsy
     within 0.5 %, and all of them together within 0.15 %. So the difference is when the
     counter sees a step, not energy the buffer path invents or loses.
     """
-    from agent.sampler import Sampler
-    from agent.sources.replay import ReplaySource
-
-    src = ReplaySource(h100_trace_c, hide=("energy_mj",))
-    sampler = Sampler(src, clock=lambda: (src.t, src.t), tick_seconds=2.0)
-    sampler.tick()
     gaps = {}
-    before, t_before = exported_energy(sampler), src.t
-    while not src.finished:
-        src.advance(2.0, every=sampler.samples_poll_seconds, on_step=sampler.poll_samples)
-        sampler.tick(final=src.finished)
-        now = exported_energy(sampler)
-        counter = counter_at(h100_trace_c, src.t) - counter_at(h100_trace_c, t_before)
-        gaps[round(t_before - h100_trace_c.start)] = (now - before - counter, counter)
-        before, t_before = now, src.t
+    last = []  # energy and trace time at the previous tick
+
+    def each_tick(sampler, t):
+        if last:
+            counter = counter_at(h100_trace_c, t) - counter_at(h100_trace_c, last[1])
+            gaps[round(last[1] - h100_trace_c.start)] = (exported_energy(sampler) - last[0] - counter, counter)
+        last[:] = [exported_energy(sampler), t]
+
+    sampler = replay_through_sampler(h100_trace_c, tick=2.0, hide=("energy_mj",), on_tick=each_tick)
     total = sum(g for g, _ in gaps.values())
     raw = exported_energy(sampler) - counter_delta_joules(h100_trace_c)
     with capsys.disabled():
@@ -187,14 +188,7 @@ def test_sample_buffer_path_within_0_2_percent_of_the_raw_counter_on_a_longer_re
     trace = load(H100_TWO_USERS)
     truth = counter_delta_joules(trace)
     assert round(truth, 1) == 30268.9
-    errors = []
-    for tick in TICKS:
-        sampler = replay_through_sampler(trace, tick=tick, hide=("energy_mj",))
-        assert sampler.energy_method(0) == "samples"
-        energy = sampler.snapshot.gpus[0].energy_joules
-        assert energy == {"samples": energy["samples"], "polled": 0.0}, "no sample lost, nothing estimated"
-        assert sampler.errors["samples_gap"] == 0
-        errors.append(rel_err(energy["samples"], truth))
+    errors = [rel_err(buffer_path_joules(trace, tick), truth) for tick in TICKS]
     with capsys.disabled():
         print("\nh100_two_users, counter hidden, raw counter: " + ", ".join(f"{t:g} s {e:+.3%}" for t, e in zip(TICKS, errors)))
     assert all(abs(e) < 0.002 for e in errors)
