@@ -99,8 +99,9 @@ def test_demo_exports_workloads_with_identities_that_add_up_to_the_gpu():
         # Worker A (8192² back to back) against worker B (4096² at 50 % duty); the idle seconds.
         assert w["user:0"]["joules"] > 4 * w["user:65534"]["joules"] > 0
         assert w["unallocated"]["joules"] > 0 and w["user:0"]["eur"] > w["user:65534"]["eur"] > 0
+        # No read failed, no counter reset at the loop's seam (a tick skipped on a busy machine is not the data's).
         errors = {s.labels["kind"]: s.value for s in m["gpucost_agent_errors"] if s.name.endswith("_total")}
-        assert not {k: v for k, v in errors.items() if v}, errors
+        assert not {k: v for k, v in errors.items() if v and k != "tick_skipped"}, errors
     finally:
         assert agent.stop() == 0
     assert "replaying" in agent.output and "h100_demo.jsonl.gz" in agent.output
