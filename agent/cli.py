@@ -25,8 +25,9 @@ log = logging.getLogger("agent")
 
 
 def demo_trace_path() -> Path:
-    """The bundled H100 trace (fixtures/h100_trace_a.jsonl, shipped inside the package)."""
-    return Path(str(resources.files("agent") / "data" / "h100_trace_a.jsonl"))
+    """The demo's H100 trace (agent/data/h100_demo.jsonl.gz, built by fixtures/make_demo_trace.py):
+    a real recording of two users' processes sharing one H100, with who each process was."""
+    return Path(str(resources.files("agent") / "data" / "h100_demo.jsonl.gz"))
 
 
 def bundled_config_path() -> Path:
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="sample the node's GPUs through NVML and serve /metrics")
     _serving_args(p)
 
-    p = sub.add_parser("demo", help="replay the bundled H100 trace in a loop and serve /metrics")
+    p = sub.add_parser("demo", help="replay the bundled H100 trace (two users' processes) in a loop and serve /metrics")
     _serving_args(p)
     _replay_args(p)
 
