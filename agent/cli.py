@@ -18,8 +18,6 @@ from .http import Listener, ListenError, open_listener
 from .sampler import Sampler, resume_point
 from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
 from .state import StateError, StateStore, default_state_dir
-from .webconfig import WebConfigError
-from .webconfig import load as load_web_config
 
 log = logging.getLogger("agent")
 
@@ -322,11 +320,12 @@ def _record(args: argparse.Namespace) -> int:
 
 def _check_config(path: str) -> int:
     from .cost import Amortization, Tariff, tariff_table
+    from .webconfig import load as load_web_config
 
     try:
         settings = load(path)
         web = load_web_config(settings.agent.web_config_file) if settings.agent.web_config_file else None
-    except (ConfigError, WebConfigError) as exc:
+    except ConfigError as exc:  # WebConfigError is one
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
         return 2
     for line in unknown_env_vars():
@@ -442,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load(config_path, _overrides(args))
         # Bound before anything starts, so a taken port is the first and only thing said.
         listener = open_listener(settings.agent.listen, settings.agent.web_config_file)
-    except (ConfigError, WebConfigError) as exc:
+    except ConfigError as exc:  # WebConfigError is one
         print(f"gpu-cost-agent: config error: {exc}", file=sys.stderr)
         return 2
     except ListenError as exc:

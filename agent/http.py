@@ -34,15 +34,16 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
 from .config import parse_listen
-from .webconfig import WebConfig, peer_allowed
-from .webconfig import load as load_web_config
+
+if TYPE_CHECKING:
+    from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,19 @@ def _reason(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
+def _peer_allowed(peercert: dict[str, Any] | None, allowed: set[str]) -> bool:
+    from .webconfig import peer_allowed  # loaded already: only a web config sets allowed SANs
+
+    return peer_allowed(peercert, allowed)
+
+
 def open_listener(listen: str, web_config_file: str | Path | None = None) -> Listener:
     """Read the web config (raises WebConfigError), then bind (raises ListenError)."""
-    web = load_web_config(web_config_file) if web_config_file else None
+    web = None
+    if web_config_file:
+        from .webconfig import load as load_web_config  # only with a web-config file
+
+        web = load_web_config(web_config_file)
     return Listener(bind(listen), listen, web)
 
 
@@ -374,7 +385,7 @@ class MetricsServer:
         self.connections += 1
         abort = False
         try:
-            if self._sans and not peer_allowed(writer.get_extra_info("peercert"), self._sans):
+            if self._sans and not _peer_allowed(writer.get_extra_info("peercert"), self._sans):
                 log.debug("http: client certificate SAN not in client_allowed_sans")
                 return
             while await self._one_request(reader, writer):
