@@ -9,8 +9,6 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY agent/ agent/
-# agent/data/h100_trace_a.jsonl (the demo's trace) is a link to it:
-COPY fixtures/h100_trace_a.jsonl fixtures/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.12-slim

@@ -19,15 +19,14 @@ from .http import Listener, ListenError, open_listener
 from .sampler import Sampler, resume_point
 from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
 from .state import StateError, StateStore, default_state_dir
-from .webconfig import WebConfig, WebConfigError
-from .webconfig import load as load_web_config
 
 log = logging.getLogger("agent")
 
 
 def demo_trace_path() -> Path:
-    """The bundled H100 trace (fixtures/h100_trace_a.jsonl, shipped inside the package)."""
-    return Path(str(resources.files("agent") / "data" / "h100_trace_a.jsonl"))
+    """The demo's H100 trace (agent/data/h100_demo.jsonl.gz, built by fixtures/make_demo_trace.py):
+    a real recording of two users' processes sharing one H100, with who each process was."""
+    return Path(str(resources.files("agent") / "data" / "h100_demo.jsonl.gz"))
 
 
 def bundled_config_path() -> Path:
@@ -72,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="sample the node's GPUs through NVML and serve /metrics")
     _serving_args(p)
 
-    p = sub.add_parser("demo", help="replay the bundled H100 trace in a loop and serve /metrics")
+    p = sub.add_parser("demo", help="replay the bundled H100 trace (two users' processes) in a loop and serve /metrics")
     _serving_args(p)
     _replay_args(p)
 
@@ -180,8 +179,9 @@ class Checked:
     """A configuration that passed :func:`validate`, with what the checks built on the way."""
 
     settings: Settings
-    #: The endpoint's TLS and basic auth, from the web-config file; None: plain HTTP, no auth.
-    web: WebConfig | None
+    #: The endpoint's TLS and basic auth (an ``agent.webconfig.WebConfig``, imported only when a
+    #: web-config file is named); None: plain HTTP, no auth.
+    web: Any
     #: For ``run``: the host power source, built quietly (announce it when put to use); None
     #: when ``[host]`` is disabled and for replays (they model the recorded host).
     host: Any = None
@@ -206,8 +206,12 @@ def validate(config_path: str | None, overrides: dict[str, Any], *, trace: Any =
     """
     try:
         settings = load(config_path, overrides, cpu_host=_cpu_host(trace))
-        web = load_web_config(settings.agent.web_config_file) if settings.agent.web_config_file else None
-    except (ConfigError, WebConfigError) as exc:
+        web = None
+        if settings.agent.web_config_file:
+            from .webconfig import load as load_web_config  # only with a web-config file
+
+            web = load_web_config(settings.agent.web_config_file)
+    except ConfigError as exc:  # WebConfigError is one
         raise Refused(f"config error: {exc}") from exc
     host = None
     if settings.host.enabled and trace is None:

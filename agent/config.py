@@ -11,7 +11,6 @@ variable that names no setting is ignored and warned about by name
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 import ipaddress
@@ -289,6 +288,8 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
         path = _path_of(var)
         if path in known:
             continue
+        import difflib  # only for a variable that names no setting
+
         hint = difflib.get_close_matches(var[len(ENV_PREFIX):].upper(), names, n=1, cutoff=0.8)
         lines.append(
             f"ignoring environment variable {var}: there is no setting {'.'.join(path) or '(empty)'}"

@@ -33,14 +33,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
 from .config import parse_listen
-from .webconfig import WebConfig, peer_allowed
+
+if TYPE_CHECKING:
+    from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,12 @@ def _reason(exc: OSError) -> str:
         return "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)"
     text = exc.strerror or str(exc)
     return text[:1].lower() + text[1:]
+
+
+def _peer_allowed(peercert: dict[str, Any] | None, allowed: set[str]) -> bool:
+    from .webconfig import peer_allowed  # loaded already: only a web config sets allowed SANs
+
+    return peer_allowed(peercert, allowed)
 
 
 def open_listener(listen: str, web: WebConfig | None = None) -> Listener:
@@ -405,7 +413,7 @@ class MetricsServer:
         self.connections += 1
         abort = False
         try:
-            if self._sans and not peer_allowed(writer.get_extra_info("peercert"), self._sans):
+            if self._sans and not _peer_allowed(writer.get_extra_info("peercert"), self._sans):
                 log.debug("http: client certificate SAN not in client_allowed_sans")
                 return
             while await self._one_request(reader, writer):

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config import ConfigError
 from .cost import format_validation_error
 
 TlsVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
@@ -51,8 +52,11 @@ _VERIFYING = {"VerifyClientCertIfGiven": ssl.CERT_OPTIONAL, "RequireAndVerifyCli
 _BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
 
 
-class WebConfigError(Exception):
-    """A web-config file that cannot be used. ``str()`` is one line naming the file and key."""
+class WebConfigError(ConfigError):
+    """A web-config file that cannot be used. ``str()`` is one line naming the file and key.
+
+    A :class:`~agent.config.ConfigError`, so callers that refuse a bad configuration need
+    not import this module (which only a ``--web.config.file`` needs)."""
 
 
 class _Strict(BaseModel):

@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--gpus 8] [--ticks 2000]
 
-Replays the bundled H100 trace as an N-GPU node (the same GPU N times) through
+Replays the reference H100 trace (fixtures/h100_trace_a.jsonl) as an N-GPU node (the same GPU N times) through
 the real Sampler with host power and a time-of-use tariff, and reports CPU time
 (time.process_time, i.e. what the node pays) per tick and per /metrics render.
 The replay source costs nothing like NVML: on a real H100 the cheap reads add

@@ -13,7 +13,10 @@ and measures each process from the outside, in the same windows:
   exited ones included: ``clock_gettime`` on the process's CPU clock, the precise
   ``sum_exec_runtime`` behind ``/proc/<pid>/stat``), cross-checked against
   ``utime + stime`` from ``/proc/<pid>/stat`` (10 ms ticks, so ±0.3 ms/s on 60 s).
-* Resident memory (``VmRSS``, and the peak ``VmHWM``) and threads from ``/proc/<pid>/status``.
+* Resident memory (``VmRSS``, its ``RssAnon`` / ``RssFile`` parts, and the peak ``VmHWM``) and
+  threads from ``/proc/<pid>/status``. The agent's and the fake's bytecode is compiled first, as
+  ``pip install`` does: a module compiled from source at start leaves the compiler's memory in
+  the process (about 1 MiB for the agent's modules).
 * Scrape latency: p50 / p99 of ``--latency-scrapes`` scrapes, one new connection
   each, with Prometheus' request headers (gzip, OpenMetrics preferred), spaced
   ``--latency-spacing`` seconds apart so every scrape sees a new tick (the agent
@@ -29,6 +32,7 @@ amortisation, demand charge, host power) unless ``--config`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -73,12 +77,12 @@ def stat_cpu_seconds(pid: int) -> float:
 
 
 def status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (bytes) and Threads from /proc/<pid>/status."""
+    """VmRSS, RssAnon, RssFile, VmHWM (bytes) and Threads from /proc/<pid>/status."""
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
             elif key == "Threads":
                 out[key] = int(value)
@@ -114,6 +118,8 @@ class Window:
     cpu_ms_per_s: float  # from the process CPU clock (ns)
     stat_ms_per_s: float  # from utime+stime (10 ms ticks)
     rss_bytes: int
+    rss_anon_bytes: int
+    rss_file_bytes: int
     threads: int
     scrapes: list[float] = field(default_factory=list)
 
@@ -199,6 +205,8 @@ def measure_window(exporters: list[Exporter], seconds: float, scrape_every: floa
             cpu_ms_per_s=(c1 - c0) / 1e6 / elapsed,
             stat_ms_per_s=(s1 - s0) * 1e3 / elapsed,
             rss_bytes=st["VmRSS"],
+            rss_anon_bytes=st["RssAnon"],
+            rss_file_bytes=st["RssFile"],
             threads=st["Threads"],
             scrapes=[x * 1e3 for x in latencies[e.name]],
         ))
@@ -343,6 +351,8 @@ def main() -> int:
         return 2
     counts = [int(x) for x in args.gpus.split(",") if x.strip()]
     peer = None if args.no_peer else ensure_peer(args.peer_venv)
+    for folder in (ROOT / "agent", Path(args.fake)):  # the site-packages were compiled by pip
+        compileall.compile_dir(folder, quiet=1)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="gpucost-overhead-") as tmp:
         for n in counts:
@@ -369,7 +379,8 @@ def main() -> int:
     for r in results:
         if r.unscraped and r.scraped:
             print(f"  {r.gpus:>3} {r.name}: utime+stime {r.unscraped.stat_ms_per_s:.2f} / "
-                  f"{r.scraped.stat_ms_per_s:.2f} ms/s, peak RSS {mib(r.rss_peak_bytes)} MiB, "
+                  f"{r.scraped.stat_ms_per_s:.2f} ms/s, RSS anon {mib(r.scraped.rss_anon_bytes)} + file "
+                  f"{mib(r.scraped.rss_file_bytes)} MiB, peak RSS {mib(r.rss_peak_bytes)} MiB, "
                   f"serving after {r.start_seconds:.1f} s, scrape max {r.latency_max_ms or 0:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))

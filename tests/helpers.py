@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 H100_TRACE = ROOT / "fixtures" / "h100_trace_a.jsonl"
 #: Two processes on one H100, with the driver's real power-sample buffer (fixtures/make_h100_trace_c.py).
 H100_TRACE_C = ROOT / "fixtures" / "h100_trace_c.jsonl"
+#: 74.9 s on a real H100, two users' processes, recorded by ``gpu-cost-agent record``.
+H100_TWO_USERS = ROOT / "fixtures" / "h100_two_users.jsonl.gz"
 
 
 def counter_delta_joules(trace: Trace, gpu: str = "0") -> float:
@@ -33,11 +35,13 @@ def replay_through_sampler(
     poll: bool = True,
     attribution: bool = False,
     ledger=None,
+    on_tick=None,
 ) -> Sampler:
     """Play ``trace`` once through the real Sampler with a ``tick`` (trace seconds) and return it.
 
     As the service does, the replay clock stops between ticks for the reads of the
     power-sample buffer (``poll=False``: no reads between ticks, as before they existed).
+    ``on_tick(sampler, trace_time)`` is called after every tick, the first included.
     """
     src = ReplaySource(trace, hide=hide)
     stage = None
@@ -54,10 +58,14 @@ def replay_through_sampler(
     if start_offset:
         src.seek(src.t + start_offset)
     sampler.tick()
+    if on_tick:
+        on_tick(sampler, src.t)
     every = sampler.samples_poll_seconds if poll else None
     while not src.finished:
         src.advance(tick, every=every, on_step=sampler.poll_samples)
         sampler.tick(final=src.finished)
+        if on_tick:
+            on_tick(sampler, src.t)
     return sampler
 
 

@@ -145,17 +145,23 @@ def test_a_missing_pod_resources_socket_is_accepted_by_check_config_as_by_run(tm
 
 
 def test_demo_checks_the_cpu_model_against_the_recorded_host_not_this_machine(tmp_path):
-    """The bundled trace was recorded on a 16-CPU host: an unset cpu_max_watts defaults to
-    3.5 W x 16 there, whatever this machine has. A cpu_idle_watts between this machine's default
-    max and the recorded host's is valid for one and not the other: run and check-config judge it
-    for this machine, demo and check-config --demo for the recorded host, each with the same line."""
+    """The demo's trace was recorded on a host with its own CPU count (16 for the bundled one):
+    an unset cpu_max_watts defaults to 3.5 W x that many there, whatever this machine has. A
+    cpu_idle_watts between this machine's default max and the recorded host's is valid for one
+    and not the other: run and check-config judge it for this machine, demo and check-config
+    --demo for the recorded host, each with the same line."""
+    from agent.cli import demo_trace_path
+    from agent.trace import load as load_trace
+
+    header = load_trace(demo_trace_path()).header
+    recorded, hostname = header["host"]["cpu_count"], header["hostname"]
     local = os.cpu_count() or 1
-    if local == 16:
-        pytest.skip("this machine has the recorded host's 16 CPUs: both defaults are the same")
-    idle = (3.5 * local + 3.5 * 16) / 2  # between the two defaults of cpu_max_watts
+    if local == recorded:
+        pytest.skip("this machine has the recorded host's CPU count: both defaults are the same")
+    idle = (3.5 * local + 3.5 * recorded) / 2  # between the two defaults of cpu_max_watts
     cfg = tmp_path / "config.toml"
     cfg.write_text(f"[host]\ncpu_idle_watts = {idle}\n")
-    local_ok = local > 16  # this machine's default max is above the recorded host's
+    local_ok = local > recorded  # this machine's default max is above the recorded host's
     state_dir = tempfile.mkdtemp(dir=tmp_path)
     checks = {cmd: _start(list(cmd), "", {}, state_dir) for cmd in (
         ("check-config", str(cfg)), ("check-config", "--demo", str(cfg)))}
@@ -165,10 +171,10 @@ def test_demo_checks_the_cpu_model_against_the_recorded_host_not_this_machine(tm
     assert (rc_local == 0, rc_demo == 0) == (local_ok, not local_ok), out
     refused_line = (err_demo if local_ok else err_local).strip()
     if local_ok:
-        assert "on the recorded host h100-reference-vm (3.5 W x 16 logical CPUs)" in refused_line
+        assert f"on the recorded host {hostname} (3.5 W x {recorded} logical CPUs)" in refused_line
     else:
         assert f"on this machine (3.5 W x {local} logical CPUs)" in refused_line
-        assert "over 16 CPUs" in stdout_demo  # the host model check-config --demo describes
+        assert f"over {recorded} CPUs" in stdout_demo  # the host model check-config --demo describes
     accepted, refused = (["run"], ["demo"]) if local_ok else (["demo"], ["run"])
     agent = AgentProcess(*accepted, "--config", str(cfg), env={"STATE_DIRECTORY": state_dir})
     try:

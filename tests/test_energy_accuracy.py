@@ -91,6 +91,16 @@ def test_plain_5s_power_polling_is_off(h100_trace, capsys):
 TICKS = (1.0, 2.0, 5.0, 15.0)
 
 
+def buffer_path_joules(trace, tick: float) -> float:
+    """Energy of ``trace`` by the sample-buffer path (counter hidden), every sample measured."""
+    sampler = replay_through_sampler(trace, tick=tick, hide=("energy_mj",))
+    assert sampler.energy_method(0) == "samples"
+    energy = sampler.snapshot.gpus[0].energy_joules
+    assert energy == {"samples": energy["samples"], "polled": 0.0}, "no sample lost, nothing estimated"
+    assert sampler.errors["samples_gap"] == 0
+    return energy["samples"]
+
+
 def test_sample_buffer_path_within_0_2_percent_of_the_counter_at_any_tick(h100_trace_c, capsys):
     """On the real buffer (read between ticks as the service does), the tick no longer matters.
 
@@ -107,13 +117,9 @@ def test_sample_buffer_path_within_0_2_percent_of_the_counter_at_any_tick(h100_t
     assert round(raw_truth, 1) == 14600.3
     lines = []
     for tick in TICKS:
-        sampler = replay_through_sampler(h100_trace_c, tick=tick, hide=("energy_mj",))
-        assert sampler.energy_method(0) == "samples"
-        energy = sampler.snapshot.gpus[0].energy_joules
-        err, raw = rel_err(energy["samples"], truth), rel_err(energy["samples"], raw_truth)
-        lines.append(f"{tick:>4} s ticks: {energy['samples']:.1f} J, {err:+.3%} (raw counter delta: {raw:+.3%})")
-        assert energy == {"samples": energy["samples"], "polled": 0.0}, "no sample lost, nothing estimated"
-        assert sampler.errors["samples_gap"] == 0
+        joules = buffer_path_joules(h100_trace_c, tick)
+        err, raw = rel_err(joules, truth), rel_err(joules, raw_truth)
+        lines.append(f"{tick:>4} s ticks: {joules:.1f} J, {err:+.3%} (raw counter delta: {raw:+.3%})")
         assert abs(err) < 0.002
     with capsys.disabled():
         print(f"\ntrace_c, counter hidden, counter delayed {delay * 1000:.0f} ms:\n  " + "\n  ".join(lines))
@@ -130,6 +136,64 @@ def test_sample_buffer_path_on_the_plateau_needs_no_delay(h100_trace_c, capsys):
     with capsys.disabled():
         print("\ntrace_c from 10 s, raw counter: " + ", ".join(f"{t:g} s {e:+.3%}" for t, e in zip(TICKS, errors)))
     assert all(abs(e) < 0.002 for e in errors)
+
+
+def test_trace_c_raw_counter_gap_sits_in_the_two_power_steps(h100_trace_c, capsys):
+    """Where the +0.39 % against trace_c's raw counter delta comes from, tick by tick.
+
+    Through the real sampler at 2 s ticks (buffer read between ticks), each tick's energy
+    against the raw counter over the same span. The trace has two power steps: 122 W -> 70 W
+    in the first tick and 70 W -> 690 W in the tick from 8 s. Those two ticks carry the
+    most of the difference, each with the sign of its step and ~0.1 s of the step's watts
+    (the counter sees a step late); every tick at steady power agrees with the raw counter
+    within 0.5 %, and all of them together within 0.15 %. So the difference is when the
+    counter sees a step, not energy the buffer path invents or loses.
+    """
+    gaps = {}
+    last = []  # energy and trace time at the previous tick
+
+    def each_tick(sampler, t):
+        if last:
+            counter = counter_at(h100_trace_c, t) - counter_at(h100_trace_c, last[1])
+            gaps[round(last[1] - h100_trace_c.start)] = (exported_energy(sampler) - last[0] - counter, counter)
+        last[:] = [exported_energy(sampler), t]
+
+    sampler = replay_through_sampler(h100_trace_c, tick=2.0, hide=("energy_mj",), on_tick=each_tick)
+    total = sum(g for g, _ in gaps.values())
+    raw = exported_energy(sampler) - counter_delta_joules(h100_trace_c)
+    with capsys.disabled():
+        print(f"\ntrace_c, 2 s ticks, buffer path minus raw counter: {total:+.1f} J in all; "
+              f"{gaps[0][0]:+.1f} J in the tick from 0 s (122 -> 70 W), {gaps[8][0]:+.1f} J from 8 s (70 -> 690 W)")
+    assert abs(total - raw) < 1.0  # the ticks add up to the whole
+    assert 0.05 <= gaps[8][0] / 620.0 <= 0.12  # seconds of the upward step's 620 W
+    assert -0.15 <= gaps[0][0] / 52.0 <= -0.05  # and of the downward 52 W step
+    steady = [(gap, counter) for start, (gap, counter) in gaps.items() if start not in (0, 8)]
+    for gap, counter in steady:
+        assert abs(gap) <= 0.005 * counter + 1.0, (gap, counter)
+    steady_err = sum(g for g, _ in steady) / sum(c for _, c in steady)
+    with capsys.disabled():
+        print(f"  the steady ticks together: {steady_err:+.3%} of their counter energy")
+    assert abs(steady_err) < 0.0015
+
+
+def test_sample_buffer_path_within_0_2_percent_of_the_raw_counter_on_a_longer_recording(capsys):
+    """fixtures/h100_two_users.jsonl.gz: 74.9 s on a real H100 (idle, two users' processes,
+    idle again), recorded by ``gpu-cost-agent record`` with the driver's real power-sample
+    buffer read once a second and the counter on every row. No delay fitted: the raw
+    counter delta from the first row to the last is the truth, at every tick length."""
+    from helpers import H100_TWO_USERS
+
+    from agent.trace import load
+
+    trace = load(H100_TWO_USERS)
+    truth = counter_delta_joules(trace)
+    assert round(truth, 1) == 30268.9
+    errors = [rel_err(buffer_path_joules(trace, tick), truth) for tick in TICKS]
+    with capsys.disabled():
+        print("\nh100_two_users, counter hidden, raw counter: " + ", ".join(f"{t:g} s {e:+.3%}" for t, e in zip(TICKS, errors)))
+    assert all(abs(e) < 0.002 for e in errors)
+    # The tick no longer matters: every tick length integrates the same samples.
+    assert max(errors) - min(errors) < 1e-9
 
 
 def test_without_reads_between_ticks_long_ticks_lose_samples(h100_trace_c, capsys):

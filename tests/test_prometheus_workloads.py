@@ -1,8 +1,9 @@
 """Per-workload cost through a real Prometheus: the workload rules and dashboard on real processes.
 
-The demo's trace has no process list, so tests/test_prometheus_e2e.py sees no workload series.
-Here a second stack does: an agent replaying fixtures/h100_trace_c.jsonl (one H100, no process for
-8.5 s, then two real CUDA processes, PID 402 at full duty and PID 428 at 50 %) in a loop, priced by
+tests/test_prometheus_e2e.py checks them on the demo (two users' processes with their recorded
+identities). Here a second stack checks them on another recording, with the roll-ups: an agent
+replaying fixtures/h100_trace_c.jsonl (one H100, no process for 8.5 s, then two real CUDA
+processes, PID 402 at full duty and PID 428 at 50 %) in a loop, priced by
 the DaemonSet's config (deploy/kubernetes/config.toml), scraped by Debian's Prometheus with the
 project's rule files (every group evaluated each second). Replayed, the processes are workloads
 ``pid:402`` and ``pid:428`` without identity labels; the seconds before the first process are
