@@ -295,12 +295,12 @@ def load(path: str | Path) -> WebConfig:
     except ValidationError as exc:
         raise WebConfigError(f"{path}: {format_validation_error(exc)}") from None
     if parsed.basic_auth_users:
-        try:
-            import bcrypt  # noqa: F401
-        except ImportError:
+        from importlib.util import find_spec
+
+        if find_spec("bcrypt") is None:
             raise WebConfigError(
                 f"{path}: basic_auth_users needs the bcrypt package: pip install 'gpu-cost-agent[web]'"
-            ) from None
+            )
     return WebConfig(path, parsed)
 
 

@@ -182,7 +182,7 @@ class Storm:
     async def monitor(self, stop_at: float) -> None:
         """Every 0.2 s, the agent's last tick time: gaps between ticks show whether they kept time."""
         loop = asyncio.get_running_loop()
-        request = f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
         while loop.time() < stop_at:
             try:
                 async with asyncio.timeout(TIMEOUT):

@@ -394,7 +394,7 @@ def test_workloads_carry_who_they_are_and_add_up_to_the_gpu(stack):
               + ", ".join(f"{s['metric']['workload']} {float(s['value'][1]):.6g}" for s in parts))
         assert g > 0 and math.isclose(w, g, rel_tol=1e-9), what
     by_user = {s["metric"].get("user", ""): float(s["value"][1]) for s in prom.query(
-        f'user_currency:gpucost_workload_cost_per_hour:rate5m{{currency="EUR"}}', time=at)}
+        'user_currency:gpucost_workload_cost_per_hour:rate5m{currency="EUR"}', time=at)}
     print(f"cost per hour by user (rule): {by_user}")
     assert {"0", "65534"} <= set(by_user) and by_user["0"] > by_user["65534"] > 0
 
