@@ -69,6 +69,9 @@ PROCESS_READ = "process_read"
 #: Most ticks of history kept per GPU (process lists, samples): a bound should slices stop.
 _MAX_HISTORY = 4096
 
+#: Most PIDs whose workload key and labels are kept built (see resolver_keys).
+_MAX_KNOWN_PIDS = 4096
+
 #: (workload key, identity labels) of a PID.
 KeyOf = Callable[[int], tuple[str, Mapping[str, str]]]
 
@@ -203,12 +206,23 @@ COMMAND = "command"
 def resolver_keys(resolver: IdentityResolver) -> KeyOf:
     """Workloads of live PIDs, from ``/proc`` through ``resolver``."""
 
+    #: pid → (the identity the resolver gave, its key, its labels): a cached process is the same
+    #: identity object on every tick, so its key and labels are built once, not per tick.
+    known: dict[int, tuple[WorkloadIdentity, str, Mapping[str, str]]] = {}
+
     def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
         ident = resolver.resolve(pid)
+        hit = known.get(pid)
+        if hit is not None and hit[0] is ident:
+            return hit[1], hit[2]
         labels = identity_labels(ident)
         if ident.cmdline:
             labels[COMMAND] = ident.cmdline
-        return workload_key(ident), labels
+        key = workload_key(ident)
+        if len(known) >= _MAX_KNOWN_PIDS:
+            known.clear()
+        known[pid] = (ident, key, labels)
+        return key, labels
 
     return key_of
 
