@@ -56,7 +56,15 @@ from .identity import (
     IdentityResolver,
     WorkloadIdentity,
 )
-from .workloads import IDENTITY_LABELS, UNALLOCATED, WorkloadTotals, instance_key, pseudo_labels, split_key
+from .workloads import (
+    IDENTITY_LABELS,
+    UNALLOCATED,
+    WorkloadTotals,
+    instance_key,
+    pseudo_labels,
+    pseudo_labels_view,
+    split_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,11 @@ def apportion(total: float, weights: Mapping[K, float]) -> dict[K, float]:
     The largest weight's part is ``total`` minus the sum of the others, so the rounding
     remainder goes there.
     """
+    if len(weights) == 1:  # one workload on the GPU (or unallocated): the whole of it
+        ((k, w),) = weights.items()
+        if not w > 0:
+            raise ValueError("weights must have a positive sum")
+        return {k: total - 0.0}  # what the general case gives: total minus the sum of no others
     s = math.fsum(weights.values())
     if not s > 0:
         raise ValueError("weights must have a positive sum")
@@ -611,7 +624,8 @@ class Attributor:
             costs = apportion(cost, weights) if weights else {}
         for key, joules in parts.items():
             base = split_key(key)[0]
-            labels = pseudo_labels(base) if base == UNALLOCATED else self._labels.get(base) or pseudo_labels(KIND_UNKNOWN)
+            labels = pseudo_labels_view(base) if base == UNALLOCATED else (
+                self._labels.get(base) or pseudo_labels_view(KIND_UNKNOWN))
             self.totals.charge(g.uuid, key, labels, joules, costs.get(key, 0.0 if cost is not None else None),
                                currency, s.t1)
 
