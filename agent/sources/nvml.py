@@ -107,6 +107,8 @@ class NvmlGpuSource:
         self._mig: dict[int, _MigState] = {i: _MigState() for i in self._handles}
         #: What :meth:`read` asks, in order: (field, NVML function name, arguments after the handle).
         self._reads = _read_plan(self._nv)
+        #: Per GPU, the reads still asked (a field answering NotSupported leaves its plan).
+        self._plans = {i: self._plan(i) for i in self._handles}
 
     # -- inventory -------------------------------------------------------
 
@@ -191,23 +193,19 @@ class NvmlGpuSource:
     def read(self, index: int) -> GpuReading:
         """The cheap readings of one tick: one NVML call per field the GPU supports.
 
-        Called for every GPU every tick, so the loop is flat (no helper per field): a field
-        known to be unsupported is skipped, and the error path translates as :meth:`_call`.
+        Called for every GPU every tick, so the loop is flat (no helper per field) over the
+        fields not known to be unsupported; the error path translates as :meth:`_call`.
         """
         nv = self._nv
-        unsupported = self._unsupported
         failed: list[str] = []
-        values: list[Any] = []
+        values: list[Any] = [None] * len(self._reads)
         with self._locks[index]:
             handle = self._handles[index]
-            for field, name, args in self._reads:
-                if (index, field) in unsupported:
-                    values.append(None)
-                    continue
+            for i, (field, name, args) in self._plans[index]:
                 try:
-                    values.append(getattr(nv, name)(handle, *args))
+                    values[i] = getattr(nv, name)(handle, *args)
                 except (nv.NVMLError, AttributeError) as exc:
-                    values.append(self._read_failed(index, field, exc, failed))
+                    self._read_failed(index, field, exc, failed)
         power, util, mem, temp, sm, pstate, reasons, limit = values
         return GpuReading(
             power_watts=power / 1000.0 if power is not None else None,
@@ -222,16 +220,22 @@ class NvmlGpuSource:
             failed=tuple(failed),
         )
 
+    def _plan(self, index: int) -> list[tuple[int, tuple[str, str, tuple[Any, ...]]]]:
+        """What :meth:`read` asks GPU ``index``: (position, read) of each field not unsupported."""
+        return [(i, r) for i, r in enumerate(self._reads) if (index, r[0]) not in self._unsupported]
+
     def _read_failed(self, index: int, field: str, exc: Exception, failed: list[str]) -> None:
         """A field of :meth:`read` raised ``exc``: not supported (remembered, logged once),
         the GPU lost (raises :class:`GpuLost`), or a transient failure (added to ``failed``)."""
         nv = self._nv
         if isinstance(exc, AttributeError):  # binding too old for this call
             self._unsupported.add((index, field))
+            self._plans[index] = self._plan(index)
             return None
         code = getattr(exc, "value", None)
         if code in (nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_FUNCTION_NOT_FOUND):
             self._unsupported.add((index, field))
+            self._plans[index] = self._plan(index)
             log.info("GPU %d: %s is not supported; it will not be exported", index, field)
             return None
         if code == nv.NVML_ERROR_GPU_IS_LOST:
