@@ -115,6 +115,8 @@ class Ledger:
         tariff = self.cost.tariff
         self._zone: ZoneInfo = get_zone(tariff.config.timezone) if tariff is not None else get_zone("UTC")
         self._period_cache: tuple[float, float, dict[str, str]] | None = None
+        #: See _hardware_rates: (amortisation, currency, gpu_uuids, gpu_names, rates).
+        self._rates: tuple[Any, ...] | None = None
         #: Called with an error kind when a slice is refused (the sampler counts it).
         self.on_error: Callable[[str], None] = lambda kind: None
         self._invalid_logged = False
@@ -213,6 +215,12 @@ class Ledger:
 
     def _add_to_periods(self, t: float, kind: str, currency: str, amount: float) -> None:
         """Add cost incurred at instant ``t`` to the periods it falls in (a closed period takes nothing)."""
+        c = self._period_cache
+        if c is not None and c[0] <= t < c[1] and self.periods == c[2]:
+            # The periods in force are those of t (nearly every call): nothing to roll, all take it.
+            for period in c[2]:
+                self.period_cost[(period, kind, currency)] += amount
+            return
         self.roll_periods(t)
         for period, key in self._period_keys(t).items():
             if key == self.periods[period]:
@@ -224,14 +232,19 @@ class Ledger:
         """GPU energy slices. Returns those counted, each with its cost (None without a tariff),
         for the attribution stage to split among workloads in the same proportions."""
         counted: list[tuple[EnergySlice, float | None]] = []
+        isfinite = math.isfinite
         for s in slices:
-            if not self._valid(s.joules, s.t0, s.t1, f"GPU {s.gpu} ({s.source})"):
+            j, t0, t1 = s.joules, s.t0, s.t1
+            # _valid's test, without building its message for every good slice.
+            if not (j > 0 and isfinite(j) and isfinite(t0) and isfinite(t1) and t1 >= t0) and \
+                    not self._valid(j, t0, t1, f"GPU {s.gpu} ({s.source})"):
                 continue
             uuid = self.gpu_uuids.get(s.gpu, f"index-{s.gpu}")
-            self.gpu_energy[(uuid, s.source)] += s.joules
-            cost = self._price(gpu_key(uuid), s.t0, s.t1, s.joules)
+            self.gpu_energy[(uuid, s.source)] += j
+            key = gpu_key(uuid)
+            cost = self._price(key, t0, t1, j)
             if cost is not None and s.utilization is not None and is_idle(s.utilization, self.idle):
-                self.idle_cost[(gpu_key(uuid), self.cost.currency)] += cost  # type: ignore[index]
+                self.idle_cost[(key, self.cost.currency)] += cost  # type: ignore[index]
             counted.append((s, cost))
         return counted
 
@@ -264,6 +277,32 @@ class Ledger:
         return False
 
     def _price(self, key: str, t0: float, t1: float, joules: float) -> float | None:
+        one = self.cost.constant_over(t0, t1)
+        if one is None:
+            return self._price_parts(key, t0, t1, joules)
+        # Price, PUE and carbon constant over the slice (nearly always): the one part
+        # CostModel.price would give, by the same formulas, without building it.
+        _, _, price, _, pue, grams = one
+        facility = joules * pue
+        kwh = facility / JOULES_PER_KWH
+        currency = self.cost.currency
+        self.it_energy[key] += joules
+        self.facility_energy[key] += facility
+        cost = None
+        if price is not None:
+            cost = kwh * price
+            if currency:
+                self._add_to_periods((t0 + t1) / 2, "energy", currency, cost)
+        if grams is not None:
+            self.emissions[key] += kwh * grams
+        if self.demand is not None:
+            self.demand.add(t0, t1, facility)
+        if cost is not None and currency:
+            self.energy_cost[(key, currency)] += cost
+        return cost
+
+    def _price_parts(self, key: str, t0: float, t1: float, joules: float) -> float | None:
+        """:meth:`_price` of a slice cut by a tariff, PUE or carbon boundary: part by part."""
         parts = self.cost.price(t0, t1, joules)
         cost_sum: float | None = None
         currency = self.cost.currency
@@ -291,15 +330,27 @@ class Ledger:
         cur = self.hardware_currency
         total = a.node_cost_per_second() * dt
         self.hardware_cost[("node", cur)] += total
-        for index, uuid in self.gpu_uuids.items():
-            part = a.gpu_cost_per_second(index, self.gpu_names.get(index)) * dt
-            self.hardware_cost[(gpu_key(uuid), cur)] += part
+        for hk, rate in self._hardware_rates(a, cur):
+            part = rate * dt
+            self.hardware_cost[hk] += part
             total += part
         self._add_to_periods((t0 + t1) / 2, "hardware", cur, total)
 
+    def _hardware_rates(self, a: Amortization, cur: str) -> list[tuple[tuple[str, str], float]]:
+        """Each GPU's (hardware_cost key, currency per second), in ``gpu_uuids`` order; built
+        again only when the amortisation, currency or GPUs change (every tick asks)."""
+        known = self._rates
+        if known is not None and known[0] is a and known[1] == cur and known[2] == self.gpu_uuids \
+                and known[3] == self.gpu_names:
+            return known[4]
+        rates = [((gpu_key(uuid), cur), a.gpu_cost_per_second(index, self.gpu_names.get(index)))
+                 for index, uuid in self.gpu_uuids.items()]
+        self._rates = (a, cur, dict(self.gpu_uuids), dict(self.gpu_names), rates)
+        return rates
+
     def crosses_boundary(self, t0: float, t1: float) -> bool:
         """Whether the tariff band, PUE or carbon intensity changes within [t0, t1)."""
-        return t1 > t0 and len(self.cost.price(t0, t1, 0.0)) > 1
+        return t1 > t0 and self.cost.constant_over(t0, t1) is None and len(self.cost.price(t0, t1, 0.0)) > 1
 
     # -- reading ----------------------------------------------------------
 
@@ -326,9 +377,7 @@ class Ledger:
         a = self.amortization
         if a is None or not self.hardware_currency:
             return None
-        per_s = a.node_cost_per_second() + sum(
-            a.gpu_cost_per_second(i, self.gpu_names.get(i)) for i in self.gpu_uuids
-        )
+        per_s = a.node_cost_per_second() + sum(rate for _, rate in self._hardware_rates(a, self.hardware_currency))
         return per_s * 3600.0
 
     # -- persistence ------------------------------------------------------

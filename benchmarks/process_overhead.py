@@ -13,10 +13,18 @@ and measures each process from the outside, in the same windows:
   exited ones included: ``clock_gettime`` on the process's CPU clock, the precise
   ``sum_exec_runtime`` behind ``/proc/<pid>/stat``), cross-checked against
   ``utime + stime`` from ``/proc/<pid>/stat`` (10 ms ticks, so ±0.3 ms/s on 60 s).
+<<<<<<< HEAD
 * Resident memory (``VmRSS``, its ``RssAnon`` / ``RssFile`` parts, and the peak ``VmHWM``) and
   threads from ``/proc/<pid>/status``. The agent's and the fake's bytecode is compiled first, as
   ``pip install`` does: a module compiled from source at start leaves the compiler's memory in
   the process (about 1 MiB for the agent's modules).
+=======
+* Resident memory (``VmRSS``, and the peak ``VmHWM``) and threads from ``/proc/<pid>/status``.
+* CPU per thread of the agent over the same windows, from ``/proc/<pid>/task/*/schedstat``
+  (ns on the CPU): a ``sitecustomize`` put on the agent's ``PYTHONPATH`` gives each Python
+  thread its name as the OS thread name (``prctl(PR_SET_NAME)``), so the kernel can tell
+  ``sample`` (the tick), ``gpu-calls-N`` (NVML), ``http``, ``pacer``, ``APScheduler`` apart.
+>>>>>>> perf
 * Scrape latency: p50 / p99 of ``--latency-scrapes`` scrapes, one new connection
   each, with Prometheus' request headers (gzip, OpenMetrics preferred), spaced
   ``--latency-spacing`` seconds apart so every scrape sees a new tick (the agent
@@ -75,6 +83,40 @@ def stat_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+#: Benchmark only: names each Python thread's OS thread after it (comm, 15 bytes), so per-thread
+#: CPU can be read from /proc. Loaded through PYTHONPATH by the agent under test, nowhere else.
+THREAD_NAMES = """import ctypes, threading
+_prctl = ctypes.CDLL(None).prctl
+def _name(n):
+    try:
+        _prctl(15, ctypes.c_char_p(n.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+    except Exception:
+        pass
+_inner = threading.Thread._bootstrap_inner
+def _bootstrap_inner(self):
+    _name(self.name)
+    return _inner(self)
+threading.Thread._bootstrap_inner = _bootstrap_inner
+"""
+
+
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """CPU time of each live thread of ``pid`` by name (gpu-calls-N summed), from schedstat. Units: ns."""
+    out: dict[str, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        if name.startswith("gpu-calls-"):
+            name = "gpu-calls-*"
+        out[name] = out.get(name, 0) + ns
+    return out
+
+
 def status(pid: int) -> dict[str, int]:
     """VmRSS, RssAnon, RssFile, VmHWM (bytes) and Threads from /proc/<pid>/status."""
     out: dict[str, int] = {}
@@ -121,6 +163,8 @@ class Window:
     rss_file_bytes: int
     threads: int
     scrapes: list[float] = field(default_factory=list)
+    #: CPU per thread name over the window (threads alive at both ends). Units: ms/s.
+    thread_ms_per_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,6 +223,7 @@ class Exporter:
 def measure_window(exporters: list[Exporter], seconds: float, scrape_every: float | None) -> list[Window]:
     """CPU of every exporter over the same ``seconds``; scrapes all of them every ``scrape_every`` s."""
     latencies: dict[str, list[float]] = {e.name: [] for e in exporters}
+    threads_before = [thread_cpu_ns(e.pid) for e in exporters]
     before = [e.sample() for e in exporters]
     t0 = time.monotonic()
     if scrape_every:
@@ -194,8 +239,9 @@ def measure_window(exporters: list[Exporter], seconds: float, scrape_every: floa
     time.sleep(max(0.0, t0 + seconds - time.monotonic()))
     after = [e.sample() for e in exporters]
     elapsed = time.monotonic() - t0
+    threads_after = [thread_cpu_ns(e.pid) for e in exporters]
     out = []
-    for e, (c0, s0), (c1, s1) in zip(exporters, before, after):
+    for e, (c0, s0), (c1, s1), tb, ta in zip(exporters, before, after, threads_before, threads_after):
         if e.proc.poll() is not None:
             raise RuntimeError(f"{e.name} exited with {e.proc.returncode} during the window (see {e.log.name})")
         st = status(e.pid)
@@ -208,6 +254,7 @@ def measure_window(exporters: list[Exporter], seconds: float, scrape_every: floa
             rss_file_bytes=st["RssFile"],
             threads=st["Threads"],
             scrapes=[x * 1e3 for x in latencies[e.name]],
+            thread_ms_per_s={k: (v - tb[k]) / 1e6 / elapsed for k, v in sorted(ta.items()) if k in tb},
         ))
     return out
 
@@ -255,8 +302,12 @@ def run_one(args: argparse.Namespace, gpus: int, peer_python: Path | None, workd
         env[key] = value
     run_dir = workdir / f"{gpus}gpu"
     run_dir.mkdir()
+    names_dir = run_dir / "thread-names"
+    names_dir.mkdir()
+    (names_dir / "sitecustomize.py").write_text(THREAD_NAMES)
+    agent_env = {**env, "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{names_dir}"}
     port = free_port()
-    exporters = [Exporter("agent", agent_argv(args, port, run_dir / "state"), env, port, run_dir)]
+    exporters = [Exporter("agent", agent_argv(args, port, run_dir / "state"), agent_env, port, run_dir)]
     if peer_python is not None:
         port = free_port()
         argv = [str(peer_python), "-m", "nvitop_exporter", "--bind-address", "127.0.0.1", "--port", str(port),
@@ -377,6 +428,10 @@ def main() -> int:
     print(table(results, args.scrape_interval))
     for r in results:
         if r.unscraped and r.scraped:
+            if r.name == "agent":
+                busy = sorted(r.unscraped.thread_ms_per_s.items(), key=lambda kv: -kv[1])
+                print(f"  {r.gpus:>3} agent per thread, unscraped (ms/s): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in busy if v >= 0.0005))
             print(f"  {r.gpus:>3} {r.name}: utime+stime {r.unscraped.stat_ms_per_s:.2f} / "
                   f"{r.scraped.stat_ms_per_s:.2f} ms/s, RSS anon {mib(r.scraped.rss_anon_bytes)} + file "
                   f"{mib(r.scraped.rss_file_bytes)} MiB, peak RSS {mib(r.rss_peak_bytes)} MiB, "

@@ -149,3 +149,38 @@ def test_a_gpu_not_in_mig_mode_or_without_mig_has_no_instances():
     assert nv2.calls["nvmlDeviceGetMigMode"] == 1  # NotSupported: never asked again
     with pytest.raises(GpuNotSupported):
         src2._call(0, "mig_mode", nv2.nvmlDeviceGetMigMode)
+
+
+def test_mig_mode_off_is_asked_again_only_after_the_recheck_interval_or_a_reacquire(monkeypatch):
+    import agent.sources.nvml as nvml_mod
+
+    now = {"t": 1000.0}
+    monkeypatch.setattr(nvml_mod, "_monotonic", lambda: now["t"])
+    mode = [(0, 0)]
+    nv = mig_nvml()
+    nv._nv.nvmlDeviceGetMigMode = lambda h: mode[0]  # the calls are counted by the wrapper below
+    asked = {"n": 0}
+    inner = nv._nv.nvmlDeviceGetMigMode
+
+    def counted(h):
+        asked["n"] += 1
+        return inner(h)
+
+    nv._nv.nvmlDeviceGetMigMode = counted
+    nv._nv.nvmlDeviceGetHandleByUUID = lambda u: "h0"
+    src = NvmlGpuSource(nv)
+    for _ in range(5):
+        assert src.mig_instances(0) is None
+        now["t"] += 1.0
+    assert asked["n"] == 1  # off: not asked on every tick
+    mode[0] = (1, 1)  # MIG turned on
+    now["t"] = 1000.0 + nvml_mod.MIG_MODE_RECHECK_SECONDS - 0.1
+    assert src.mig_instances(0) is None and asked["n"] == 1
+    now["t"] = 1000.0 + nvml_mod.MIG_MODE_RECHECK_SECONDS
+    assert [m.gpu_instance for m in src.mig_instances(0)] == [1, 5, 6]
+    assert src.mig_instances(0) is not None and asked["n"] == 3  # in MIG mode: asked every time
+    mode[0] = (0, 0)
+    assert src.mig_instances(0) is None and asked["n"] == 4
+    src.reacquire(0)  # a reset (new handle) may have changed the mode: asked at once
+    mode[0] = (1, 1)
+    assert src.mig_instances(0) is not None and asked["n"] == 5

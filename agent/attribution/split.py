@@ -56,7 +56,15 @@ from .identity import (
     IdentityResolver,
     WorkloadIdentity,
 )
-from .workloads import IDENTITY_LABELS, UNALLOCATED, WorkloadTotals, instance_key, pseudo_labels, split_key
+from .workloads import (
+    IDENTITY_LABELS,
+    UNALLOCATED,
+    WorkloadTotals,
+    instance_key,
+    pseudo_labels,
+    pseudo_labels_view,
+    split_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,9 @@ _MAX_HISTORY = 4096
 #: before the labels are pruned (see Attributor._prune_labels).
 _LABELS_SLACK = 64
 
+#: Most PIDs whose workload key and labels are kept built (see resolver_keys).
+_MAX_KNOWN_PIDS = 4096
+
 #: (workload key, identity labels) of a PID.
 KeyOf = Callable[[int], tuple[str, Mapping[str, str]]]
 
@@ -85,6 +96,11 @@ def apportion(total: float, weights: Mapping[K, float]) -> dict[K, float]:
     The largest weight's part is ``total`` minus the sum of the others, so the rounding
     remainder goes there.
     """
+    if len(weights) == 1:  # one workload on the GPU (or unallocated): the whole of it
+        ((k, w),) = weights.items()
+        if not w > 0:
+            raise ValueError("weights must have a positive sum")
+        return {k: total - 0.0}  # what the general case gives: total minus the sum of no others
     s = math.fsum(weights.values())
     if not s > 0:
         raise ValueError("weights must have a positive sum")
@@ -206,12 +222,23 @@ COMMAND = "command"
 def resolver_keys(resolver: IdentityResolver) -> KeyOf:
     """Workloads of live PIDs, from ``/proc`` through ``resolver``."""
 
+    #: pid → (the identity the resolver gave, its key, its labels): a cached process is the same
+    #: identity object on every tick, so its key and labels are built once, not per tick.
+    known: dict[int, tuple[WorkloadIdentity, str, Mapping[str, str]]] = {}
+
     def key_of(pid: int) -> tuple[str, Mapping[str, str]]:
         ident = resolver.resolve(pid)
+        hit = known.get(pid)
+        if hit is not None and hit[0] is ident:
+            return hit[1], hit[2]
         labels = identity_labels(ident)
         if ident.cmdline:
             labels[COMMAND] = ident.cmdline
-        return workload_key(ident), labels
+        key = workload_key(ident)
+        if len(known) >= _MAX_KNOWN_PIDS:
+            known.clear()
+        known[pid] = (ident, key, labels)
+        return key, labels
 
     return key_of
 
@@ -620,7 +647,8 @@ class Attributor:
             costs = apportion(cost, weights) if weights else {}
         for key, joules in parts.items():
             base = split_key(key)[0]
-            labels = pseudo_labels(base) if base == UNALLOCATED else self._labels.get(base) or pseudo_labels(KIND_UNKNOWN)
+            labels = pseudo_labels_view(base) if base == UNALLOCATED else (
+                self._labels.get(base) or pseudo_labels_view(KIND_UNKNOWN))
             self.totals.charge(g.uuid, key, labels, joules, costs.get(key, 0.0 if cost is not None else None),
                                currency, s.t1)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
 UNALLOCATED = "unallocated"
@@ -61,6 +62,13 @@ def split_key(key: str) -> tuple[str, str]:
 def pseudo_labels(key: str) -> dict[str, str]:
     """Labels of ``unallocated`` and ``other``: the kind says which, nothing else is known."""
     return {name: (key if name == "kind" else "") for name in IDENTITY_LABELS}
+
+
+@lru_cache(maxsize=16)
+def pseudo_labels_view(key: str) -> Mapping[str, str]:
+    """:func:`pseudo_labels`, built once and read-only: handed to :meth:`WorkloadTotals.charge`
+    with every slice charged to ``unallocated``."""
+    return MappingProxyType(pseudo_labels(key))
 
 
 @dataclass(frozen=True)
@@ -116,14 +124,14 @@ class WorkloadTotals:
         if k in self.merged:
             self.merged[k] = t
             k = (uuid, OTHER)
-            labels = pseudo_labels(OTHER)
+            labels = pseudo_labels_view(OTHER)
         self.energy[k] += joules
         if cost is not None and currency:
             self.cost[(k[0], k[1], currency)] += cost
         known = self.labels.get(k)
         if known is None:
             self.labels[k] = dict(labels)
-        elif any(v and not known.get(n) for n, v in labels.items()):
+        elif known != labels and any(v and not known.get(n) for n, v in labels.items()):
             # A label learnt later (pod names from the kubelet's first answer, a command line
             # after a restart) fills in what was empty; a known label never changes.
             self.labels[k] = {**known, **{n: v for n, v in labels.items() if v and not known.get(n)}}

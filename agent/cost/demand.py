@@ -53,6 +53,8 @@ class DemandTracker:
         self.peak_w = 0.0
         self.peak_window_start: float | None = None
         self._windows: dict[float, float] = {}  # window start (unix s) -> facility J
+        #: (from, to, offset): the zone's UTC offset is ``offset`` s for instants in [from, to).
+        self._offset_known: tuple[float, float, float] = (math.inf, -math.inf, 0.0)
 
     @classmethod
     def from_tariff(cls, cfg: TariffConfig) -> DemandTracker:
@@ -61,9 +63,23 @@ class DemandTracker:
 
     def window_start(self, t: float) -> float:
         """Start (unix s) of the local-clock-aligned window containing ``t``."""
-        offset = datetime.fromtimestamp(t, self.zone).utcoffset()
-        off = offset.total_seconds() if offset is not None else 0.0
+        known = self._offset_known
+        if known[0] <= t < known[1]:
+            off = known[2]
+        else:
+            off = self._offset(t)
+            ws = math.floor((t + off) / self.window_s) * self.window_s - off
+            end = ws + self.window_s
+            # The zone's offset, looked up once per window: it holds from the window's start to
+            # just before its end (one zone changes its offset months apart, never twice in a window).
+            if self._offset(ws) == off == self._offset(end - 1e-6):
+                self._offset_known = (ws, end, off)
         return math.floor((t + off) / self.window_s) * self.window_s - off
+
+    def _offset(self, t: float) -> float:
+        """The zone's UTC offset at instant ``t``. Units: s."""
+        offset = datetime.fromtimestamp(t, self.zone).utcoffset()
+        return offset.total_seconds() if offset is not None else 0.0
 
     def _set_month(self, month: str | None) -> None:
         self.month = month

@@ -10,6 +10,7 @@ Formulas (per part; 1 kWh = 3.6e6 J):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .config import CarbonConfig, IdleConfig, PueConfig, TariffConfig
@@ -105,10 +106,36 @@ class CostModel:
         self.carbon: Schedule | None = (
             Schedule.from_carbon(carbon, default_tz) if carbon is not None else None
         )
+        self.currency: str | None = self.tariff.currency if self.tariff is not None else None
+        #: The stretch :meth:`constant_over` found last: (start, end, price, band, pue, g/kWh).
+        self._span: tuple[float, float, float | None, str | None, float, float | None] | None = None
 
-    @property
-    def currency(self) -> str | None:
-        return self.tariff.currency if self.tariff is not None else None
+    def constant_over(
+        self, t0: float, t1: float
+    ) -> tuple[float, float, float | None, str | None, float, float | None] | None:
+        """``(start, end, price_per_kwh, band, pue, grams_per_kwh)`` when price, PUE and carbon
+        intensity are all constant over ``[t0, t1)`` (``t0 <= t1``), else None.
+
+        Every GPU slice of a tick is priced, nearly all within one stretch: a slice inside
+        the last stretch found needs no schedule lookup. :meth:`price` of such a slice is
+        the one part these values give.
+        """
+        span = self._span
+        if span is not None and span[0] <= t0 < span[1] and t0 <= t1 <= span[1]:
+            return span
+        if not t0 <= t1:
+            return None
+        lo, hi = -math.inf, math.inf
+        price = band = grams = None
+        if self.tariff is not None:
+            lo, hi, (price, band) = self.tariff.piece(t0)
+        a, b, pue = self.pue.piece(t0)
+        lo, hi = max(lo, a), min(hi, b)
+        if self.carbon is not None:
+            a, b, grams = self.carbon.piece(t0)
+            lo, hi = max(lo, a), min(hi, b)
+        span = self._span = (lo, hi, price, band, pue, grams)  # lo <= t0 < hi: each piece holds t0
+        return span if t1 <= hi else None
 
     def price(self, t0: float, t1: float, it_joules: float) -> list[PricedPart]:
         """Price ``it_joules`` (J) used uniformly over ``[t0, t1)`` (unix s).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .config import CarbonConfig, PueConfig, grid_to_pieces
@@ -74,6 +75,12 @@ class Schedule:
         if self._table is None:
             return self.constant  # type: ignore[return-value]
         return self._table.value_at(t)
+
+    def piece(self, t: float) -> tuple[float, float, float]:
+        """``(start, end, value)``: a stretch around ``t`` of one value."""
+        if self._table is None:
+            return (-math.inf, math.inf, self.constant)  # type: ignore[return-value]
+        return self._table.piece(t)
 
     def segments(self, t0: float, t1: float) -> list[tuple[float, float, float]]:
         """``[t0, t1)`` split where the value changes: ``[(s0, s1, value)]``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import date
 
 from .config import DAY_KEY_NAMES, HOLIDAY_KEY, TariffConfig, grid_to_pieces
@@ -56,6 +57,12 @@ class Tariff:
         if self._flat is not None:
             return self._flat
         return self._table.value_at(t)
+
+    def piece(self, t: float) -> tuple[float, float, PriceBand]:
+        """``(start, end, (price_per_kwh, band))``: a stretch around ``t`` of one price."""
+        if self._flat is not None:
+            return (-math.inf, math.inf, self._flat)
+        return self._table.piece(t)
 
     def segments(self, t0: float, t1: float) -> list[tuple[float, float, float, str]]:
         """``[t0, t1)`` split at every band boundary: ``[(s0, s1, price_per_kwh, band)]``.

@@ -190,6 +190,14 @@ class LocalDayTable(Generic[V]):
         self._last = (day.starts[i], end, day.values[i])
         return day.values[i]
 
+    def piece(self, t: float) -> tuple[float, float, V]:
+        """``(start, end, value)`` of the piece of the day holding instant ``t`` (unix s)."""
+        last = self._last
+        if last is not None and last[0] <= t < last[1]:
+            return last
+        self.value_at(t)
+        return self._last  # type: ignore[return-value]
+
     def segments(self, t0: float, t1: float) -> list[tuple[float, float, V]]:
         """``[t0, t1)`` cut where the value changes: ``[(s0, s1, value), ...]``.
 

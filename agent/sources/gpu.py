@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from ..frozen import fast_init
+
 
 class GpuError(Exception):
     """A GPU call failed. ``kind`` is the label used for the error counter."""
@@ -49,6 +51,7 @@ class GpuInfo:
     power_limit_watts: float | None = None
 
 
+@fast_init  # made per GPU per tick
 @dataclass(frozen=True)
 class GpuReading:
     """The cheap per-tick readings of one GPU. ``None`` = not supported or failed.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from time import monotonic as _monotonic
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,6 +42,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: A GPU whose MIG mode is off is asked again after this long (and at once after a re-acquire).
+#: ``nvmlDeviceGetMigMode`` takes 136 µs on H100 (median, probe.json; such calls burn their wall
+#: time as CPU, probe2.json), four times a whole tick's other readings (34 µs); MIG is turned on
+#: only while no process uses the GPU, so a late view of it misplaces little. Energy never
+#: depends on it, only the split among workloads. Units: s.
+MIG_MODE_RECHECK_SECONDS = 30.0
+
 #: The profile at the end of a MIG device's name: "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
 #: "… MIG 1c.3g.40gb" (a compute instance smaller than its GPU instance), "… MIG 1g.10gb+me".
 _MIG_PROFILE = re.compile(r"MIG\s+(?:\d+c\.)?(\d+g\.\S+)\s*$")
@@ -58,6 +66,8 @@ class _MigState:
     gpm_ok: bool | None = None
     #: GPU instance id → the previous GPM sample buffer
     gpm_prev: dict[int, Any] = field(default_factory=dict)
+    #: MIG mode was off at the last ask: not asked again before this monotonic time (s).
+    off_until: float = 0.0
 
 
 class NvmlGpuSource:
@@ -95,6 +105,10 @@ class NvmlGpuSource:
             self._locks[i] = threading.Lock()
             self._devices.append(self._inventory(i, handle))
         self._mig: dict[int, _MigState] = {i: _MigState() for i in self._handles}
+        #: What :meth:`read` asks, in order: (field, NVML function name, arguments after the handle).
+        self._reads = _read_plan(self._nv)
+        #: Per GPU, the reads still asked (a field answering NotSupported leaves its plan).
+        self._plans = {i: self._plan(i) for i in self._handles}
 
     # -- inventory -------------------------------------------------------
 
@@ -177,43 +191,57 @@ class NvmlGpuSource:
     # -- per tick ---------------------------------------------------------
 
     def read(self, index: int) -> GpuReading:
+        """The cheap readings of one tick: one NVML call per field the GPU supports.
+
+        Called for every GPU every tick, so the loop is flat (no helper per field) over the
+        fields not known to be unsupported; the error path translates as :meth:`_call`.
+        """
         nv = self._nv
         failed: list[str] = []
-        values: dict[str, Any] = {}
-
-        def get(field: str, fn: Callable[..., Any], *args: Any) -> Any:
-            try:
-                return self._call(index, field, fn, *args)
-            except GpuNotSupported:
-                return None
-            except GpuLost:
-                raise
-            except GpuError:
-                failed.append(field)
-                return None
-
+        values: list[Any] = [None] * len(self._reads)
         with self._locks[index]:
-            power = get("power", nv.nvmlDeviceGetPowerUsage)
-            values["power_watts"] = power / 1000.0 if power is not None else None
-            util = get("utilization", nv.nvmlDeviceGetUtilizationRates)
-            if util is not None:
-                values["utilization_gpu_ratio"] = util.gpu / 100.0
-                values["utilization_memory_ratio"] = util.memory / 100.0
-            mem = get("memory", nv.nvmlDeviceGetMemoryInfo)
-            values["memory_used_bytes"] = int(mem.used) if mem is not None else None
-            values["temperature_celsius"] = get(
-                "temperature", nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU
-            )
-            sm = get("sm_clock", nv.nvmlDeviceGetClockInfo, nv.NVML_CLOCK_SM)
-            values["sm_clock_hertz"] = sm * 1e6 if sm is not None else None
-            values["performance_state"] = get("pstate", nv.nvmlDeviceGetPerformanceState)
-            reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
-                nv, "nvmlDeviceGetCurrentClocksThrottleReasons"
-            )
-            values["clock_event_reasons"] = get("clock_event_reasons", reasons_fn)
-            limit = get("power_limit", nv.nvmlDeviceGetEnforcedPowerLimit)
-            values["power_limit_watts"] = limit / 1000.0 if limit is not None else None
-        return GpuReading(failed=tuple(failed), **values)
+            handle = self._handles[index]
+            for i, (field, name, args) in self._plans[index]:
+                try:
+                    values[i] = getattr(nv, name)(handle, *args)
+                except (nv.NVMLError, AttributeError) as exc:
+                    self._read_failed(index, field, exc, failed)
+        power, util, mem, temp, sm, pstate, reasons, limit = values
+        return GpuReading(
+            power_watts=power / 1000.0 if power is not None else None,
+            utilization_gpu_ratio=util.gpu / 100.0 if util is not None else None,
+            utilization_memory_ratio=util.memory / 100.0 if util is not None else None,
+            memory_used_bytes=int(mem.used) if mem is not None else None,
+            temperature_celsius=temp,
+            sm_clock_hertz=sm * 1e6 if sm is not None else None,
+            performance_state=pstate,
+            clock_event_reasons=reasons,
+            power_limit_watts=limit / 1000.0 if limit is not None else None,
+            failed=tuple(failed),
+        )
+
+    def _plan(self, index: int) -> list[tuple[int, tuple[str, str, tuple[Any, ...]]]]:
+        """What :meth:`read` asks GPU ``index``: (position, read) of each field not unsupported."""
+        return [(i, r) for i, r in enumerate(self._reads) if (index, r[0]) not in self._unsupported]
+
+    def _read_failed(self, index: int, field: str, exc: Exception, failed: list[str]) -> None:
+        """A field of :meth:`read` raised ``exc``: not supported (remembered, logged once),
+        the GPU lost (raises :class:`GpuLost`), or a transient failure (added to ``failed``)."""
+        nv = self._nv
+        if isinstance(exc, AttributeError):  # binding too old for this call
+            self._unsupported.add((index, field))
+            self._plans[index] = self._plan(index)
+            return None
+        code = getattr(exc, "value", None)
+        if code in (nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_FUNCTION_NOT_FOUND):
+            self._unsupported.add((index, field))
+            self._plans[index] = self._plan(index)
+            log.info("GPU %d: %s is not supported; it will not be exported", index, field)
+            return None
+        if code == nv.NVML_ERROR_GPU_IS_LOST:
+            raise GpuLost(f"GPU {index}: {exc}") from exc
+        failed.append(field)
+        return None
 
     def energy_mj(self, index: int) -> int:
         with self._locks[index]:
@@ -284,7 +312,8 @@ class NvmlGpuSource:
     def mig_instances(self, index: int) -> list[MigInstance] | None:
         """The GPU's MIG GPU instances (read-only), or None when the GPU is not in MIG mode.
 
-        ``nvmlDeviceGetMigMode`` (NotSupported: no MIG, never asked again), then every MIG
+        ``nvmlDeviceGetMigMode`` (NotSupported: no MIG, never asked again; MIG off: asked again
+        after :data:`MIG_MODE_RECHECK_SECONDS`, or at once after a re-acquire), then every MIG
         device (compute instance) by index up to ``nvmlDeviceGetMaxMigDeviceCount``: its GPU
         and compute instance ids, UUID, profile (from its name), slice and SM counts (asked
         once per MIG device), and its processes (``nvmlDeviceGetComputeRunningProcesses`` on
@@ -293,6 +322,10 @@ class NvmlGpuSource:
         (``nvmlGpmMigSampleGet``, Hopper and later) over the time since the previous call.
         """
         nv = self._nv
+        st = self._mig[index]
+        now = _monotonic()
+        if now < st.off_until or (index, "mig_mode") in self._unsupported:
+            return None  # MIG off, asked less than MIG_MODE_RECHECK_SECONDS ago; or no MIG at all
         with self._locks[index]:
             # Looked up inside the call: a binding too old to have it is "no MIG", not a crash.
             try:
@@ -300,6 +333,7 @@ class NvmlGpuSource:
             except GpuNotSupported:
                 return None
             if current != getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1):
+                st.off_until = now + MIG_MODE_RECHECK_SECONDS
                 return None
             count = int(self._call(index, "mig_device_count", lambda h: nv.nvmlDeviceGetMaxMigDeviceCount(h)))
             instances: dict[int, dict[str, Any]] = {}
@@ -492,6 +526,23 @@ class NvmlGpuSource:
             self._nv.nvmlShutdown()
         except Exception:
             pass
+
+
+def _read_plan(nv: Any) -> tuple[tuple[str, str, tuple[Any, ...]], ...]:
+    """The fields of :meth:`NvmlGpuSource.read`, each with the NVML function that reads it."""
+    reasons = "nvmlDeviceGetCurrentClocksEventReasons"
+    if not hasattr(nv, reasons):  # bindings before 12.535 name it after throttling
+        reasons = "nvmlDeviceGetCurrentClocksThrottleReasons"
+    return (
+        ("power", "nvmlDeviceGetPowerUsage", ()),
+        ("utilization", "nvmlDeviceGetUtilizationRates", ()),
+        ("memory", "nvmlDeviceGetMemoryInfo", ()),
+        ("temperature", "nvmlDeviceGetTemperature", (getattr(nv, "NVML_TEMPERATURE_GPU", 0),)),
+        ("sm_clock", "nvmlDeviceGetClockInfo", (getattr(nv, "NVML_CLOCK_SM", 1),)),
+        ("pstate", "nvmlDeviceGetPerformanceState", ()),
+        ("clock_event_reasons", reasons, ()),
+        ("power_limit", "nvmlDeviceGetEnforcedPowerLimit", ()),
+    )
 
 
 def _merge_processes(into: dict[int, int | None], procs: Any) -> None:

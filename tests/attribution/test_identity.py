@@ -515,3 +515,17 @@ def test_fixture_trees_match_their_script(tmp_path):
                 assert b.is_symlink() and os.readlink(a) == os.readlink(b), rel
             elif a.is_file():
                 assert a.read_bytes() == b.read_bytes(), rel
+
+
+def test_workload_keys_are_built_once_per_process_and_again_for_a_reused_pid(node_copy):
+    from agent.attribution.split import resolver_keys
+
+    r = resolver(node_copy)
+    key_of = resolver_keys(r)
+    key, labels = key_of(1100)
+    assert key_of(1100) == (key, labels) and key_of(1100)[1] is labels  # cached process: built once
+    assert (key, labels["kind"]) == ("user:1000", "user")
+    set_start(node_copy, 1100, 2_000_000)  # PID 1100 now names a container's process
+    (node_copy / "1100" / "cgroup").write_text(f"0::/system.slice/docker-{h('reuse')}.scope\n")
+    key2, labels2 = key_of(1100)
+    assert (key2, labels2["kind"], labels2["container"]) == (f"container:{h('reuse')}", "container", h("reuse"))

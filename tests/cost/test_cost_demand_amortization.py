@@ -157,3 +157,18 @@ def test_no_hardware_prices_means_zero():
     a = Amortization(HardwareConfig())
     assert not a.enabled
     assert a.gpu_cost_per_second(0, "x") == 0.0 and a.node_cost_per_second() == 0.0
+
+
+def test_window_start_with_the_offset_kept_per_window_equals_the_lookup_across_dst():
+    for window in (15, 60):
+        d = DemandTracker(window, "Europe/Berlin")
+        fresh = DemandTracker(window, "Europe/Berlin")
+        for start in (at(2026, 3, 29, 0, 40), at(2026, 10, 25, 0, 40)):  # spring and autumn DST
+            t = start
+            while t < start + 3 * 3600:
+                off = datetime.fromtimestamp(t, ZoneInfo("Europe/Berlin")).utcoffset().total_seconds()
+                expect = (t + off) // (window * 60) * (window * 60) - off
+                assert d.window_start(t) == expect
+                fresh._offset_known = (float("inf"), float("-inf"), 0.0)  # no memory: the plain lookup
+                assert fresh.window_start(t) == expect
+                t += 7.3

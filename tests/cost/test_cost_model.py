@@ -210,3 +210,38 @@ def test_german_example_from_the_docs():
     # Amortisation of the node: 8 x 30000 / 43830 + 60000 / 43830 = 6.844627 EUR/h
     a = Amortization(HardwareConfig.model_validate(cfg["hardware"]))
     assert 8 * a.gpu_cost_per_hour(0) + a.node_cost_per_hour() == pytest.approx(6.844627, abs=1e-6)
+
+
+def test_constant_over_is_the_one_part_price_gives_and_none_across_any_boundary():
+    """The ledger prices a slice from constant_over when it holds: the same values as the single
+    part of price(), and None wherever price() cuts the slice (band, month, midnight, DST)."""
+    import random
+
+    m = CostModel(COMMERCIAL, PueConfig(by_month=PUE_BY_MONTH), CarbonConfig(grams_per_kwh=380))
+    rng = random.Random(7)
+    # Half a second before: a band change, DST (no change of price), midnight and a month (PUE),
+    # DST again, a band change.
+    boundaries = [at(2026, 5, 4, 8), at(2026, 3, 29, 3), at(2026, 6, 1), at(2026, 10, 25, 2),
+                  at(2026, 6, 5, 20)]
+    cut = whole = 0
+    for b in boundaries:
+        t = b - 0.5
+        for i in range(400):
+            dt = 1.0 if i == 0 else rng.choice([0.0, 0.25, 1.0, 1.0, 1.0, 5.0])
+            one = m.constant_over(t, t + dt)
+            parts = m.price(t, t + dt, 1234.5)
+            if one is None:
+                assert i == 0 and dt > 0  # only the slice over the boundary
+                cut += len(parts) > 1
+            else:
+                whole += 1
+                (p,) = parts
+                assert (p.price_per_kwh, p.band, p.pue, p.grams_per_kwh) == one[2:]
+            t += dt
+    assert cut == 3 and whole == 5 * 400 - 3  # band, midnight + month, band; a DST change alone: whole
+
+
+def test_constant_over_without_tariff_or_carbon():
+    m = CostModel(None, PueConfig(value=1.3), None)
+    assert m.constant_over(100.0, 101.0)[2:] == (None, None, 1.3, None)
+    assert m.constant_over(101.0, 100.0) is None

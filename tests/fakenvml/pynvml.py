@@ -60,6 +60,7 @@ counter reads the same in every process started with that scenario).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.machinery
 import importlib.util
 import json
@@ -130,6 +131,9 @@ class _Gpu:
         self.serial = f"{1652024000000 + index}"
         self.pci_bus_id = f"00000000:{0x18 + 0x10 * index:02X}:00.0"
         self.base, self.amp, self.period, self.phase = 350.0, 250.0, 30.0 + 7.0 * index, float(index)
+        # Constants of the sine, computed once (the same floats the formulas below used to compute).
+        self._w = 2.0 * math.pi / self.period
+        self._amp_over_w = self.amp / self._w
         #: Power segments, oldest first: (from monotonic t, energy at t in J, constant W or None).
         self.segments: list[tuple[float, float, float | None]] = [(0.0, 0.0, None)]
         self.counter_zero_j = 0.0
@@ -151,7 +155,10 @@ class _Gpu:
     # Energy and power (closed forms, so the counter is the exact integral).
 
     def _segment(self, t: float) -> tuple[float, float, float | None]:
-        for seg in reversed(self.segments):
+        segments = self.segments
+        if len(segments) == 1:
+            return segments[0]
+        for seg in reversed(segments):
             if t >= seg[0]:
                 return seg
         return self.segments[0]
@@ -159,8 +166,7 @@ class _Gpu:
     def _antiderivative(self, t: float, watts: float | None) -> float:
         if watts is not None:
             return watts * t
-        w = 2.0 * math.pi / self.period
-        return self.base * t - self.amp / w * math.cos(w * t + self.phase)
+        return self.base * t - self._amp_over_w * math.cos(self._w * t + self.phase)
 
     def energy_j(self, t: float) -> float:
         t0, e0, watts = self._segment(t)
@@ -170,7 +176,7 @@ class _Gpu:
         watts = self._segment(t)[2]
         if watts is not None:
             return watts
-        return self.base + self.amp * math.sin(2.0 * math.pi / self.period * t + self.phase)
+        return self.base + self.amp * math.sin(self._w * t + self.phase)
 
     def set_watts(self, watts: float | None) -> None:
         if watts == self.segments[-1][2]:
@@ -561,8 +567,10 @@ def nvmlDeviceGetDisplayMode(g: _Gpu) -> int:
 
 # -- per-tick readings ------------------------------------------------------------
 
-def _now() -> float:
-    return time.monotonic()
+_now = time.monotonic
+#: Sets a field of a real nvidia-ml-py structure without its Python-level __setattr__ (which only
+#: encodes str values; these are numbers): a fifth of the cost.
+_set = ctypes.Structure.__setattr__
 
 
 @_device
@@ -607,7 +615,8 @@ def _load(g: _Gpu, t: float) -> float:
 def nvmlDeviceGetUtilizationRates(g: _Gpu) -> Any:
     u = _load(g, _now())
     util = _real.c_nvmlUtilization_t()
-    util.gpu, util.memory = int(round(100 * u)), int(round(45 * u))
+    _set(util, "gpu", int(round(100 * u)))
+    _set(util, "memory", int(round(45 * u)))
     return util
 
 
@@ -618,7 +627,9 @@ def _memory(g: _Gpu, version: Any = None) -> Any:
         mem.version, mem.reserved = version, 567_279_616
     else:
         mem = _real.c_nvmlMemory_t()
-    mem.total, mem.used, mem.free = _MEMORY_TOTAL, used, _MEMORY_TOTAL - used
+    _set(mem, "total", _MEMORY_TOTAL)
+    _set(mem, "used", used)
+    _set(mem, "free", _MEMORY_TOTAL - used)
     return mem
 
 
@@ -640,14 +651,17 @@ def nvmlDeviceGetTemperature(g: _Gpu, sensor: int) -> int:
     return int(round(28.0 + g.power_w(_now()) / 15.0))
 
 
+_CLOCKS = {_real.NVML_CLOCK_MEM: 2619, _real.NVML_CLOCK_VIDEO: 1755}  # MHz; any other clock 1980
+
+
 @_device
 def nvmlDeviceGetClockInfo(g: _Gpu, clock_type: int) -> int:
-    return {_real.NVML_CLOCK_MEM: 2619, _real.NVML_CLOCK_VIDEO: 1755}.get(clock_type, 1980)
+    return _CLOCKS.get(clock_type, 1980)
 
 
 @_device
 def nvmlDeviceGetMaxClockInfo(g: _Gpu, clock_type: int) -> int:
-    return {_real.NVML_CLOCK_MEM: 2619, _real.NVML_CLOCK_VIDEO: 1755}.get(clock_type, 1980)
+    return _CLOCKS.get(clock_type, 1980)
 
 
 @_device
