@@ -201,11 +201,11 @@ class NvmlGpuSource:
         values: list[Any] = [None] * len(self._reads)
         with self._locks[index]:
             handle = self._handles[index]
-            for i, (field, name, args) in self._plans[index]:
+            for i, (what, name, args) in self._plans[index]:
                 try:
                     values[i] = getattr(nv, name)(handle, *args)
                 except (nv.NVMLError, AttributeError) as exc:
-                    self._read_failed(index, field, exc, failed)
+                    self._read_failed(index, what, exc, failed)
         power, util, mem, temp, sm, pstate, reasons, limit = values
         return GpuReading(
             power_watts=power / 1000.0 if power is not None else None,
