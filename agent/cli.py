@@ -297,7 +297,7 @@ NVML_OPEN_TIMEOUT_SECONDS = 10.0
 
 
 def _serve_nvml(settings: Settings, host: Any, listener: Listener) -> int:
-    from .gpucalls import call_with_timeout
+    from .gpucalls import Pending
     from .sampler import probe_methods
     from .sources.gpu import SourceUnavailable
     from .sources.nvml import NvmlGpuSource
@@ -313,7 +313,8 @@ def _serve_nvml(settings: Settings, host: Any, listener: Listener) -> int:
     error = ""
     if settings.gpu.enabled:
         # On its own thread: an NVML that hangs at init must not keep the agent from serving.
-        outcome = call_with_timeout(open_source, NVML_OPEN_TIMEOUT_SECONDS, "nvml-open")
+        first = Pending(open_source, "nvml-open")
+        outcome = first.wait(NVML_OPEN_TIMEOUT_SECONDS)
         if outcome is None:
             error = f"NVML did not answer within {NVML_OPEN_TIMEOUT_SECONDS:.0f} s"
         elif outcome[0]:
@@ -348,7 +349,9 @@ def _serve_nvml(settings: Settings, host: Any, listener: Listener) -> int:
     )
     sampler.resume_counters(*resume)
     retry = open_source if settings.gpu.enabled and source is None else None
-    return _serve(settings, sampler, store, listener, open_source=retry)
+    # An open still hanging is waited for, not joined by a second one (which would hang too).
+    hanging = first if retry is not None and outcome is None else None
+    return _serve(settings, sampler, store, listener, open_source=retry, open_pending=hanging)
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -158,18 +158,22 @@ class GpuCalls:
         return results, timed_out, skipped
 
 
-def call_with_timeout(fn: Callable[[], Any], timeout: float, name: str) -> Outcome | None:
-    """Run ``fn`` on a daemon thread; its outcome, or None if it has not returned in ``timeout`` s
-    (the thread is left to finish or hang on its own)."""
-    box: list[Outcome] = []
-    done = threading.Event()
+class Pending:
+    """``fn`` running on a daemon thread of its own; :meth:`wait` gives its outcome once it
+    has returned. A call that hangs is left to hang: nothing else waits for it for long."""
 
-    def target() -> None:
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._box: list[Outcome] = []
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(fn,), name=name, daemon=True).start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
         try:
-            box.append((True, fn()))
+            self._box.append((True, fn()))
         except BaseException as exc:
-            box.append((False, exc))
-        done.set()
+            self._box.append((False, exc))
+        self._done.set()
 
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return box[0] if done.wait(timeout) else None
+    def wait(self, timeout: float) -> Outcome | None:
+        """The outcome, or None if the call has not returned within ``timeout`` s."""
+        return self._box[0] if self._done.wait(timeout) else None

@@ -231,6 +231,7 @@ class Service:
         reload: Callable[[], Any] | None = None,
         listener: Listener | None = None,
         open_source: Callable[[], tuple[Any, dict[int, str]]] | None = None,
+        open_pending: Any = None,
     ) -> None:
         self.settings = settings
         self.sampler = sampler
@@ -253,6 +254,9 @@ class Service:
         #: Opens the GPU source and probes its energy methods (raises SourceUnavailable): tried
         #: again with back-off while the sampler has none (the driver loads after the agent).
         self._open_source = open_source
+        #: The first open, still hanging at start (an ``agent.gpucalls.Pending``): its outcome
+        #: is waited for before any new attempt, so attempts never pile onto a stuck driver.
+        self._open_pending = open_pending
         host, port = parse_listen(settings.agent.listen)
         registry = make_registry(lambda: self.sampler.snapshot)
         self.server = MetricsServer(
@@ -326,6 +330,18 @@ class Service:
 
         assert self._open_source is not None
         delay = SOURCE_RETRY_FIRST_SECONDS
+        pending = self._open_pending
+        while pending is not None and not self.stopped.is_set():
+            outcome = pending.wait(1.0)
+            if outcome is None:
+                continue
+            pending = None
+            ok, value = outcome
+            if ok:
+                if not self.stopped.is_set():
+                    self._attach_source(*value)
+                return
+            log.info("GPU source still unavailable (%s); next try in %.0f s", value, delay)
         while not self.stopped.wait(delay):
             try:
                 source, methods = self._open_source()
@@ -337,12 +353,14 @@ class Service:
                 delay = min(2 * delay, SOURCE_RETRY_MAX_SECONDS)
                 log.warning("opening the GPU source failed: %r; next try in %.0f s", exc, delay)
                 continue
-            if self.stopped.is_set():
-                return
-            self.sampler.attach(source, methods)
-            log.info("GPU source opened: %d GPU(s) are sampled from now on", len(source.devices()))
-            self._add_samples_job()
+            if not self.stopped.is_set():
+                self._attach_source(source, methods)
             return
+
+    def _attach_source(self, source: Any, methods: dict[int, str]) -> None:
+        self.sampler.attach(source, methods)
+        log.info("GPU source opened: %d GPU(s) are sampled from now on", len(source.devices()))
+        self._add_samples_job()
 
     def _add_samples_job(self) -> None:
         poll = self.sampler.samples_poll_seconds

@@ -189,6 +189,26 @@ def test_nvml_init_that_fails_at_boot_is_retried_and_the_gpus_appear_with_their_
     assert all(after[uuid] > joules for uuid, joules in before.items())
 
 
+def test_an_nvml_init_that_hangs_at_start_is_waited_for_not_joined_by_a_second_one(tmp_path):
+    """The driver hangs in nvmlInit past the start's 10 s: the agent serves without GPUs and
+    makes no second init while the first still hangs (it would hang too, a thread each);
+    when the first returns, its GPUs are sampled from then on, without a restart."""
+    node = Node(tmp_path, {**STEADY, "init": "hang"})
+    agent = node.agent()
+    started = time.monotonic()
+    m = until(agent, lambda m: value(m, "gpucost_gpu_source_up", source="nvml") == 0, 15, "serving without GPUs")
+    assert up(m, 0) is None
+    time.sleep(max(0.0, 7.0 - (time.monotonic() - started)))  # past the first retry (5 s after serving)
+    init = node.stats()["init"]
+    assert init["calls"] == 1 and init["inflight"] == 1 and init["max_inflight"] == 1, init
+    node.script(STEADY)  # the driver answers at last
+    m = until(agent, lambda m: up(m, 0) == 1 and up(m, 1) == 1 and energy(m, 1) > 0, 5, "the GPUs sampled")
+    assert value(m, "gpucost_gpu_source_up", source="nvml") == 1
+    assert agent.stop() == 0
+    assert node.stats()["init"]["calls"] == 1  # the first init's GPUs, no second open
+    assert agent.output.count("GPU source opened: 2 GPU(s)") == 1
+
+
 def test_a_lost_gpu_is_reacquired_with_its_totals_after_a_counter_reset(tmp_path):
     node = Node(tmp_path)
     agent = node.agent()

@@ -33,7 +33,8 @@ Scenario file (all keys optional; GPU keys are indices as strings)::
 
     {
       "init": "DRIVER_NOT_LOADED",   # nvmlInit fails with this error (name or code) while set;
-                                     # "hang": nvmlInit blocks while set
+                                     # "hang": nvmlInit blocks while set (the statistics file
+                                     # counts init calls under "init")
       "gpus": {
         "1": {
           "hang": true,              # its calls block while set (re-read every 20 ms)
@@ -310,6 +311,8 @@ def _check_init() -> None:
 
 
 _last_stats = 0.0
+#: nvmlInit calls: made, in progress now, most ever in progress at once (in the statistics file as "init").
+_init_stats = {"calls": 0, "inflight": 0, "max_inflight": 0}
 
 
 def _write_stats(force: bool = False) -> None:
@@ -318,8 +321,9 @@ def _write_stats(force: bool = False) -> None:
     if _STATS is None or (not force and now - _last_stats < 0.2):
         return
     _last_stats = now
-    body = {str(g.index): {"calls": g.calls, "inflight": g.inflight, "max_inflight": g.max_inflight}
-            for g in _GPUS}
+    body: dict[str, Any] = {str(g.index): {"calls": g.calls, "inflight": g.inflight, "max_inflight": g.max_inflight}
+                            for g in _GPUS}
+    body["init"] = dict(_init_stats)
     tmp = f"{_STATS}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -378,13 +382,27 @@ def _device(fn: Any) -> Any:
 
 # -- library ----------------------------------------------------------------------
 
-@_api
-def nvmlInitWithFlags(flags: int) -> None:
-    global _refcount
+def _init_wait() -> None:
     _poll_script(force=True)
     while _init_fault == "hang":
         time.sleep(0.02)
         _poll_script(force=True)
+
+
+@_api
+def nvmlInitWithFlags(flags: int) -> None:
+    global _refcount
+    with _state_lock:
+        _init_stats["calls"] += 1
+        _init_stats["inflight"] += 1
+        _init_stats["max_inflight"] = max(_init_stats["max_inflight"], _init_stats["inflight"])
+    _write_stats(force=True)
+    try:
+        _init_wait()
+    finally:
+        with _state_lock:
+            _init_stats["inflight"] -= 1
+        _write_stats(force=True)
     if _init_fault is not None:
         raise NVMLError(_init_fault)
     with _state_lock:
