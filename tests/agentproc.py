@@ -107,3 +107,16 @@ def value(families: dict[str, list], metric: str, /, **labels: str) -> float | N
             if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return None
+
+
+def past_first_loop(agent: AgentProcess, timeout: float = 20.0) -> dict[str, list]:
+    """Scrape a looping demo until it has finished a loop and read the energy counter after the
+    seam (read every 5 s), so the whole first loop is counted; the last scrape's families."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = agent.metrics()
+        if (value(m, "gpucost_replay_loops_total") or 0) >= 1 and value(m, "gpucost_replay_position_seconds") > 6:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the demo did not finish a loop in {timeout:.0f} s")
+        time.sleep(0.2)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from agentproc import AgentProcess, value
+from agentproc import AgentProcess, past_first_loop, value
 from helpers import ROOT, counter_delta_joules
 
 from agent.cli import demo_trace_path
@@ -70,14 +70,7 @@ def test_demo_exports_workloads_with_identities_that_add_up_to_the_gpu():
     agent = AgentProcess("demo", "--speed", "25")
     try:
         agent.wait_ready()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            m = agent.metrics()
-            # A counter read after the seam (read every 5 s): the whole first loop is counted.
-            if (value(m, "gpucost_replay_loops_total") or 0) >= 1 and value(m, "gpucost_replay_position_seconds") > 6:
-                break
-            time.sleep(0.2)
-        assert value(m, "gpucost_replay_loops_total") >= 1, "the demo did not finish a loop in 20 s"
+        past_first_loop(agent)
         for _ in range(3):
             m = agent.metrics()
             w = _workloads(m)

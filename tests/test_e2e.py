@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from agentproc import AgentProcess, value
+from agentproc import AgentProcess, past_first_loop, value
 from helpers import counter_delta_joules, real_nvml_present
 
 from agent.cli import demo_trace_path
@@ -92,14 +92,7 @@ def test_demo_loops_the_bundled_trace():
     agent = AgentProcess("demo", "--speed", "200")
     try:
         agent.wait_ready()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            m = agent.metrics()
-            # A counter read after the seam (read every 5 s): the whole first loop is counted.
-            if (value(m, "gpucost_replay_loops_total") or 0) >= 1 and value(m, "gpucost_replay_position_seconds") > 6:
-                break
-            time.sleep(0.2)
-        assert value(m, "gpucost_replay_loops_total") >= 1
+        m = past_first_loop(agent)
         assert value(m, "gpucost_agent_info", source="replay") == 1
         assert value(m, "gpucost_gpu_energy_joules_total", source="counter", gpu="0") > one_loop
         assert value(m, "gpucost_agent_errors_total", kind="counter_reset") == 0
