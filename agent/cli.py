@@ -49,8 +49,19 @@ def _override_args(p: argparse.ArgumentParser) -> None:
                    help="TLS and basic auth for the endpoint, in the Prometheus exporters' web-config format")
 
 
+def _speed(text: str) -> float:
+    """``--speed``: a finite number above 0, refused by the argument parser before anything starts."""
+    try:
+        speed = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 < speed < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be greater than 0 and finite, got {text}")
+    return speed
+
+
 def _replay_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speed", type=float, default=1.0, help="times real time (default 1)")
+    p.add_argument("--speed", type=_speed, default=1.0, help="times real time (default 1)")
     p.add_argument(
         "--hide",
         action="append",
@@ -255,9 +266,6 @@ def _serve_replay(
 ) -> int:
     from .sources.replay import ReplaySource
 
-    if args.speed <= 0:
-        print("gpu-cost-agent: --speed must be greater than 0", file=sys.stderr)
-        return 2
     source = ReplaySource(trace, loop=loop, hide=args.hide)
     log.info(
         "replaying %s (%d GPUs, %.1f s) at %gx%s — this is recorded data, not this node",

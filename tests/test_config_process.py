@@ -57,6 +57,8 @@ CORPUS = [
      "config error: gpu.energy_counter_interval_seconds must be at least agent.tick_seconds (5.0 < 10.0)"),
     ("env tick above counter", "", {"GPUCOST_AGENT__TICK_SECONDS": "10"},
      "config error: gpu.energy_counter_interval_seconds must be at least agent.tick_seconds (5.0 < 10.0)"),
+    ("pod-resources socket empty", '[attribution]\npod_resources = true\npod_resources_socket = ""\n', {},
+     "config error: attribution.pod_resources_socket: the kubelet's pod-resources socket needs a path"),
 ]
 
 #: Flags given to every command of a case (check-config takes the same overriding flags as run).
@@ -122,6 +124,17 @@ def test_check_config_refuses_exactly_what_run_and_demo_refuse(tmp_path):
             assert not any("Traceback" in x for x in lines), (name, command)
             if line.startswith("gpu-cost-agent: config error:"):
                 assert len(lines) == 1, (name, command, lines)  # refused before anything starts
+
+
+@pytest.mark.parametrize("speed", ["0", "-2", "nan", "inf", "fast"])
+def test_a_replay_speed_that_cannot_be_played_is_refused_before_anything_starts(tmp_path, speed):
+    port = free_port()
+    proc = _start(["demo", "--speed", speed, "--listen", f"127.0.0.1:{port}"], "", {}, str(tmp_path))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("gpu-cost-agent demo: error: argument --speed: ")
+    assert "serving" not in out + err and "replaying" not in out + err  # nothing started
+    assert not (tmp_path / "state.json").exists()
 
 
 def test_a_missing_pod_resources_socket_is_accepted_by_check_config_as_by_run(tmp_path):

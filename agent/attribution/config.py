@@ -35,6 +35,13 @@ class AttributionConfig(BaseModel):
     pod_resources: bool = False
     pod_resources_socket: Path = DEFAULT_SOCKET
 
+    @field_validator("pod_resources_socket")
+    @classmethod
+    def _socket(cls, v: Path) -> Path:
+        if str(v) in ("", "."):
+            raise ValueError("the kubelet's pod-resources socket needs a path, e.g. " + str(DEFAULT_SOCKET))
+        return v
+
     @field_validator("idle_watts")
     @classmethod
     def _idle(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
