@@ -232,12 +232,9 @@ class Ledger:
         """GPU energy slices. Returns those counted, each with its cost (None without a tariff),
         for the attribution stage to split among workloads in the same proportions."""
         counted: list[tuple[EnergySlice, float | None]] = []
-        isfinite = math.isfinite
         for s in slices:
             j, t0, t1 = s.joules, s.t0, s.t1
-            # _valid's test, without building its message for every good slice.
-            if not (j > 0 and isfinite(j) and isfinite(t0) and isfinite(t1) and t1 >= t0) and \
-                    not self._valid(j, t0, t1, f"GPU {s.gpu} ({s.source})"):
+            if not self._valid(j, t0, t1, "GPU %s (%s)", s.gpu, s.source):
                 continue
             uuid = self.gpu_uuids.get(s.gpu, f"index-{s.gpu}")
             self.gpu_energy[(uuid, s.source)] += j
@@ -250,7 +247,7 @@ class Ledger:
 
     def add_host(self, component: str, source: str, t0: float, t1: float, joules: float) -> None:
         """Host energy of one component over [t0, t1] (wall time). Units: J."""
-        if self._valid(joules, t0, t1, f"host {component} ({source})"):
+        if self._valid(joules, t0, t1, "host %s (%s)", component, source):
             self.host_energy[(component, source)] += joules
             self._price("host", t0, t1, joules)
 
@@ -259,9 +256,10 @@ class Ledger:
         if self._valid(joules, t0, t1, "other"):
             self._price("other", t0, t1, joules)
 
-    def _valid(self, joules: float, t0: float, t1: float, what: str) -> bool:
+    def _valid(self, joules: float, t0: float, t1: float, what: str, *args: Any) -> bool:
         """Whether a slice may enter the totals: finite, positive energy over a finite, forward
-        stretch. Zero is skipped quietly; anything else refused is counted and logged (once)."""
+        stretch. Zero is skipped quietly; anything else refused is counted and logged (once),
+        naming the slice by ``what % args`` (formatted only then)."""
         if joules == 0:
             return False
         if joules > 0 and math.isfinite(joules) and math.isfinite(t0) and math.isfinite(t1) and t1 >= t0:
@@ -269,40 +267,14 @@ class Ledger:
         self.on_error(INVALID_ENERGY)
         log.log(
             logging.DEBUG if self._invalid_logged else logging.WARNING,
-            "%s: refused %r J over [%r, %r]: energy must be finite and not negative "
+            what + ": refused %r J over [%r, %r]: energy must be finite and not negative "
             "(counted as errors{kind=\"%s\"}; further ones are logged at debug level)",
-            what, joules, t0, t1, INVALID_ENERGY,
+            *args, joules, t0, t1, INVALID_ENERGY,
         )
         self._invalid_logged = True
         return False
 
     def _price(self, key: str, t0: float, t1: float, joules: float) -> float | None:
-        one = self.cost.constant_over(t0, t1)
-        if one is None:
-            return self._price_parts(key, t0, t1, joules)
-        # Price, PUE and carbon constant over the slice (nearly always): the one part
-        # CostModel.price would give, by the same formulas, without building it.
-        _, _, price, _, pue, grams = one
-        facility = joules * pue
-        kwh = facility / JOULES_PER_KWH
-        currency = self.cost.currency
-        self.it_energy[key] += joules
-        self.facility_energy[key] += facility
-        cost = None
-        if price is not None:
-            cost = kwh * price
-            if currency:
-                self._add_to_periods((t0 + t1) / 2, "energy", currency, cost)
-        if grams is not None:
-            self.emissions[key] += kwh * grams
-        if self.demand is not None:
-            self.demand.add(t0, t1, facility)
-        if cost is not None and currency:
-            self.energy_cost[(key, currency)] += cost
-        return cost
-
-    def _price_parts(self, key: str, t0: float, t1: float, joules: float) -> float | None:
-        """:meth:`_price` of a slice cut by a tariff, PUE or carbon boundary: part by part."""
         parts = self.cost.price(t0, t1, joules)
         cost_sum: float | None = None
         currency = self.cost.currency
@@ -350,7 +322,7 @@ class Ledger:
 
     def crosses_boundary(self, t0: float, t1: float) -> bool:
         """Whether the tariff band, PUE or carbon intensity changes within [t0, t1)."""
-        return t1 > t0 and self.cost.constant_over(t0, t1) is None and len(self.cost.price(t0, t1, 0.0)) > 1
+        return t1 > t0 and len(self.cost.price(t0, t1, 0.0)) > 1
 
     # -- reading ----------------------------------------------------------
 

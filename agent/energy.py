@@ -37,14 +37,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .frozen import fast_init
-
 log = logging.getLogger(__name__)
 
 METHODS = ("counter", "samples", "polled")
 
 
-@fast_init  # made per GPU per tick
 @dataclass(frozen=True)
 class EnergySlice:
     """Energy one GPU used in one stretch of wall time. Units: J, s since the epoch."""

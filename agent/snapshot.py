@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .frozen import fast_init
 from .sources.gpu import GpuInfo, GpuReading
 
 
-@fast_init  # made per GPU per tick
 @dataclass(frozen=True)
 class GpuState:
     info: GpuInfo

@@ -368,13 +368,8 @@ def _classify(facts: CgroupFacts, slurm_job: str | None) -> str:
 
 
 def _default_read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def _read_proc_file(path: str) -> bytes:
-    """A whole small file by ``os`` calls: a cached process's ``stat`` is read for every PID
-    on every tick, and a ``Path`` joined and opened as a file object cost ten times the reads."""
+    """A whole small file by ``os`` calls: a cached process's ``stat`` is read for every PID on
+    every tick, and a file object costs several times the reads."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
@@ -427,7 +422,6 @@ class IdentityResolver:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self.proc_root = Path(proc_root)
-        self._root = str(self.proc_root)
         self.user_names = user_names
         self.cmdline = cmdline
         self.max_entries = max_entries
@@ -469,8 +463,6 @@ class IdentityResolver:
         return known
 
     def _text(self, pid: int, name: str) -> str:
-        if self._read is _default_read_bytes:  # the same bytes and errors, through os calls
-            return _read_proc_file(f"{self._root}/{pid}/{name}").decode("utf-8", "surrogateescape")
         return self._read(self.proc_root / str(pid) / name).decode("utf-8", "surrogateescape")
 
     def _start_time(self, pid: int) -> int:

@@ -146,6 +146,10 @@ class CostModel:
         """
         if t1 < t0:
             raise ValueError(f"slice ends before it starts: t0={t0} t1={t1}")
+        one = self.constant_over(t0, t1)
+        if one is not None:  # nearly every slice: one stretch of price, PUE and carbon
+            _, _, price, band, pue_value, grams = one
+            return [self._part(t0, t1, it_joules, price, band, pue_value, grams)]
         if t1 == t0:
             price, band = self.tariff.price_at(t0) if self.tariff else (None, None)
             g = self.carbon.value_at(t0) if self.carbon else None

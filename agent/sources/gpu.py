@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from ..frozen import fast_init
 
 
 class GpuError(Exception):
@@ -51,7 +50,6 @@ class GpuInfo:
     power_limit_watts: float | None = None
 
 
-@fast_init  # made per GPU per tick
 @dataclass(frozen=True)
 class GpuReading:
     """The cheap per-tick readings of one GPU. ``None`` = not supported or failed.
