@@ -15,7 +15,14 @@ persisted state all or nothing, after checking every value.
 
 Component keys: ``gpu:<uuid>`` for each GPU, ``host`` (CPU, DRAM, platform),
 ``other`` (BMC wall power not seen by the components, when cost is computed
-from the wall reading), ``node`` (hardware amortisation of the host).
+from the wall reading), ``node`` (hardware amortisation and running costs of the host).
+
+Cost kinds: ``energy`` (facility energy at the tariff), ``hardware`` (amortisation of
+purchase prices) and ``running`` (``[[running_costs]]`` items). Every amount the ledger adds
+that is not a GPU's own energy — host and ``other`` energy, amortisation and running costs —
+is also held as *capacity* to be charged to the workloads (:meth:`Ledger.take_capacity`):
+per GPU for the GPU's own items, per node for the node's, so that the attribution stage can
+hand out exactly what the node's totals grew by.
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
-from .cost import Amortization, CostModel, DemandTracker, IdleConfig, is_idle
+from .cost import Amortization, CostModel, DemandTracker, IdleConfig, RunningCosts, is_idle
 from .cost.model import JOULES_PER_KWH
 from .cost.timeutil import get_zone, local_date, wall_to_utc
 from .energy import EnergySlice
-from .attribution.workloads import WorkloadTotals
+from .attribution.workloads import ENERGY, HARDWARE, RUNNING, WorkloadTotals
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,9 @@ MAX_STATE_GRAMS = 1e15
 
 #: The error kind under which a rejected slice is counted.
 INVALID_ENERGY = "invalid_energy"
+
+#: The capacity key of the node's own amounts in :meth:`Ledger.take_capacity`.
+NODE = ""
 
 
 def gpu_key(uuid: str) -> str:
@@ -103,10 +113,17 @@ class Ledger:
         self.energy_cost: dict[tuple[str, str], float] = defaultdict(float)
         self.idle_cost: dict[tuple[str, str], float] = defaultdict(float)
         self.hardware_cost: dict[tuple[str, str], float] = defaultdict(float)
+        #: (component key, item, currency) → currency units of ``[[running_costs]]``
+        self.running_cost: dict[tuple[str, str, str], float] = defaultdict(float)
+        self.running: RunningCosts | None = None
+        #: ``[[cloud_prices]]`` (agent.cost.CloudPrice)
+        self.cloud: list[Any] = []
+        #: GPU uuid, or NODE → (cost kind, currency) → amount added since the last take_capacity
+        self._capacity: dict[str, dict[tuple[str, str], float]] = {}
         #: component key → g CO2e
         self.emissions: dict[str, float] = defaultdict(float)
         #: (period, kind, currency) → currency units since the period began; kind is
-        #: ``energy`` or ``hardware``, period ``day`` or ``month`` in the tariff's zone.
+        #: ``energy``, ``hardware`` or ``running``, period ``day`` or ``month`` in the tariff's zone.
         self.period_cost: dict[tuple[str, str, str], float] = defaultdict(float)
         #: period → its key now ("2026-11-24" for day, "2026-11" for month)
         self.periods: dict[str, str] = {}
@@ -117,6 +134,10 @@ class Ledger:
         self._period_cache: tuple[float, float, dict[str, str]] | None = None
         #: See _hardware_rates: (amortisation, currency, gpu_uuids, gpu_names, rates).
         self._rates: tuple[Any, ...] | None = None
+        #: See _running_rates: (running costs, gpu_uuids, gpu_names, rates).
+        self._running_cache: tuple[Any, ...] | None = None
+        #: See cloud_prices: (prices, gpu_uuids, gpu_names, answer).
+        self._cloud_cache: tuple[Any, ...] | None = None
         #: Called with an error kind when a slice is refused (the sampler counts it).
         self.on_error: Callable[[str], None] = lambda kind: None
         self._invalid_logged = False
@@ -147,6 +168,10 @@ class Ledger:
         if a is not None:
             self.workloads.configure(a.max_workloads, a.retention_seconds)
         self.hardware_currency = settings.hardware_currency
+        running = RunningCosts(getattr(settings, "running_costs", []), settings.hardware_currency)
+        self.running = running if running.enabled else None
+        self.cloud = list(getattr(settings, "cloud_prices", []))
+        self._rates = None
         self.idle = settings.idle
         self._zone = get_zone(t.timezone) if t is not None else get_zone("UTC")
         self._period_cache = None
@@ -182,6 +207,15 @@ class Ledger:
             self.hardware_cost[("node", self.hardware_currency)] += 0.0
             for p in PERIODS:
                 self.period_cost[(p, "hardware", self.hardware_currency)] += 0.0
+        if self.running is not None:
+            rates = [("node", r) for r in self.running.node_rates()]
+            for index, uuid in self.gpu_uuids.items():
+                if uuid in gpu_sources:
+                    rates += [(gpu_key(uuid), r) for r in self.running.gpu_rates(index, self.gpu_names.get(index))]
+            for key, (item, cur, _) in rates:
+                self.running_cost[(key, item, cur)] += 0.0
+                for p in PERIODS:
+                    self.period_cost[(p, RUNNING, cur)] += 0.0
 
     def open_host_component(self, component: str, source: str) -> None:
         """Create a host component's energy total at its true value (see :meth:`open_accounts`)."""
@@ -249,12 +283,30 @@ class Ledger:
         """Host energy of one component over [t0, t1] (wall time). Units: J."""
         if self._valid(joules, t0, t1, "host %s (%s)", component, source):
             self.host_energy[(component, source)] += joules
-            self._price("host", t0, t1, joules)
+            self._node_energy(self._price("host", t0, t1, joules))
 
     def add_other(self, t0: float, t1: float, joules: float) -> None:
         """Wall energy the BMC saw beyond GPUs + host (PSU losses, fans). Units: J."""
         if self._valid(joules, t0, t1, "other"):
-            self._price("other", t0, t1, joules)
+            self._node_energy(self._price("other", t0, t1, joules))
+
+    def _node_energy(self, cost: float | None) -> None:
+        """The cost of node energy (host, other) is capacity of the node, shared by its GPUs."""
+        if cost is not None and self.cost.currency:
+            self._hold(NODE, ENERGY, self.cost.currency, cost)
+
+    def _hold(self, who: str, kind: str, currency: str, amount: float) -> None:
+        held = self._capacity.get(who)
+        if held is None:
+            held = self._capacity[who] = {}
+        held[(kind, currency)] = held.get((kind, currency), 0.0) + amount
+
+    def take_capacity(self) -> dict[str, dict[tuple[str, str], float]]:
+        """What the totals grew by, other than GPU energy, since the last call: GPU uuid (its own
+        amortisation and running costs) or :data:`NODE` (host and other energy, the node's
+        amortisation and running costs) → (kind, currency) → amount. Emptied by the call."""
+        taken, self._capacity = self._capacity, {}
+        return taken
 
     def _valid(self, joules: float, t0: float, t1: float, what: str, *args: Any) -> bool:
         """Whether a slice may enter the totals: finite, positive energy over a finite, forward
@@ -293,31 +345,55 @@ class Ledger:
             self.energy_cost[(key, self.cost.currency)] += cost_sum
         return cost_sum
 
-    def accrue_hardware(self, t0: float, t1: float) -> None:
-        """Amortisation of every present GPU and of the node for the wall time [t0, t1]."""
-        a = self.amortization
-        if a is None or not self.hardware_currency or t1 <= t0:
+    def accrue_capacity(self, t0: float, t1: float) -> None:
+        """Amortisation and running costs of every present GPU and of the node for the wall
+        time [t0, t1]: they cost the same whether the hardware works or idles."""
+        if t1 <= t0:
             return
         dt = t1 - t0
-        cur = self.hardware_currency
-        total = a.node_cost_per_second() * dt
-        self.hardware_cost[("node", cur)] += total
-        for hk, rate in self._hardware_rates(a, cur):
-            part = rate * dt
-            self.hardware_cost[hk] += part
-            total += part
-        self._add_to_periods((t0 + t1) / 2, "hardware", cur, total)
+        mid = (t0 + t1) / 2
+        a = self.amortization
+        if a is not None and self.hardware_currency:
+            cur = self.hardware_currency
+            total = a.node_cost_per_second() * dt
+            self.hardware_cost[("node", cur)] += total
+            self._hold(NODE, HARDWARE, cur, total)
+            for (key, _), uuid, rate in self._hardware_rates(a, cur):
+                part = rate * dt
+                self.hardware_cost[(key, cur)] += part
+                self._hold(uuid, HARDWARE, cur, part)
+                total += part
+            self._add_to_periods(mid, HARDWARE, cur, total)
+        if self.running is not None:
+            for who, key, item, cur, rate in self._running_rates(self.running):
+                part = rate * dt
+                self.running_cost[(key, item, cur)] += part
+                self._hold(who, RUNNING, cur, part)
+                self._add_to_periods(mid, RUNNING, cur, part)
 
-    def _hardware_rates(self, a: Amortization, cur: str) -> list[tuple[tuple[str, str], float]]:
-        """Each GPU's (hardware_cost key, currency per second), in ``gpu_uuids`` order; built
-        again only when the amortisation, currency or GPUs change (every tick asks)."""
+    def _hardware_rates(self, a: Amortization, cur: str) -> list[tuple[tuple[str, str], str, float]]:
+        """Each GPU's (hardware_cost key, uuid, currency per second), in ``gpu_uuids`` order;
+        built again only when the amortisation, currency or GPUs change (every tick asks)."""
         known = self._rates
         if known is not None and known[0] is a and known[1] == cur and known[2] == self.gpu_uuids \
                 and known[3] == self.gpu_names:
             return known[4]
-        rates = [((gpu_key(uuid), cur), a.gpu_cost_per_second(index, self.gpu_names.get(index)))
+        rates = [((gpu_key(uuid), cur), uuid, a.gpu_cost_per_second(index, self.gpu_names.get(index)))
                  for index, uuid in self.gpu_uuids.items()]
         self._rates = (a, cur, dict(self.gpu_uuids), dict(self.gpu_names), rates)
+        return rates
+
+    def _running_rates(self, r: RunningCosts) -> list[tuple[str, str, str, str, float]]:
+        """Every running-cost rate: (capacity key, component key, item, currency, per second),
+        the node's first; kept until the items or GPUs change (every tick asks)."""
+        known = self._running_cache
+        if known is not None and known[0] is r and known[1] == self.gpu_uuids and known[2] == self.gpu_names:
+            return known[3]
+        rates = [(NODE, "node", item, cur, rate) for item, cur, rate in r.node_rates()]
+        for index, uuid in self.gpu_uuids.items():
+            rates += [(uuid, gpu_key(uuid), item, cur, rate)
+                      for item, cur, rate in r.gpu_rates(index, self.gpu_names.get(index))]
+        self._running_cache = (r, dict(self.gpu_uuids), dict(self.gpu_names), rates)
         return rates
 
     def crosses_boundary(self, t0: float, t1: float) -> bool:
@@ -349,8 +425,33 @@ class Ledger:
         a = self.amortization
         if a is None or not self.hardware_currency:
             return None
-        per_s = a.node_cost_per_second() + sum(rate for _, rate in self._hardware_rates(a, self.hardware_currency))
+        per_s = a.node_cost_per_second() + sum(rate for _, _, rate in self._hardware_rates(a, self.hardware_currency))
         return per_s * 3600.0
+
+    def cloud_prices(self) -> dict[tuple[str, str, str, str], float]:
+        """(GPU uuid, provider, offering, currency) → the cloud price per GPU-hour of the GPU's
+        model: the first ``[[cloud_prices]]`` entry per provider, offering and currency whose
+        model the GPU's name holds. Built again only when the prices or GPUs change."""
+        known = self._cloud_cache
+        if known is not None and known[0] is self.cloud and known[1] == self.gpu_uuids and known[2] == self.gpu_names:
+            return known[3]
+        out: dict[tuple[str, str, str, str], float] = {}
+        for index, uuid in self.gpu_uuids.items():
+            name = self.gpu_names.get(index)
+            for c in self.cloud:
+                key = (uuid, c.provider, c.offering, c.currency)
+                if key not in out and c.matches(name):
+                    out[key] = c.price_per_gpu_hour
+        self._cloud_cache = (self.cloud, dict(self.gpu_uuids), dict(self.gpu_names), out)
+        return out
+
+    def running_rate_per_hour(self) -> dict[str, float]:
+        """The node's running costs per hour (its items and its GPUs'), by currency."""
+        out: dict[str, float] = {}
+        if self.running is not None:
+            for _, _, _, cur, rate in self._running_rates(self.running):
+                out[cur] = out.get(cur, 0.0) + rate * 3600.0
+        return out
 
     # -- persistence ------------------------------------------------------
 
@@ -367,6 +468,7 @@ class Ledger:
             "energy_cost": pairs(self.energy_cost),
             "idle_cost": pairs(self.idle_cost),
             "hardware_cost": pairs(self.hardware_cost),
+            "running_cost": [[k, i, c, v] for (k, i, c), v in sorted(self.running_cost.items())],
             "emissions_grams": dict(self.emissions),
             "demand": self.demand.state() if self.demand is not None else None,
             "periods": {
@@ -398,6 +500,7 @@ class Ledger:
         energy_cost = _pairs(state, "energy_cost", MAX_STATE_MONEY)
         idle_cost = _pairs(state, "idle_cost", MAX_STATE_MONEY)
         hardware_cost = _pairs(state, "hardware_cost", MAX_STATE_MONEY)
+        running_cost = _triples(state.get("running_cost", []), "running_cost", MAX_STATE_MONEY)  # absent before 0.3
         it = _map(state, "it_energy_joules", MAX_STATE_JOULES)
         facility = _map(state, "facility_energy_joules", MAX_STATE_JOULES)
         emissions = _map(state, "emissions_grams", MAX_STATE_GRAMS)
@@ -415,6 +518,7 @@ class Ledger:
             (self.energy_cost, energy_cost),
             (self.idle_cost, idle_cost),
             (self.hardware_cost, hardware_cost),
+            (self.running_cost, running_cost),
             (self.it_energy, it),
             (self.facility_energy, facility),
             (self.emissions, emissions),
@@ -485,6 +589,22 @@ def _pairs(state: dict[str, Any], name: str, limit: float) -> dict[tuple[str, st
         if key in out:
             raise ValueError(f"{where}: {list(key)} appears twice")
         out[key] = _number(row[2], f"{where}[2]", limit)
+    return out
+
+
+def _triples(rows: Any, name: str, limit: float) -> dict[tuple[str, str, str], float]:
+    """``[[key, key, key, number], ...]`` → {(key, key, key): number}."""
+    if not isinstance(rows, list):
+        raise ValueError(f"{name}: expected a list, got {_kind(rows)}")
+    out: dict[tuple[str, str, str], float] = {}
+    for i, row in enumerate(rows):
+        where = f"{name}[{i}]"
+        if not isinstance(row, list) or len(row) != 4:
+            raise ValueError(f"{where}: expected [name, name, name, number]")
+        key = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), _key(row[2], f"{where}[2]"))
+        if key in out:
+            raise ValueError(f"{where}: {list(key)} appears twice")
+        out[key] = _number(row[3], f"{where}[3]", limit)
     return out
 
 

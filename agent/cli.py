@@ -430,6 +430,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if amort.enabled:
         print(f"hardware: {settings.hardware_currency} {amort.node_cost_per_hour():.4f}/h for the node, "
               f"{amort.gpu_cost_per_hour(0):.4f}/h per GPU (GPU 0; overrides by index or model apply)")
+    for line in _running_and_cloud_lines(settings):
+        print(line)
     print(f"idle: GPU utilisation below {settings.idle.utilization_threshold:.0%} counts as idle")
     at = settings.attribution
     if not at.enabled:
@@ -451,6 +453,52 @@ def _check_config(args: argparse.Namespace) -> int:
         print()
         print(tariff_table(Tariff(settings.tariff)))
     return 0
+
+
+def _running_and_cloud_lines(settings: Settings) -> list[str]:
+    """check-config's lines on running costs, cloud prices and the fully loaded GPU-hour."""
+    from .cost import PERIOD_SECONDS
+    from .cost.gpuhour import break_even, gpu_hour, week_average_price
+
+    lines = []
+    for item in settings.running_costs:
+        cur = item.currency or settings.hardware_currency
+        where = "for the node" if item.scope == "node" else "per GPU"
+        extra = f" ({len(item.gpus)} per-GPU override(s))" if item.gpus else ""
+        lines.append(f"running cost {item.name!r}: {item.amount:g} {cur}/{item.period} {where}{extra} "
+                     f"= {item.amount / PERIOD_SECONDS[item.period] * 3600:.4f} {cur}/h")
+    for c in settings.cloud_prices:
+        lines.append(f"cloud price: {c.model} {c.price_per_gpu_hour:g} {c.currency} per GPU-hour "
+                     f"({c.provider}, {c.offering})")
+    currency = settings.hardware_currency
+    if currency is None:
+        return lines
+    levels = [gpu_hour(settings, load) for load in (0.0, 0.5, 1.0)]
+    if not any(h.total(currency) for h in levels):
+        return lines
+    plan = settings.planning
+    basis = (f"{plan.gpus_per_node} GPU(s) per node, GPU {plan.gpu_idle_watts:g}-{plan.gpu_full_watts:g} W, "
+             f"host {plan.host_watts:g} W")
+    if settings.tariff is not None:
+        basis += (f", the tariff's week average {week_average_price(settings.tariff):.4f} "
+                  f"{settings.tariff.currency}/kWh, PUE {settings.pue.average():.3g}")
+    lines.append(f"one GPU-hour, fully loaded ([planning]: {basis}):")
+    for name, h in zip(("idle", "50 %", "full"), levels):
+        parts = [f"energy {h.energy:.4f}" if h.energy is not None else "energy -",
+                 f"hardware {h.hardware:.4f}" if h.hardware is not None else "hardware -",
+                 f"running {h.running.get(currency, 0.0):.4f}"]
+        lines.append(f"  {name:>4} ({h.gpu_watts:g} W): {' + '.join(parts)} = {h.total(currency):.4f} "
+                     f"{currency} per GPU-hour")
+    for c in settings.cloud_prices:
+        if c.currency != currency:
+            lines.append(f"  break-even against {c.provider} {c.offering} {c.model}: not computed "
+                         f"({c.currency} is not {currency})")
+            continue
+        u = break_even(levels[0], levels[2], c.price_per_gpu_hour, currency)
+        lines.append(f"  break-even against {c.provider} {c.offering} {c.model} at {c.price_per_gpu_hour:g} "
+                     f"{currency}/GPU-hour: " + ("renting is cheaper at any utilisation" if u is None else
+                                                 f"owning is cheaper above {u:.1%} utilisation"))
+    return lines
 
 
 def _log_tariff(settings: Settings, origin: str, command: str) -> None:

@@ -23,7 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from .attribution.config import AttributionConfig
-from .cost import CarbonConfig, HardwareConfig, IdleConfig, PueConfig, TariffConfig, format_validation_error
+from .cost import (
+    CarbonConfig,
+    CloudPrice,
+    HardwareConfig,
+    IdleConfig,
+    PlanningConfig,
+    PueConfig,
+    RunningCostItem,
+    TariffConfig,
+    format_validation_error,
+)
 from .sources.host import (
     DEFAULT_CPU_IDLE_WATTS_PER_CPU,
     DEFAULT_CPU_MAX_WATTS_PER_CPU,
@@ -125,6 +135,12 @@ class Settings(BaseSettings):
     pue: PueConfig = PueConfig()
     carbon: CarbonConfig = CarbonConfig()
     hardware: HardwareConfig = HardwareConfig()
+    #: ``[[running_costs]]``: colocation, network, support, licences, staff (docs/cost.md).
+    running_costs: list[RunningCostItem] = Field(default_factory=list, max_length=256)
+    #: ``[[cloud_prices]]``: the price of renting the same GPU model, per GPU-hour (never fetched).
+    cloud_prices: list[CloudPrice] = Field(default_factory=list, max_length=256)
+    #: ``[planning]``: what check-config assumes to print the cost of one GPU-hour.
+    planning: PlanningConfig = PlanningConfig()
     idle: IdleConfig = IdleConfig()
     attribution: AttributionConfig = AttributionConfig()
 
@@ -156,6 +172,14 @@ class Settings(BaseSettings):
         priced = hw.gpu_price > 0 or hw.node_price > 0 or bool(hw.gpus)
         if priced and not hw.currency and self.tariff is None:
             raise ValueError("hardware.currency is required when there is no [tariff] to take it from")
+        for i, item in enumerate(self.running_costs):
+            if item.currency is None and self.hardware_currency is None:
+                raise ValueError(f"running_costs[{i}].currency is required when neither [hardware] currency "
+                                 "nor a [tariff] gives one")
+        names = [(i.name, i.scope) for i in self.running_costs]
+        for n in names:
+            if names.count(n) > 1:
+                raise ValueError(f"running_costs: two items named {n[0]!r} with scope {n[1]!r}; give each its own name")
         return self
 
     @property

@@ -354,18 +354,44 @@ class SnapshotCollector:
             for (period, kind, cur), v in sorted(c.period_cost.items()):
                 to_date.add_metric([period, kind, cur], v)
             yield to_date
-        if c.energy_cost_rate_per_hour is not None or c.hardware_cost_rate_per_hour is not None:
+        if c.energy_cost_rate_per_hour is not None or c.hardware_cost_rate_per_hour is not None \
+                or c.running_cost_rate_per_hour:
             rate = GaugeMetricFamily(
                 "gpucost_node_cost_rate_per_hour",
-                "What the node costs per hour at this moment: energy (at current power, PUE and price) "
-                "and hardware amortisation.",
+                "What the node costs per hour at this moment: energy (at current power, PUE and price), "
+                "hardware amortisation and running costs.",
                 labels=["kind", "currency"],
             )
             if c.energy_cost_rate_per_hour is not None:
                 rate.add_metric(["energy", now.currency], c.energy_cost_rate_per_hour)
             if c.hardware_cost_rate_per_hour is not None:
                 rate.add_metric(["hardware", c.hardware_currency], c.hardware_cost_rate_per_hour)
+            for cur, per_hour in sorted(c.running_cost_rate_per_hour.items()):
+                rate.add_metric(["running", cur], per_hour)
             yield rate
+        if c.running_cost:
+            running = CounterMetricFamily(
+                "gpucost_running_cost",
+                "Running costs ([[running_costs]]: colocation, network, support, licences, staff) accrued for the "
+                "time the agent ran, by component and item.",
+                labels=comp + ["item", "currency"],
+            )
+            for (key, item, cur), v in sorted(c.running_cost.items()):
+                labels = component_labels(key)
+                if labels is not None:
+                    running.add_metric(labels + [item, cur], v)
+            yield running
+        if c.cloud_prices:
+            cloud = GaugeMetricFamily(
+                "gpucost_cloud_price_per_gpu_hour",
+                "What renting a GPU of this GPU's model costs per hour in a cloud ([[cloud_prices]], configured, "
+                "never fetched).",
+                labels=GPU_LABELS + ["provider", "offering", "currency"],
+            )
+            for (uuid, provider, offering, cur), v in sorted(c.cloud_prices.items()):
+                if uuid in index_of:
+                    cloud.add_metric([index_of[uuid], uuid, provider, offering, cur], v)
+            yield cloud
         if c.hardware_cost:
             yield by_component(
                 "gpucost_hardware_cost",

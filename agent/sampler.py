@@ -271,9 +271,16 @@ class Sampler:
                 self._tick_gpus(wall, mono, final or boundary, final)
             if self.host is not None and (final or self._host_due(mono)):
                 self._tick_host(wall, mono)
+            held = 0.0
             if t0 is not None and wall > t0:
-                self.ledger.accrue_hardware(t0, wall)
+                self.ledger.accrue_capacity(t0, wall)
                 self._account_wall_remainder(t0, wall)
+                held = wall - t0
+            # What the node's totals grew by beyond GPU energy (host energy, amortisation,
+            # running costs) goes to whoever held each GPU; taken every tick, charged or not.
+            capacity = self.ledger.take_capacity()
+            if self.attribution is not None:
+                self.attribution.charge_capacity(wall, held, capacity)
             self._prev_wall, self._prev_mono = wall, mono
             self.ticks += 1
             self._last_duration = time.perf_counter() - started
@@ -542,6 +549,9 @@ class Sampler:
             hardware_cost=dict(led.hardware_cost),
             emissions_grams=dict(led.emissions),
             period_cost=dict(led.period_cost),
+            running_cost=dict(led.running_cost),
+            running_cost_rate_per_hour=led.running_rate_per_hour(),
+            cloud_prices=led.cloud_prices(),
             demand_peak_watts=d.peak_w if d is not None and d.month is not None else None,
             demand_charge=d.demand_charge if d is not None and d.month is not None else None,
         )

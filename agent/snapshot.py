@@ -68,6 +68,12 @@ class CostView:
     demand_charge: float | None
     #: (period, kind, currency) → currency units since the current day / month began
     period_cost: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
+    #: (component key, item, currency) → currency units of running costs
+    running_cost: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
+    #: currency → the node's running costs per hour (its items and its GPUs')
+    running_cost_rate_per_hour: Mapping[str, float] = field(default_factory=dict)
+    #: (gpu uuid, provider, offering, currency) → cloud price per GPU-hour of that GPU's model
+    cloud_prices: Mapping[tuple[str, str, str, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

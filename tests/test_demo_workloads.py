@@ -57,9 +57,22 @@ def test_the_demo_trace_is_the_recording_with_who_each_process_was():
 
 def _workloads(m: dict) -> dict[str, dict]:
     energy = {s.labels["workload"]: s for s in m["gpucost_workload_gpu_energy_joules"] if s.name.endswith("_total")}
-    cost = {s.labels["workload"]: s.value for s in m["gpucost_workload_cost"]
-            if s.name.endswith("_total") and s.labels["currency"] == "EUR"}
-    return {k: {"labels": s.labels, "joules": s.value, "eur": cost[k]} for k, s in energy.items()}
+    cost: dict[str, dict[str, float]] = {}
+    for s in m["gpucost_workload_cost"]:
+        if s.name.endswith("_total") and s.labels["currency"] == "EUR":
+            cost.setdefault(s.labels["workload"], {})[s.labels["cost_kind"]] = s.value
+    return {k: {"labels": s.labels, "joules": s.value, "eur": cost[k]["energy"], "kinds": cost[k]}
+            for k, s in energy.items()}
+
+
+#: Per cost kind, the node's totals it adds up to.
+NODE_FAMILY = {"energy": "gpucost_energy_cost", "hardware": "gpucost_hardware_cost", "running": "gpucost_running_cost"}
+
+
+def node_totals(m: dict) -> dict[str, float]:
+    """The node's total per cost kind: every component's (GPUs, host, node) in EUR."""
+    return {kind: math.fsum(s.value for s in m[family] if s.name.endswith("_total") and s.labels["currency"] == "EUR")
+            for kind, family in NODE_FAMILY.items()}
 
 
 def test_demo_exports_workloads_with_identities_that_add_up_to_the_gpu():
@@ -79,7 +92,16 @@ def test_demo_exports_workloads_with_identities_that_add_up_to_the_gpu():
             assert set(w) == WORKLOADS
             assert gpu_j >= one_loop
             assert math.isclose(math.fsum(x["joules"] for x in w.values()), gpu_j, rel_tol=1e-9, abs_tol=0)
-            assert math.isclose(math.fsum(x["eur"] for x in w.values()), gpu_eur, rel_tol=1e-9, abs_tol=0)
+            # Fully loaded: per cost kind, the workloads (unallocated included) are the node's total.
+            node = node_totals(m)
+            assert all(node.values()), node
+            for kind, total in node.items():
+                charged = math.fsum(x["kinds"][kind] for x in w.values())
+                assert math.isclose(charged, total, rel_tol=1e-9, abs_tol=0), (kind, charged, total)
+            # Seconds held add up to the seconds the GPU's amortisation accrued over (30,000 EUR, 5 years).
+            held = math.fsum(s.value for s in m["gpucost_workload_gpu_seconds"] if s.name.endswith("_total"))
+            gpu_hw = value(m, "gpucost_hardware_cost_total", component="gpu", gpu="0", currency="EUR")
+            assert math.isclose(held * 30000 / (5 * 365.25 * 86400), gpu_hw, rel_tol=1e-9), (held, gpu_hw)
             time.sleep(0.3)
         print(f"\ndemo after {value(m, 'gpucost_replay_loops_total'):.0f} loop(s): GPU {gpu_j:.3f} J, "
               f"{gpu_eur:.6f} EUR; " + ", ".join(f"{k} {x['joules']:.3f} J ({x['joules'] / gpu_j:.1%}) "

@@ -71,7 +71,7 @@ def test_a_day_with_no_energy_still_restarts_at_midnight():
 
 def test_hardware_amortisation_goes_to_its_own_kind():
     led = ledger(hardware=True)  # 8766 EUR over 1 year of 8766 h: 1 EUR per GPU-hour
-    led.accrue_hardware(at(2026, 12, 1, 10, 0), at(2026, 12, 1, 12, 0))
+    led.accrue_capacity(at(2026, 12, 1, 10, 0), at(2026, 12, 1, 12, 0))
     assert led.period_cost[("day", "hardware", "EUR")] == pytest.approx(2.0)
     assert led.period_cost[("month", "hardware", "EUR")] == pytest.approx(2.0)
     assert led.period_cost.get(("day", "energy", "EUR"), 0.0) == 0.0

@@ -173,6 +173,127 @@ def split_instances(
     return _active_and_idle(joules, idle_joules, active_w, slices)
 
 
+def _memory_weights(memory: Mapping[K, int | None]) -> dict[K, float]:
+    """Shares of GPU memory held (fractions adding up to 1); evenly when any figure is unknown
+    or all are 0."""
+    if all(m is not None for m in memory.values()):
+        total = float(sum(memory.values()))  # type: ignore[arg-type]
+        if total > 0:
+            return {k: m / total for k, m in memory.items() if m}  # type: ignore[operator]
+    return {k: 1.0 / len(memory) for k in memory}
+
+
+def _overlap(u: float, v: float, a: float, b: float) -> float:
+    """Length of [u, v] ∩ [a, b]."""
+    return max(0.0, min(v, b) - max(u, a))
+
+
+def _split_changing(s: EnergySlice, held: list[_Listing], samples: Iterable[tuple[float, int, float]],
+                    start: float, idle_w: float | None) -> dict[str, float]:
+    """Slice ``s`` of a GPU whose processes changed within the slice's window ``[start, t1]``.
+
+    ``held``: the process lists of the window, oldest first (the first read at or before
+    ``start`` unless none was; the last at or before ``t1``); ``samples``: (time, pid, SM %).
+    Between two consecutive lists a workload on both was there throughout; one that is on the
+    earlier only left at its last SM sample between them, else halfway; one on the later only
+    came at its first SM sample between them, else halfway. The first list stands for the time
+    before it, the last for the time after it. Each PID is charged to the workload of the latest
+    list that names it, so a process that left keeps its share. Then:
+
+    - idle weights: each workload's time in the slice, shared among those there at the same
+      time by GPU memory (evenly where a figure is unknown or all are 0); the time nobody was
+      there is ``unallocated``'s;
+    - active weights: a workload's SM % samples in the window, as a rate over its time there in
+      the window, times its time in the slice (a workload absent from the slice gets none);
+    - the idle part ``idle_w × (t1 − t0)`` goes by idle weights, the rest by active weights; with
+      no SM activity all of it by idle weights; without ``idle_w``, ``unallocated`` gets the
+      slice's mean power over the time nobody was there and the rest goes by active weights.
+    """
+    t0, t1 = s.t0, s.t1
+    end = t1 + 1e-6
+    pids: dict[int, str] = {}
+    memory: dict[str, int | None] = {}
+    sets: list[Mapping[str, int | None]] = []
+    for lst in held:
+        if lst.mig is None:
+            pids.update(lst.keys)
+            memory.update(lst.memory)
+            sets.append(lst.memory)
+        else:
+            sets.append({})  # a MIG list (the mode changed within the window): nobody on the whole GPU
+    lo_t = min(held[0].t, start)
+    seen = [(t, pids[pid], pct) for t, pid, pct in samples if lo_t <= t <= end and pid in pids]
+
+    gaps: list[tuple[float, float, Mapping[str, int | None], Mapping[str, int | None]]] = []
+    if held[0].t > start:
+        gaps.append((start, held[0].t, sets[0], sets[0]))
+    gaps.extend((held[i].t, held[i + 1].t, sets[i], sets[i + 1]) for i in range(len(held) - 1))
+    if held[-1].t < t1:
+        gaps.append((held[-1].t, t1, sets[-1], sets[-1]))
+
+    in_window: dict[str, float] = {}
+    in_slice: dict[str, float] = {}
+    occupied: dict[str, float] = {}
+    nobody = 0.0
+    for a_t, b_t, before, after in gaps:
+        if not b_t > a_t:
+            continue
+        half = 0.5 * (a_t + b_t)
+        spans: list[tuple[str, float, float]] = []
+        for w in before:
+            if w in after:
+                spans.append((w, a_t, b_t))
+            else:  # left between the two lists
+                last = [t for t, k, _ in seen if k == w and a_t < t <= b_t]
+                spans.append((w, a_t, max(last) if last else half))
+        for w in after:
+            if w not in before:  # came between the two lists
+                first = [t for t, k, _ in seen if k == w and a_t <= t < b_t]
+                spans.append((w, min(first) if first else half, b_t))
+        for w, u, v in spans:
+            in_window[w] = in_window.get(w, 0.0) + _overlap(u, v, start, t1)
+            in_slice[w] = in_slice.get(w, 0.0) + _overlap(u, v, t0, t1)
+        lo, hi = max(a_t, t0), min(b_t, t1)
+        if not hi > lo:
+            continue
+        cuts = sorted({lo, hi, *(x for _, u, v in spans for x in (u, v) if lo < x < hi)})
+        for x, y in zip(cuts, cuts[1:]):
+            mid = 0.5 * (x + y)
+            here = [w for w, u, v in spans if u <= mid <= v]
+            if not here:
+                nobody += y - x
+                continue
+            mem = [memory.get(w) for w in here]
+            total = sum(m for m in mem if m is not None)
+            if all(m is not None for m in mem) and total > 0:
+                for w, m in zip(here, mem):
+                    occupied[w] = occupied.get(w, 0.0) + (y - x) * m / total  # type: ignore[operator]
+            else:
+                for w in here:
+                    occupied[w] = occupied.get(w, 0.0) + (y - x) / len(here)
+    if not occupied:
+        return {UNALLOCATED: s.joules}  # nobody held the GPU during the slice
+    weights = dict(occupied)
+    if nobody > 0:
+        weights[UNALLOCATED] = nobody
+    sm: dict[str, float] = {}
+    for t, w, pct in seen:
+        if start < t:
+            sm[w] = sm.get(w, 0.0) + pct
+    active = {k: 0.0 for k in weights}
+    for w in occupied:
+        if sm.get(w, 0.0) > 0 and in_slice.get(w, 0.0) > 0 and in_window.get(w, 0.0) > 0:
+            active[w] = sm[w] * (in_slice[w] / in_window[w])
+    if not math.fsum(active.values()) > 0:
+        return apportion(s.joules, weights)
+    dt = t1 - t0
+    if idle_w is not None:
+        return _active_and_idle(s.joules, idle_w * dt, active, weights)
+    if nobody > 0:
+        return _active_and_idle(s.joules, s.joules * nobody / dt, active, {UNALLOCATED: 1.0})
+    return _active_and_idle(s.joules, 0.0, active, weights)
+
+
 # -- identities -----------------------------------------------------------------------
 
 
@@ -307,6 +428,10 @@ class _ProcessRead:
     #: The GPU's MIG instances (None: not in MIG mode, or not asked).
     mig: list[MigInstance] | None = None
     mig_error: GpuError | None = None
+    #: The source's own clock when it was read, where it has one (a replay: trace seconds, the
+    #: clock of its sample timestamps); None for a live GPU, whose NVML timestamps are this
+    #: host's Unix clock, the tick's wall clock.
+    source_now: float | None = None
 
 
 @dataclass
@@ -317,7 +442,8 @@ class _Gpu:
     #: Lowest polled power seen on a tick with GPU utilisation 0. Units: W.
     idle_seen: float | None = None
     listings: deque[_Listing] = field(default_factory=lambda: deque(maxlen=_MAX_HISTORY))
-    #: (tick wall time it was read, pid, SM %), in reading order.
+    #: (the sample's own NVML timestamp in s since the epoch, pid, SM %), in reading order (which is
+    #: timestamp order: each read returns only samples newer than the newest one before).
     samples: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=_MAX_HISTORY * 8))
     util_seen_us: int = 0
     lists_supported: bool = True
@@ -450,6 +576,9 @@ class Attributor:
         if g is None:
             return None
         read = _ProcessRead()
+        now = getattr(source, "t", None)
+        if isinstance(now, (int, float)):
+            read.source_now = float(now)
         if g.mig_supported:
             ask = getattr(source, "mig_instances", None)
             try:
@@ -511,7 +640,11 @@ class Attributor:
             self.on_error(PROCESS_READ)
             log.debug("GPU %d: process list failed: %s", index, read.procs_error)
         elif read.procs is not None:
-            g.listings.append(self._listing(wall, read.procs, g.uuid))
+            lst = self._listing(wall, read.procs, g.uuid)
+            prev = g.listings[-1] if g.listings else None
+            if prev is not None and prev.mig is None and prev.keys == lst.keys:
+                lst.keys = prev.keys  # the same processes: one shared map, so split sees "no change" by identity
+            g.listings.append(lst)
         if isinstance(read.samples_error, GpuNotSupported):
             if g.util_supported:
                 g.util_supported = False
@@ -520,8 +653,11 @@ class Attributor:
             self.on_error(PROCESS_READ)
             log.debug("GPU %d: process utilisation failed: %s", index, read.samples_error)
         elif read.samples is not None:
+            # Each sample is placed by its own time, on the tick's wall clock: a replay served at
+            # another wall time (a looping demo is priced at today's) is shifted by the difference.
+            shift = wall - read.source_now if read.source_now is not None else 0.0
             for pid, ts, sm, _mem in read.samples:
-                g.samples.append((wall, pid, float(sm)))
+                g.samples.append((ts / 1e6 + shift, pid, float(sm)))
                 g.util_seen_us = max(g.util_seen_us, ts)
 
     def _listing(self, wall: float, procs: list[tuple[int, int | None]], uuid: str = "") -> _Listing:
@@ -601,24 +737,39 @@ class Attributor:
     def split(self, index: int, s: EnergySlice) -> dict[str, float]:
         """How slice ``s`` of GPU ``index`` divides among workload keys (joules)."""
         g = self._gpus[index]
-        listing = g.listing_at(s.t1)
-        if listing is None:
+        last = g.listing_at(s.t1)
+        if last is None:
             return {KIND_UNKNOWN: s.joules}  # no process list read yet: who used it is not known
-        if listing.mig is not None:
-            return self._split_mig(g, listing.mig, s)
-        if not listing.memory:
-            return {UNALLOCATED: s.joules}
-        start = s.t1 - max(self.window_seconds, s.t1 - s.t0)
-        sm: dict[str, float] = {}
+        if last.mig is not None:
+            return self._split_mig(g, last.mig, s)
+        dt = s.t1 - s.t0
+        start = s.t1 - max(self.window_seconds, dt)
         end = s.t1 + 1e-6
-        for t, pid, pct in g.samples:  # one pass, no copies; the window holds seconds of samples
-            if start < t <= end:
-                key = listing.keys.get(pid)
-                if key is not None:  # a PID not in the list (exited) cannot be charged by identity
-                    sm[key] = sm.get(key, 0.0) + pct
+        # The process lists of the window, newest first: every one read up to t1, back to the
+        # latest read at or before the window's start. Steady: all of them list the same
+        # processes (observe shares one pid map between such lists), so each was there throughout.
+        held: list[_Listing] = []
+        steady = True
+        for lst in reversed(g.listings):
+            if lst.t > end:
+                continue  # read after the slice (a slice settled late)
+            held.append(lst)
+            steady = steady and lst.keys is last.keys
+            if lst.t <= start:
+                break
         idle_w = g.idle_watts
-        idle_j = idle_w * (s.t1 - s.t0) if idle_w is not None else 0.0
-        return split_slice(s.joules, idle_j, sm, listing.memory)
+        if steady or not dt > 0:
+            if not last.memory:
+                return {UNALLOCATED: s.joules}
+            sm: dict[str, float] = {}
+            for t, pid, pct in g.samples:  # one pass, no copies; the window holds seconds of samples
+                if start < t <= end:
+                    key = last.keys.get(pid)
+                    if key is not None:  # a PID never listed cannot be charged by identity
+                        sm[key] = sm.get(key, 0.0) + pct
+            return split_slice(s.joules, idle_w * dt if idle_w is not None else 0.0, sm, last.memory)
+        held.reverse()
+        return _split_changing(s, held, g.samples, start, idle_w)
 
     def _split_mig(self, g: _Gpu, instances: Mapping[int, _Instance], s: EnergySlice) -> dict[str, float]:
         """How slice ``s`` of a GPU in MIG mode divides among (workload, GPU instance) totals keys."""
@@ -638,6 +789,75 @@ class Attributor:
         largest = max(out, key=lambda k: out[k])
         out[largest] = s.joules - math.fsum(v for k, v in out.items() if k != largest)
         return out
+
+    # -- capacity ---------------------------------------------------------------
+
+    def charge_capacity(self, t: float, seconds: float, capacity: Mapping[str, Mapping[tuple[str, str], float]]) -> None:
+        """Charge the tick's capacity cost and seconds to whoever held each GPU at ``t``.
+
+        ``capacity``: :meth:`agent.accounting.Ledger.take_capacity`'s answer — per GPU uuid its
+        own amounts, under :data:`~agent.accounting.NODE` the node's — (cost kind, currency) →
+        amount. The node's amounts are shared equally by the node's GPUs; each GPU's total,
+        and the ``seconds`` of the tick, go to the workloads holding it (:meth:`holders`).
+        Every amount handed in is charged once: the parts add up to it exactly. A GPU that
+        cannot list its processes is not attributed (as its energy is not): the node's
+        amounts are shared by the others.
+        """
+        gpus = [g for g in self._gpus.values() if g.lists_supported or g.in_mig]
+        if not gpus:
+            return
+        node = capacity.get("", {})
+        per_gpu: dict[str, dict[tuple[str, str], float]] = {g.uuid: dict(capacity.get(g.uuid, {})) for g in gpus}
+        if node:
+            even = {g.uuid: 1.0 for g in gpus}
+            for kc, amount in node.items():
+                for uuid, share in apportion(amount, even).items():
+                    mine = per_gpu[uuid]
+                    mine[kc] = mine.get(kc, 0.0) + share
+        for g in gpus:
+            amounts = per_gpu[g.uuid]
+            if not amounts and seconds <= 0:
+                continue
+            weights = self.holders(g.index, t)
+            parts: dict[str, dict[tuple[str, str], float]] = {k: {} for k in weights}
+            for kc, amount in amounts.items():
+                for key, part in apportion(amount, weights).items():
+                    parts[key][kc] = part
+            held = apportion(seconds, weights) if seconds > 0 else dict.fromkeys(weights, 0.0)
+            for key, mine in parts.items():
+                self.totals.charge_capacity(g.uuid, key, self._labels_of(key), held[key], mine, t)
+
+    def holders(self, index: int, t: float) -> dict[str, float]:
+        """Who holds GPU ``index`` at ``t``, as totals key → weight (positive): the workloads of
+        the latest process list by GPU memory share (evenly when a figure is unknown); on MIG
+        each GPU instance by its compute slices, then its workloads by memory share (an
+        instance without processes: ``unallocated`` on it); nobody: ``unallocated``; no list
+        read yet: ``unknown``."""
+        g = self._gpus[index]
+        listing = g.listing_at(t)
+        if listing is None:
+            return {KIND_UNKNOWN: 1.0}
+        if listing.mig is not None:
+            if not listing.mig:
+                return {UNALLOCATED: 1.0}
+            sizes = {gi: float(x.slices) if x.slices else 1.0 for gi, x in listing.mig.items()}
+            out: dict[str, float] = {}
+            for gi, x in listing.mig.items():
+                if not x.memory:
+                    out[instance_key(UNALLOCATED, gi)] = sizes[gi]
+                    continue
+                for key, w in _memory_weights(x.memory).items():
+                    out[instance_key(key, gi)] = sizes[gi] * w
+            return out
+        if not listing.memory:
+            return {UNALLOCATED: 1.0}
+        return _memory_weights(listing.memory)
+
+    def _labels_of(self, key: str) -> Mapping[str, str]:
+        base = split_key(key)[0]
+        if base in (UNALLOCATED, KIND_UNKNOWN):
+            return pseudo_labels_view(base)
+        return self._labels.get(base) or pseudo_labels_view(KIND_UNKNOWN)
 
     def _account_one(self, g: _Gpu, s: EnergySlice, cost: float | None, currency: str | None) -> None:
         parts = self.split(g.index, s)

@@ -1,5 +1,11 @@
 """Per-workload totals: each GPU's energy and cost, split among the workloads that used it.
 
+Cost comes in three kinds (``cost_kind``): ``energy`` (the GPU's energy as the split gives
+it, plus the GPU's share of the node's host and ``other`` energy), ``hardware`` and
+``running`` (the GPU's amortisation and running costs plus its share of the node's), the
+latter two charged by GPU time held (agent.attribution.split, "Capacity"). Seconds held
+are kept too: per GPU they add up to the time the agent counted.
+
 Keyed by (GPU UUID, workload key). Workload keys (see docs/attribution.md): ``pod:<uid>``,
 ``container:<id>``, ``slurm:<job>``, ``unit:<unit>``, ``user:<uid>``, ``unknown``,
 ``pid:<pid>`` (replays only), and the pseudo-workloads ``unallocated`` (energy of a GPU
@@ -23,12 +29,15 @@ Cardinality is bounded two ways:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
 UNALLOCATED = "unallocated"
+#: Cost kinds (the same as agent.accounting's, which imports this module).
+ENERGY, HARDWARE, RUNNING = "energy", "hardware", "running"
+COST_KINDS = (ENERGY, HARDWARE, RUNNING)
 OTHER = "other"
 #: Pseudo-workloads: not counted against ``max_workloads``.
 PSEUDO = (UNALLOCATED, OTHER)
@@ -79,14 +88,19 @@ class WorkloadRow:
     workload: str
     labels: Mapping[str, str]
     energy_joules: float
-    #: currency → cost of that energy
+    #: currency → cost of the ``energy`` kind
     cost: Mapping[str, float]
     #: The MIG GPU instance id; "" without MIG.
     gpu_instance: str = ""
+    #: (cost kind, currency) → cost: every kind, fully loaded
+    costs: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    #: Seconds the workload held the GPU (shared seconds split as the capacity cost is). Units: s.
+    seconds: float = 0.0
 
 
 class WorkloadTotals:
-    """Energy (J) and cost (by currency) per (GPU UUID, workload key). Held by the ledger."""
+    """Energy (J), cost (by kind and currency) and seconds held per (GPU UUID, workload key).
+    Held by the ledger."""
 
     def __init__(
         self, max_workloads: int = DEFAULT_MAX_WORKLOADS, retention_seconds: float = DEFAULT_RETENTION_SECONDS
@@ -94,7 +108,10 @@ class WorkloadTotals:
         self.max_workloads = max_workloads
         self.retention_seconds = retention_seconds
         self.energy: dict[Key, float] = defaultdict(float)
-        self.cost: dict[tuple[str, str, str], float] = defaultdict(float)
+        #: (uuid, workload key, cost kind, currency) → currency units
+        self.cost: dict[tuple[str, str, str, str], float] = defaultdict(float)
+        #: (uuid, workload key) → seconds held
+        self.seconds: dict[Key, float] = defaultdict(float)
         self.labels: dict[Key, dict[str, str]] = {}
         self.last_seen: dict[Key, float] = {}
         #: Workloads folded into ``other``, with when they were last seen.
@@ -119,15 +136,38 @@ class WorkloadTotals:
         currency: str | None,
         t: float,
     ) -> None:
-        """Add ``joules`` (and their ``cost``) used at wall time ``t`` to a workload."""
-        k = (uuid, key)
-        if k in self.merged:
-            self.merged[k] = t
-            k = (uuid, OTHER)
+        """Add ``joules`` (and their ``cost``, of kind ``energy``) used at wall time ``t`` to a workload."""
+        k = self._key(uuid, key, t)
+        if k[1] == OTHER:
             labels = pseudo_labels_view(OTHER)
         self.energy[k] += joules
         if cost is not None and currency:
-            self.cost[(k[0], k[1], currency)] += cost
+            self.cost[(k[0], k[1], ENERGY, currency)] += cost
+        self._label(k, labels, t)
+
+    def charge_capacity(
+        self, uuid: str, key: str, labels: Mapping[str, str], seconds: float,
+        amounts: Mapping[tuple[str, str], float], t: float,
+    ) -> None:
+        """Add ``seconds`` held and capacity ``amounts`` ((cost kind, currency) → amount) at wall
+        time ``t`` to a workload."""
+        k = self._key(uuid, key, t)
+        if k[1] == OTHER:
+            labels = pseudo_labels_view(OTHER)
+        self.energy[k] += 0.0  # a workload holding a GPU without using energy yet has a row too
+        self.seconds[k] += seconds
+        for (kind, currency), v in amounts.items():
+            self.cost[(k[0], k[1], kind, currency)] += v
+        self._label(k, labels, t)
+
+    def _key(self, uuid: str, key: str, t: float) -> Key:
+        k = (uuid, key)
+        if k in self.merged:
+            self.merged[k] = t
+            return (uuid, OTHER)
+        return k
+
+    def _label(self, k: Key, labels: Mapping[str, str], t: float) -> None:
         known = self.labels.get(k)
         if known is None:
             self.labels[k] = dict(labels)
@@ -149,6 +189,7 @@ class WorkloadTotals:
 
     def _drop(self, k: Key) -> None:
         self.energy.pop(k, None)
+        self.seconds.pop(k, None)
         self.labels.pop(k, None)
         self.last_seen.pop(k, None)
         for ck in [ck for ck in self.cost if (ck[0], ck[1]) == k]:
@@ -168,8 +209,10 @@ class WorkloadTotals:
             other = (k[0], OTHER)
             seen = self.last_seen.get(k, 0.0)
             self.energy[other] += self.energy[k]
+            if k in self.seconds:
+                self.seconds[other] += self.seconds[k]
             for ck in [ck for ck in self.cost if (ck[0], ck[1]) == k]:
-                self.cost[(k[0], OTHER, ck[2])] += self.cost[ck]
+                self.cost[(k[0], OTHER, ck[2], ck[3])] += self.cost[ck]
             self.labels.setdefault(other, pseudo_labels(OTHER))
             self.last_seen[other] = max(seen, self.last_seen.get(other, seen))
             self.merged[k] = seen
@@ -179,12 +222,12 @@ class WorkloadTotals:
     # -- reading ----------------------------------------------------------
 
     def rows(self) -> tuple[WorkloadRow, ...]:
-        return _rows(self.energy, self.cost, self.labels)
+        return _rows(self.energy, self.cost, self.labels, self.seconds)
 
     def frozen_rows(self) -> "FrozenRows":
         """The rows as they are now, built only when read: a snapshot is frozen every tick, and
         most ticks nobody scrapes (copying the totals is microseconds, building rows is not)."""
-        return FrozenRows(dict(self.energy), dict(self.cost), dict(self.labels))
+        return FrozenRows(dict(self.energy), dict(self.cost), dict(self.labels), dict(self.seconds))
 
     # -- persistence ------------------------------------------------------
 
@@ -194,7 +237,8 @@ class WorkloadTotals:
                 [u, k, j, self.last_seen.get((u, k), 0.0), dict(self.labels.get((u, k), {}))]
                 for (u, k), j in sorted(self.energy.items())
             ],
-            "cost": [[u, k, c, v] for (u, k, c), v in sorted(self.cost.items())],
+            "cost": [[u, k, kind, c, v] for (u, k, kind, c), v in sorted(self.cost.items())],
+            "seconds": [[u, k, v] for (u, k), v in sorted(self.seconds.items())],
             "merged": [[u, k, t] for (u, k), t in sorted(self.merged.items())],
         }
 
@@ -233,12 +277,25 @@ class WorkloadTotals:
             out.labels[k] = clean
         for i, row in enumerate(data["cost"]):
             where = f"workloads.cost[{i}]"
-            if not isinstance(row, list) or len(row) != 4:
-                raise ValueError(f"{where}: expected [gpu uuid, workload, currency, number]")
-            ck = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), _key(row[2], f"{where}[2]"))
+            # [gpu uuid, workload, currency, number]: saved before cost kinds, energy cost only.
+            if isinstance(row, list) and len(row) == 4:
+                row = [row[0], row[1], ENERGY, row[2], row[3]]
+            if not isinstance(row, list) or len(row) != 5:
+                raise ValueError(f"{where}: expected [gpu uuid, workload, cost kind, currency, number]")
+            ck = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), row[2], _key(row[3], f"{where}[3]"))
+            if ck[2] not in COST_KINDS:
+                raise ValueError(f"{where}[2]: expected a cost kind ({', '.join(COST_KINDS)}), got {row[2]!r:.40}")
             if (ck[0], ck[1]) not in out.energy:
                 raise ValueError(f"{where}: cost of {list(ck[:2])}, which has no energy row")
-            out.cost[ck] = _number(row[3], f"{where}[3]", MAX_STATE_MONEY)
+            out.cost[ck] = _number(row[4], f"{where}[4]", MAX_STATE_MONEY)
+        for i, row in enumerate(data.get("seconds", [])):  # absent before capacity was charged
+            where = f"workloads.seconds[{i}]"
+            if not isinstance(row, list) or len(row) != 3:
+                raise ValueError(f"{where}: expected [gpu uuid, workload, seconds]")
+            k = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
+            if k not in out.energy:
+                raise ValueError(f"{where}: seconds of {list(k)}, which has no energy row")
+            out.seconds[k] = _number(row[2], f"{where}[2]", _MAX_TIMESTAMP)
         for i, row in enumerate(data["merged"]):
             where = f"workloads.merged[{i}]"
             if not isinstance(row, list) or len(row) != 3:
@@ -251,20 +308,24 @@ class WorkloadTotals:
         """Replace this object's totals by ``other``'s (its limits stay)."""
         self.energy = other.energy
         self.cost = other.cost
+        self.seconds = other.seconds
         self.labels = other.labels
         self.last_seen = other.last_seen
         self.merged = other.merged
 
 
-def _rows(energy: Mapping[Key, float], cost: Mapping[tuple[str, str, str], float],
-          labels: Mapping[Key, Mapping[str, str]]) -> tuple[WorkloadRow, ...]:
-    by_key: dict[Key, dict[str, float]] = defaultdict(dict)
-    for (uuid, key, cur), v in cost.items():
-        by_key[(uuid, key)][cur] = v
+def _rows(energy: Mapping[Key, float], cost: Mapping[tuple[str, str, str, str], float],
+          labels: Mapping[Key, Mapping[str, str]], seconds: Mapping[Key, float]) -> tuple[WorkloadRow, ...]:
+    by_key: dict[Key, dict[tuple[str, str], float]] = defaultdict(dict)
+    for (uuid, key, kind, cur), v in cost.items():
+        by_key[(uuid, key)][(kind, cur)] = v
     rows = []
     for k, j in sorted(energy.items()):
         workload, gpu_instance = split_key(k[1])
-        rows.append(WorkloadRow(k[0], workload, dict(labels.get(k, {})), j, dict(by_key.get(k, {})), gpu_instance))
+        costs = by_key.get(k, {})
+        energy_cost = {cur: v for (kind, cur), v in costs.items() if kind == ENERGY}
+        rows.append(WorkloadRow(k[0], workload, dict(labels.get(k, {})), j, energy_cost, gpu_instance,
+                                costs, seconds.get(k, 0.0)))
     return tuple(rows)
 
 
@@ -273,9 +334,9 @@ class FrozenRows(Sequence[WorkloadRow]):
 
     __slots__ = ("_parts", "_rows")
 
-    def __init__(self, energy: dict[Key, float], cost: dict[tuple[str, str, str], float],
-                 labels: dict[Key, Mapping[str, str]]) -> None:
-        self._parts = (energy, cost, labels)
+    def __init__(self, energy: dict[Key, float], cost: dict[tuple[str, str, str, str], float],
+                 labels: dict[Key, Mapping[str, str]], seconds: dict[Key, float]) -> None:
+        self._parts = (energy, cost, labels, seconds)
         self._rows: tuple[WorkloadRow, ...] | None = None
 
     def _built(self) -> tuple[WorkloadRow, ...]:

@@ -7,10 +7,13 @@ resolved with :mod:`zoneinfo`. See ``docs/cost.md`` for the TOML reference.
 from .amortization import SECONDS_PER_YEAR, Amortization, straight_line_per_second
 from .config import (
     CarbonBand,
+    CloudPrice,
+    RunningCostItem,
     CarbonConfig,
     GpuPriceOverride,
     HardwareConfig,
     IdleConfig,
+    PlanningConfig,
     PueBand,
     PueConfig,
     TariffConfig,
@@ -27,10 +30,16 @@ from .model import (
     is_idle,
     summarize,
 )
+from .running import PERIOD_SECONDS, RunningCosts
 from .schedule import Schedule
 from .tariff import FLAT_BAND, Tariff, tariff_table
 
 __all__ = [
+    "PERIOD_SECONDS",
+    "CloudPrice",
+    "RunningCostItem",
+    "PlanningConfig",
+    "RunningCosts",
     "FLAT_BAND",
     "JOULES_PER_KWH",
     "SECONDS_PER_YEAR",

@@ -406,6 +406,17 @@ class PueConfig(_ScheduleConfig):
     by_month: list[PueFloat] | None = Field(default=None, min_length=12, max_length=12)
     bands: list[PueBand] | None = Field(default=None, min_length=1)
 
+    def average(self) -> float:
+        """PUE averaged over a year: the constant; the months weighted by their days; the
+        bands by their minutes of the day."""
+        if self.by_month is not None:
+            days = (31, 28.25, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+            return sum(v * d for v, d in zip(self.by_month, days)) / 365.25
+        if self.bands is not None:
+            grid = _hour_band_grid(self.bands, type(self).__name__)
+            return sum(self.bands[i].value for i in grid) / len(grid)
+        return self.value
+
 
 class CarbonConfig(_ScheduleConfig):
     """``[carbon]``: grid carbon intensity. Nothing set: no emissions are exported.
@@ -450,9 +461,15 @@ class GpuPriceOverride(BaseModel):
         return self
 
     def matches(self, gpu_index: int, gpu_name: str | None) -> bool:
-        if self.index is not None:
-            return self.index == gpu_index
-        return gpu_name is not None and self.model.casefold() in gpu_name.casefold()  # type: ignore[union-attr]
+        return gpu_selected(self.index, self.model, gpu_index, gpu_name)
+
+
+def gpu_selected(index: int | None, model: str | None, gpu_index: int, gpu_name: str | None) -> bool:
+    """Whether a per-GPU entry that names ``index`` or (a substring of the name) ``model``
+    selects the GPU ``gpu_index`` called ``gpu_name``."""
+    if index is not None:
+        return index == gpu_index
+    return gpu_name is not None and model is not None and model.casefold() in gpu_name.casefold()
 
 
 class HardwareConfig(BaseModel):
@@ -494,3 +511,117 @@ class IdleConfig(BaseModel):
         allow_inf_nan=False,
         description="Ratio 0..1; idle means utilization strictly below it.",
     )
+
+
+# --------------------------------------------------------------------------- running costs, cloud prices
+
+#: Units: currency per period of one running-cost item; above it is a typo, not a contract.
+MAX_RUNNING_AMOUNT = 1e12
+#: Units: currency per GPU-hour; the dearest cloud GPU rents for a few hundred.
+MAX_CLOUD_PRICE_PER_HOUR = 1e6
+
+RunningAmount = Annotated[float, Field(ge=0, le=MAX_RUNNING_AMOUNT, allow_inf_nan=False)]
+RunningPeriod = Literal["hour", "day", "month", "year"]
+RunningScope = Literal["node", "gpu"]
+#: Item names become the ``item`` label: short, printable, no quotes or braces to escape.
+ItemName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/ -]+$")]
+
+
+class RunningOverride(BaseModel):
+    """``[[running_costs.gpus]]``: another amount of a per-GPU item for some GPUs, by index or model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int | None = Field(default=None, ge=0, description="GPU index as the driver numbers it.")
+    model: str | None = Field(default=None, min_length=1, description="Case-insensitive substring of the GPU name.")
+    amount: RunningAmount = Field(description="Units: currency per period, per GPU.")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> RunningOverride:
+        if (self.index is None) == (self.model is None):
+            raise field_error(type(self).__name__, ("index",), "set exactly one of index or model", None)
+        return self
+
+    def matches(self, gpu_index: int, gpu_name: str | None) -> bool:
+        return gpu_selected(self.index, self.model, gpu_index, gpu_name)
+
+
+class RunningCostItem(BaseModel):
+    """``[[running_costs]]``: a recurring cost that is neither energy nor purchase price
+    (colocation, network, support, licences, a share of staff). It accrues per second of
+    elapsed time, busy or idle, like amortisation.
+
+    ``amount`` per ``period``: an hour is 3,600 s, a day 86,400 s, a year 365.25 days and a
+    month a twelfth of that (30.44 days), so twelve monthly amounts make the yearly one.
+    ``scope = "node"``: one amount for the node; ``"gpu"``: the amount for each GPU, or the
+    first matching ``[[running_costs.gpus]]`` entry's. ``currency`` defaults to the
+    hardware's (then the tariff's).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ItemName = Field(description="Exported as the item label, e.g. 'colocation'.")
+    amount: RunningAmount = Field(description="Units: currency per period.")
+    period: RunningPeriod = "month"
+    scope: RunningScope = "node"
+    currency: str | None = None
+    gpus: list[RunningOverride] = Field(default_factory=list, description="Per-GPU amounts (scope gpu only).")
+
+    @field_validator("currency")
+    @classmethod
+    def _cur(cls, v: str | None) -> str | None:
+        return None if v is None else _check_currency(v)
+
+    @model_validator(mode="after")
+    def _gpus_need_gpu_scope(self) -> RunningCostItem:
+        if self.gpus and self.scope != "gpu":
+            raise field_error(type(self).__name__, ("gpus",), 'per-GPU amounts need scope = "gpu"', None)
+        return self
+
+
+class CloudPrice(BaseModel):
+    """``[[cloud_prices]]``: what renting one GPU of a model costs in a cloud, per GPU-hour.
+
+    Configured, never fetched. ``model`` is a case-insensitive substring of the GPU name
+    (``"H100"`` matches ``"NVIDIA H100 80GB HBM3"``); the first entry per (model, offering,
+    provider) that matches a GPU is its price.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, max_length=64, description="Substring of the GPU name, e.g. 'H100'.")
+    price_per_gpu_hour: float = Field(gt=0, le=MAX_CLOUD_PRICE_PER_HOUR, allow_inf_nan=False)
+    currency: str
+    offering: ItemName = Field(default="on-demand", description="e.g. on-demand, reserved-1y, spot.")
+    provider: ItemName = Field(default="cloud", description="e.g. aws-p5, gcp-a3, a neocloud's name.")
+
+    @field_validator("currency")
+    @classmethod
+    def _cur(cls, v: str) -> str:
+        return _check_currency(v)
+
+    def matches(self, gpu_name: str | None) -> bool:
+        return gpu_name is not None and self.model.casefold() in gpu_name.casefold()
+
+
+class PlanningConfig(BaseModel):
+    """``[planning]``: what ``check-config`` assumes to print the fully loaded cost of one
+    GPU-hour before anything is deployed. The running agent measures instead; nothing here
+    changes a total. Defaults: an H100 SXM as recorded in the project's reference readings
+    (70 W with no CUDA context, 700 W at its power cap), eight to a node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpus_per_node: int = Field(default=8, ge=1, le=1024)
+    gpu_idle_watts: float = Field(default=70.0, ge=0, le=10_000, allow_inf_nan=False)
+    gpu_full_watts: float = Field(default=700.0, ge=0, le=10_000, allow_inf_nan=False)
+    host_watts: float = Field(
+        default=0.0, ge=0, le=100_000, allow_inf_nan=False,
+        description="The host without its GPUs (CPUs, memory, fans), shared by the node's GPUs.",
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> PlanningConfig:
+        if self.gpu_full_watts < self.gpu_idle_watts:
+            raise field_error(type(self).__name__, ("gpu_full_watts",), "must be at least gpu_idle_watts", None)
+        return self

@@ -280,7 +280,9 @@ def test_workload_totals_persist_and_bad_ones_are_refused():
     for path, bad, message in [
         (("rows", 0, 2), -1.0, "workloads.rows[0][2]: -1 is negative"),
         (("rows", 0, 4), "x", "workloads.rows[0][4]: expected an object of labels"),
-        (("cost", 0, 3), float("nan"), "workloads.cost[0][3]: nan is not a finite number"),
+        (("cost", 0, 4), float("nan"), "workloads.cost[0][4]: nan is not a finite number"),
+        (("cost", 0, 2), "rent", "workloads.cost[0][2]: expected a cost kind"),
+        (("seconds", 0, 2), -2.0, "workloads.seconds[0][2]: -2 is negative"),
         (("cost", 0, 1), "nobody", "which has no energy row"),
     ]:
         broken = json.loads(json.dumps(state))
