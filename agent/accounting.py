@@ -33,7 +33,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
 from .cost import Amortization, CostModel, DemandTracker, IdleConfig, RunningCosts, is_idle
@@ -125,6 +125,9 @@ class Ledger:
         #: (period, kind, currency) → currency units since the period began; kind is
         #: ``energy``, ``hardware`` or ``running``, period ``day`` or ``month`` in the tariff's zone.
         self.period_cost: dict[tuple[str, str, str], float] = defaultdict(float)
+        #: (period, provider, offering, currency) → what renting this node's GPUs for the hours
+        #: workloads held them would have cost since the period began (``[[cloud_prices]]``)
+        self.cloud_to_date: dict[tuple[str, str, str, str], float] = defaultdict(float)
         #: period → its key now ("2026-11-24" for day, "2026-11" for month)
         self.periods: dict[str, str] = {}
         #: GPU energy and cost split among workloads (filled by agent.attribution.split)
@@ -207,6 +210,9 @@ class Ledger:
             self.hardware_cost[("node", self.hardware_currency)] += 0.0
             for p in PERIODS:
                 self.period_cost[(p, "hardware", self.hardware_currency)] += 0.0
+        for (_, provider, offering, cur) in self.cloud_prices():
+            for p in PERIODS:
+                self.cloud_to_date[(p, provider, offering, cur)] += 0.0
         if self.running is not None:
             rates = [("node", r) for r in self.running.node_rates()]
             for index, uuid in self.gpu_uuids.items():
@@ -245,6 +251,9 @@ class Ledger:
                     for k in self.period_cost:
                         if k[0] == period:
                             self.period_cost[k] = 0.0
+                    for c in self.cloud_to_date:
+                        if c[0] == period:
+                            self.cloud_to_date[c] = 0.0
                 self.periods[period] = key
 
     def _add_to_periods(self, t: float, kind: str, currency: str, amount: float) -> None:
@@ -445,6 +454,21 @@ class Ledger:
         self._cloud_cache = (self.cloud, dict(self.gpu_uuids), dict(self.gpu_names), out)
         return out
 
+    def add_busy(self, t: float, busy: Mapping[str, float]) -> None:
+        """GPU uuid → seconds workloads held it in the tick ending at ``t``: priced at the GPU
+        model's cloud prices into :attr:`cloud_to_date`."""
+        prices = self.cloud_prices()
+        if not prices:
+            return
+        self.roll_periods(t)
+        keys = self._period_keys(t)
+        for (uuid, provider, offering, cur), price in prices.items():
+            seconds = busy.get(uuid)
+            if seconds:
+                for period, key in keys.items():
+                    if key == self.periods[period]:
+                        self.cloud_to_date[(period, provider, offering, cur)] += price * seconds / 3600.0
+
     def running_rate_per_hour(self) -> dict[str, float]:
         """The node's running costs per hour (its items and its GPUs'), by currency."""
         out: dict[str, float] = {}
@@ -474,6 +498,7 @@ class Ledger:
             "periods": {
                 "keys": dict(self.periods),
                 "cost": [[p, k, c, v] for (p, k, c), v in sorted(self.period_cost.items())],
+                "cloud": [[p, pr, o, c, v] for (p, pr, o, c), v in sorted(self.cloud_to_date.items())],
             },
             "workloads": self.workloads.state(),
         }
@@ -508,6 +533,7 @@ class Ledger:
         if demand is not None and not isinstance(demand, dict):
             raise ValueError(f"demand: expected an object or null, got {_kind(demand)}")
         period_keys, period_cost = _periods(state.get("periods"))  # absent in states saved before 0.2
+        cloud = _cloud_periods(state.get("periods"), period_keys)
         # Absent in states saved before workload attribution.
         workloads = WorkloadTotals.parse_state(state["workloads"]) if state.get("workloads") is not None else None
         if self.demand is not None and demand:
@@ -523,6 +549,7 @@ class Ledger:
             (self.facility_energy, facility),
             (self.emissions, emissions),
             (self.period_cost, period_cost),
+            (self.cloud_to_date, cloud),
         ):
             into.update(loaded)
         self.periods.update(period_keys)
@@ -636,6 +663,24 @@ def _periods(periods: Any) -> tuple[dict[str, str], dict[tuple[str, str, str], f
         if key[0] in keys:
             cost[key] = value
     return keys, cost
+
+
+def _cloud_periods(periods: Any, keys: Mapping[str, str]) -> dict[tuple[str, str, str, str], float]:
+    """``periods.cloud``: ``[[period, provider, offering, currency, number], ...]`` (absent before
+    cloud prices); rows of a period without a key are ignored, as period costs are."""
+    rows = periods.get("cloud", []) if isinstance(periods, dict) else []
+    if not isinstance(rows, list):
+        raise ValueError(f"periods.cloud: expected a list, got {_kind(rows)}")
+    out: dict[tuple[str, str, str, str], float] = {}
+    for i, row in enumerate(rows):
+        where = f"periods.cloud[{i}]"
+        if not isinstance(row, list) or len(row) != 5:
+            raise ValueError(f"{where}: expected [period, provider, offering, currency, number]")
+        key = tuple(_key(row[j], f"{where}[{j}]") for j in range(4))
+        value = _number(row[4], f"{where}[4]", MAX_STATE_MONEY)
+        if key[0] in keys:
+            out[key] = value  # type: ignore[index]
+    return out
 
 
 _PERIOD_KEY = {"day": re.compile(r"\d{4}-\d{2}-\d{2}"), "month": re.compile(r"\d{4}-\d{2}")}

@@ -392,6 +392,16 @@ class SnapshotCollector:
                 if uuid in index_of:
                     cloud.add_metric([index_of[uuid], uuid, provider, offering, cur], v)
             yield cloud
+        if c.cloud_to_date:
+            rented = GaugeMetricFamily(
+                "gpucost_cloud_cost_to_date",
+                "What renting this node's GPUs at each cloud price would have cost for the hours workloads held "
+                "them, since the current day or month began (tariff's time zone). Resets when the period ends.",
+                labels=["period", "provider", "offering", "currency"],
+            )
+            for (period, provider, offering, cur), v in sorted(c.cloud_to_date.items()):
+                rented.add_metric([period, provider, offering, cur], v)
+            yield rented
         if c.hardware_cost:
             yield by_component(
                 "gpucost_hardware_cost",

@@ -280,7 +280,7 @@ class Sampler:
             # running costs) goes to whoever held each GPU; taken every tick, charged or not.
             capacity = self.ledger.take_capacity()
             if self.attribution is not None:
-                self.attribution.charge_capacity(wall, held, capacity)
+                self.ledger.add_busy(wall, self.attribution.charge_capacity(wall, held, capacity))
             self._prev_wall, self._prev_mono = wall, mono
             self.ticks += 1
             self._last_duration = time.perf_counter() - started
@@ -551,6 +551,7 @@ class Sampler:
             period_cost=dict(led.period_cost),
             running_cost=dict(led.running_cost),
             running_cost_rate_per_hour=led.running_rate_per_hour(),
+            cloud_to_date=dict(led.cloud_to_date),
             cloud_prices=led.cloud_prices(),
             demand_peak_watts=d.peak_w if d is not None and d.month is not None else None,
             demand_charge=d.demand_charge if d is not None and d.month is not None else None,

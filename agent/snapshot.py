@@ -72,6 +72,8 @@ class CostView:
     running_cost: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
     #: currency → the node's running costs per hour (its items and its GPUs')
     running_cost_rate_per_hour: Mapping[str, float] = field(default_factory=dict)
+    #: (period, provider, offering, currency) → the cloud price of the GPU-hours workloads held
+    cloud_to_date: Mapping[tuple[str, str, str, str], float] = field(default_factory=dict)
     #: (gpu uuid, provider, offering, currency) → cloud price per GPU-hour of that GPU's model
     cloud_prices: Mapping[tuple[str, str, str, str], float] = field(default_factory=dict)
 

@@ -792,7 +792,9 @@ class Attributor:
 
     # -- capacity ---------------------------------------------------------------
 
-    def charge_capacity(self, t: float, seconds: float, capacity: Mapping[str, Mapping[tuple[str, str], float]]) -> None:
+    def charge_capacity(
+        self, t: float, seconds: float, capacity: Mapping[str, Mapping[tuple[str, str], float]]
+    ) -> dict[str, float]:
         """Charge the tick's capacity cost and seconds to whoever held each GPU at ``t``.
 
         ``capacity``: :meth:`agent.accounting.Ledger.take_capacity`'s answer — per GPU uuid its
@@ -802,10 +804,13 @@ class Attributor:
         Every amount handed in is charged once: the parts add up to it exactly. A GPU that
         cannot list its processes is not attributed (as its energy is not): the node's
         amounts are shared by the others.
+
+        Returns GPU uuid → the seconds workloads held it (``unallocated`` and ``unknown`` aside).
         """
+        busy: dict[str, float] = {}
         gpus = [g for g in self._gpus.values() if g.lists_supported or g.in_mig]
         if not gpus:
-            return
+            return busy
         node = capacity.get("", {})
         per_gpu: dict[str, dict[tuple[str, str], float]] = {g.uuid: dict(capacity.get(g.uuid, {})) for g in gpus}
         if node:
@@ -826,6 +831,8 @@ class Attributor:
             held = apportion(seconds, weights) if seconds > 0 else dict.fromkeys(weights, 0.0)
             for key, mine in parts.items():
                 self.totals.charge_capacity(g.uuid, key, self._labels_of(key), held[key], mine, t)
+            busy[g.uuid] = math.fsum(v for k, v in held.items() if split_key(k)[0] not in (UNALLOCATED, KIND_UNKNOWN))
+        return busy
 
     def holders(self, index: int, t: float) -> dict[str, float]:
         """Who holds GPU ``index`` at ``t``, as totals key → weight (positive): the workloads of

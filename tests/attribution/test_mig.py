@@ -48,12 +48,13 @@ def h100_3g_2g_2g(act1: float | None = 0.8, act5: float | None = 0.4, act6: floa
     ]
 
 
-def node(watts=lambda t: 500.0, *, mig=lambda t: h100_3g_2g_2g(), idle_watts=100.0):
+def node(watts=lambda t: 500.0, *, mig=lambda t: h100_3g_2g_2g(), idle_watts=100.0,
+         procs=lambda t: [(501, 8 * GIB), (502, 24 * GIB), (601, 4 * GIB)]):
     from agent.sampler import Sampler
 
     gpu = FakeGpu(watts)
     gpu.utilization = None  # NVML gives no whole-GPU utilisation in MIG mode
-    gpu.procs = lambda t: [(501, 8 * GIB), (502, 24 * GIB), (601, 4 * GIB)]  # the parent's list: not used
+    gpu.procs = procs  # the parent's list: not used in MIG mode
     gpu.mig = mig
     src = FakeSource([gpu])
     led = Ledger(cost=CostModel(TARIFF, PueConfig(value=1.5)))
@@ -208,8 +209,7 @@ def test_a_failed_mig_read_is_counted_and_the_last_instances_hold():
 
 
 def test_a_gpu_not_in_mig_mode_is_split_as_before_with_an_empty_gpu_instance():
-    src, sampler = node(mig=None)
-    src.gpus[0].procs = lambda t: [(502, GIB)]
+    src, sampler = node(mig=None, procs=lambda t: [(502, GIB)])
     run(src, sampler, 10)
     sampler.tick(final=True)
     assert set(rows(sampler)) == {("user:1001", "")}

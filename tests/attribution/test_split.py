@@ -74,11 +74,16 @@ def test_no_sm_samples_everything_by_memory_and_evenly_when_memory_unknown():
 
 
 def node(watts=lambda t: 300.0, *, gpus: int = 1, cost: bool = True, max_workloads: int = 100,
-         retention: float = 300.0, key_of=replay_keys, idle_watts=None):
-    """A fake node sampled by the real Sampler, with attribution, counter every 5 s."""
+         retention: float = 300.0, key_of=replay_keys, idle_watts=None, procs=None):
+    """A fake node sampled by the real Sampler, with attribution, counter every 5 s.
+
+    ``procs``: GPU index → its process list, already listed on the baseline tick (a process first
+    listed on a later tick is taken to have come during the tick before, not at the start)."""
     from agent.sampler import Sampler
 
     src = FakeSource([FakeGpu(watts) for _ in range(gpus)])
+    for i, listing in (procs or {}).items():
+        src.gpus[i].procs = listing
     led = Ledger(cost=CostModel(TARIFF, PueConfig(value=1.5))) if cost else Ledger()
     led.workloads.configure(max_workloads, retention)
     stage = Attributor(led.workloads, key_of, idle_watts=idle_watts)
@@ -161,8 +166,7 @@ def test_idle_power_estimated_from_ticks_at_zero_utilisation():
 
 
 def test_processes_the_agent_cannot_see_are_unknown_never_dropped(tmp_path):
-    src, sampler = node(key_of=resolver_keys(IdentityResolver(tmp_path)))
-    src.gpus[0].procs = lambda t: [(4242, GIB), (4343, None)]
+    src, sampler = node(key_of=resolver_keys(IdentityResolver(tmp_path)), procs={0: lambda t: [(4242, GIB), (4343, None)]})
     run(src, sampler, 10)
     sampler.tick(final=True)
     assert set(workloads(sampler)) == {"unknown"}
@@ -197,9 +201,8 @@ def metrics_text(sampler) -> str:
 
 
 def test_beyond_max_workloads_the_smallest_merge_into_other_and_sums_hold():
-    src, sampler = node(max_workloads=2)
-    g = src.gpus[0]
-    g.procs = lambda t: [(1, 8 * GIB), (2, 4 * GIB), (3, 2 * GIB), (4, 1 * GIB)]  # no SM samples: by memory
+    # no SM samples: by memory
+    src, sampler = node(max_workloads=2, procs={0: lambda t: [(1, 8 * GIB), (2, 4 * GIB), (3, 2 * GIB), (4, 1 * GIB)]})
     run(src, sampler, 20)
     sampler.tick(final=True)
     w = workloads(sampler)
@@ -229,8 +232,7 @@ def test_a_finished_workload_stays_for_the_retention_then_disappears():
 
 
 def test_gpus_are_split_separately():
-    src, sampler = node(gpus=2)
-    src.gpus[1].procs = lambda t: [(5, GIB)]
+    src, sampler = node(gpus=2, procs={1: lambda t: [(5, GIB)]})
     run(src, sampler, 10)
     sampler.tick(final=True)
     assert set(workloads(sampler, "GPU-fake-0")) == {UNALLOCATED}
@@ -247,7 +249,6 @@ def test_a_gpu_that_cannot_list_processes_is_not_attributed():
 def test_failed_process_reads_are_counted_and_the_last_list_holds():
     from agent.sources.gpu import GpuError
 
-    src, sampler = node()
     calls = {"n": 0}
 
     def flaky(t):
@@ -256,7 +257,7 @@ def test_failed_process_reads_are_counted_and_the_last_list_holds():
             raise GpuError("process list failed")
         return [(9, GIB)]
 
-    src.gpus[0].procs = flaky
+    src, sampler = node(procs={0: flaky})
     run(src, sampler, 10)
     sampler.tick(final=True)
     assert sampler.errors["process_read"] >= 5
@@ -403,10 +404,10 @@ def test_labels_of_thousands_of_short_lived_workloads_stay_bounded_and_totals_un
     def drive(prune: bool):
         if not prune:
             monkeypatch.setattr(Attributor, "_prune_labels", lambda self: None, raising=False)
-        src, sampler = node(retention=30.0)
+        first = 1_800_000_000  # FakeSource's t0
+        # one new job a second, one daemon
+        src, sampler = node(retention=30.0, procs={0: lambda t: [(10_000 + int(t) - first, GIB), (7, GIB)]})
         src.energy_between = lambda i, a, b: 300.0 * (b - a)  # the fake's counter in closed form: O(1) a read
-        first = int(src.t)
-        src.gpus[0].procs = lambda t: [(10_000 + int(t) - first, GIB), (7, GIB)]  # one new job a second, one daemon
         seen = set()
         for _ in range(3000):
             src.t += 1.0
