@@ -183,11 +183,6 @@ def _memory_weights(memory: Mapping[K, int | None]) -> dict[K, float]:
     return {k: 1.0 / len(memory) for k in memory}
 
 
-def _overlap(u: float, v: float, a: float, b: float) -> float:
-    """Length of [u, v] ∩ [a, b]."""
-    return max(0.0, min(v, b) - max(u, a))
-
-
 def _split_changing(s: EnergySlice, held: list[_Listing], samples: Iterable[tuple[float, int, float]],
                     start: float, idle_w: float | None) -> dict[str, float]:
     """Slice ``s`` of a GPU whose processes changed within the slice's window ``[start, t1]``.
@@ -213,23 +208,45 @@ def _split_changing(s: EnergySlice, held: list[_Listing], samples: Iterable[tupl
     end = t1 + 1e-6
     pids: dict[int, str] = {}
     memory: dict[str, int | None] = {}
-    sets: list[Mapping[str, int | None]] = []
+    # Runs of consecutive lists naming the same processes (one shared pid map): [first read,
+    # last read, workload → memory]. A MIG list (the mode changed within the window) names nobody
+    # on the whole GPU.
+    runs: list[list[Any]] = []
+    prev: dict[int, str] | None = None
     for lst in held:
+        keys = lst.keys if lst.mig is None else {}
         if lst.mig is None:
-            pids.update(lst.keys)
+            pids.update(keys)
             memory.update(lst.memory)
-            sets.append(lst.memory)
+        if runs and keys is prev:
+            runs[-1][1] = lst.t
         else:
-            sets.append({})  # a MIG list (the mode changed within the window): nobody on the whole GPU
+            runs.append([lst.t, lst.t, lst.memory if lst.mig is None else {}])
+        prev = keys
+    # The SM samples by workload: their times (to place arrivals and departures) from the first
+    # list on, and their sum over the window.
     lo_t = min(held[0].t, start)
-    seen = [(t, pids[pid], pct) for t, pid, pct in samples if lo_t <= t <= end and pid in pids]
+    times: dict[str, list[float]] = {}
+    sm: dict[str, float] = {}
+    for t, pid, pct in samples:
+        if lo_t <= t <= end:
+            w = pids.get(pid)
+            if w is not None:
+                times.setdefault(w, []).append(t)
+                if start < t:
+                    sm[w] = sm.get(w, 0.0) + pct
 
+    # Stretches between reads: (from, to, workloads there at its start, at its end).
     gaps: list[tuple[float, float, Mapping[str, int | None], Mapping[str, int | None]]] = []
-    if held[0].t > start:
-        gaps.append((start, held[0].t, sets[0], sets[0]))
-    gaps.extend((held[i].t, held[i + 1].t, sets[i], sets[i + 1]) for i in range(len(held) - 1))
-    if held[-1].t < t1:
-        gaps.append((held[-1].t, t1, sets[-1], sets[-1]))
+    if runs[0][0] > start:  # before the first list ever read: it stands for that time
+        gaps.append((start, runs[0][0], runs[0][2], runs[0][2]))
+    for i, (first, last, there) in enumerate(runs):
+        if last > first:
+            gaps.append((first, last, there, there))
+        if i + 1 < len(runs):
+            gaps.append((last, runs[i + 1][0], there, runs[i + 1][2]))
+    if runs[-1][1] < t1:  # after the last list read (a failed read): it stands in
+        gaps.append((runs[-1][1], t1, runs[-1][2], runs[-1][2]))
 
     in_window: dict[str, float] = {}
     in_slice: dict[str, float] = {}
@@ -238,21 +255,28 @@ def _split_changing(s: EnergySlice, held: list[_Listing], samples: Iterable[tupl
     for a_t, b_t, before, after in gaps:
         if not b_t > a_t:
             continue
-        half = 0.5 * (a_t + b_t)
-        spans: list[tuple[str, float, float]] = []
-        for w in before:
-            if w in after:
-                spans.append((w, a_t, b_t))
-            else:  # left between the two lists
-                last = [t for t, k, _ in seen if k == w and a_t < t <= b_t]
-                spans.append((w, a_t, max(last) if last else half))
-        for w in after:
-            if w not in before:  # came between the two lists
-                first = [t for t, k, _ in seen if k == w and a_t <= t < b_t]
-                spans.append((w, min(first) if first else half, b_t))
+        if before is after:
+            spans = [(w, a_t, b_t) for w in before]
+        else:
+            half = 0.5 * (a_t + b_t)
+            spans = []
+            for w in before:
+                if w in after:
+                    spans.append((w, a_t, b_t))
+                else:  # left between the two reads: at its last SM sample between them, else halfway
+                    last_t = max((t for t in times.get(w, ()) if a_t < t <= b_t), default=half)
+                    spans.append((w, a_t, last_t))
+            for w in after:
+                if w not in before:  # came between the two reads: at its first SM sample, else halfway
+                    first_t = min((t for t in times.get(w, ()) if a_t <= t < b_t), default=half)
+                    spans.append((w, first_t, b_t))
         for w, u, v in spans:
-            in_window[w] = in_window.get(w, 0.0) + _overlap(u, v, start, t1)
-            in_slice[w] = in_slice.get(w, 0.0) + _overlap(u, v, t0, t1)
+            v = min(v, t1)
+            if v > u:
+                if v > start:
+                    in_window[w] = in_window.get(w, 0.0) + (v - max(u, start))
+                if v > t0:
+                    in_slice[w] = in_slice.get(w, 0.0) + (v - max(u, t0))
         lo, hi = max(a_t, t0), min(b_t, t1)
         if not hi > lo:
             continue
@@ -276,10 +300,6 @@ def _split_changing(s: EnergySlice, held: list[_Listing], samples: Iterable[tupl
     weights = dict(occupied)
     if nobody > 0:
         weights[UNALLOCATED] = nobody
-    sm: dict[str, float] = {}
-    for t, w, pct in seen:
-        if start < t:
-            sm[w] = sm.get(w, 0.0) + pct
     active = {k: 0.0 for k in weights}
     for w in occupied:
         if sm.get(w, 0.0) > 0 and in_slice.get(w, 0.0) > 0 and in_window.get(w, 0.0) > 0:
