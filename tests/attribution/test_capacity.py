@@ -10,6 +10,7 @@ the node's total on ``/metrics`` and in the saved state.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 
@@ -21,6 +22,7 @@ from agent.attribution.split import Attributor
 from agent.attribution.workloads import OTHER, UNALLOCATED
 from agent.config import Settings
 from agent.exporter import make_registry
+from agent.http import Listener, MetricsServer, bind
 from agent.sources.gpu import MigComputeInstance, MigInstance
 from fakes import FakeGpu, FakeSource
 
@@ -85,37 +87,68 @@ def run(src, sampler, seconds: int, host_watts: float = 600.0) -> None:
         sampler.tick()
 
 
-def scrape(sampler) -> dict[str, list]:
-    from prometheus_client import generate_latest
+class Served:
+    """The sampler's snapshots served by the agent's own HTTP server on a loopback port."""
 
-    text = generate_latest(make_registry(lambda: sampler.snapshot, process_metrics=False)).decode()
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+    def __init__(self, sampler) -> None:
+        registry = make_registry(lambda: sampler.snapshot, process_metrics=False)
+        listener = Listener(bind("127.0.0.1:0"), "127.0.0.1:0", None)
+        self.server = MetricsServer("", 0, registry, lambda: (True, {"status": "ok"}),
+                                    snapshot=lambda: sampler.snapshot, listener=listener)
+        self.server.start()
+
+    def scrape(self) -> dict[str, list]:
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=5)
+        try:
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            assert r.status == 200
+            text = r.read().decode()
+        finally:
+            conn.close()
+        return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+    def close(self) -> None:
+        self.server.stop()
 
 
 NODE_FAMILY = {"energy": "gpucost_energy_cost", "hardware": "gpucost_hardware_cost", "running": "gpucost_running_cost"}
 
 
-def test_per_kind_the_workloads_add_up_to_the_node_on_metrics_mig_and_other_included():
-    src, sampler = node()
-    run(src, sampler, 40)
-    sampler.tick(final=True)
-    m = scrape(sampler)
+def check_scrape(m: dict[str, list]) -> tuple[dict[str, float], set]:
+    """Per cost kind, Σ workloads == the node's total (1e-9 relative) in one scrape."""
     charged: dict[str, float] = {}
     workloads = set()
     for s in m["gpucost_workload_cost"]:
         if s.name.endswith("_total"):
             charged[s.labels["cost_kind"]] = charged.get(s.labels["cost_kind"], 0.0) + s.value
             workloads.add((s.labels["gpu"], s.labels["workload"], s.labels["gpu_instance"]))
+    node_total = {kind: math.fsum(s.value for s in m[fam] if s.name.endswith("_total")) for kind, fam in NODE_FAMILY.items()}
+    for kind, total in node_total.items():
+        assert math.isclose(charged.get(kind, 0.0), total, rel_tol=1e-9, abs_tol=0), (kind, charged.get(kind), total)
+    return node_total, workloads
+
+
+def test_per_kind_the_workloads_add_up_to_the_node_on_metrics_mig_and_other_included():
+    """Scraped over HTTP from the agent's server after every tick, and once more after the last."""
+    src, sampler = node()
+    served = Served(sampler)
+    try:
+        for _ in range(40):
+            run(src, sampler, 1)
+            check_scrape(served.scrape())
+        sampler.tick(final=True)
+        m = served.scrape()
+    finally:
+        served.close()
+    node_total, workloads = check_scrape(m)
     # The shared GPU: ann, ben and `other` (cat, the smallest, merged); the MIG GPU: dan on two
     # instances, eve, and the empty instance's unallocated; the unused GPU: unallocated.
     assert ("0", OTHER, "") in workloads and ("0", "user:1", "") in workloads and ("0", "user:3", "") not in workloads
     assert {("1", "user:4", "1"), ("1", "user:5", "1"), ("1", "user:4", "5"), ("1", UNALLOCATED, "6")} <= workloads
     assert ("2", UNALLOCATED, "") in workloads
-    node_total = {kind: math.fsum(s.value for s in m[fam] if s.name.endswith("_total")) for kind, fam in NODE_FAMILY.items()}
     print("\nnode " + ", ".join(f"{k} {v:.9f} EUR" for k, v in node_total.items()))
-    for kind, total in node_total.items():
-        assert total > 0
-        assert math.isclose(charged[kind], total, rel_tol=1e-9, abs_tol=0), (kind, charged[kind], total)
+    assert all(v > 0 for v in node_total.values())
     # Seconds held: per GPU, the 41 s the agent counted (the baseline tick holds none).
     held: dict[str, float] = {}
     for s in m["gpucost_workload_gpu_seconds"]:
