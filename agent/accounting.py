@@ -509,6 +509,8 @@ class Ledger:
         Every value is checked (types, finite, not negative, below the sanity bounds)
         before any total is touched. Raises ValueError with one line naming the first
         bad value (``energy_cost[2][2]: -1.5 is negative``); then the ledger is unchanged.
+        The one exception is the workloads' part: a bad row there sets the workloads' totals
+        aside (logged) and the node's totals load.
         """
         if not isinstance(state, dict):
             raise ValueError(f"expected a JSON object, got {_kind(state)}")
@@ -534,8 +536,16 @@ class Ledger:
             raise ValueError(f"demand: expected an object or null, got {_kind(demand)}")
         period_keys, period_cost = _periods(state.get("periods"))  # absent in states saved before 0.2
         cloud = _cloud_periods(state.get("periods"), period_keys)
-        # Absent in states saved before workload attribution.
-        workloads = WorkloadTotals.parse_state(state["workloads"]) if state.get("workloads") is not None else None
+        # Absent in states saved before workload attribution. Workload keys and labels come from
+        # what users set (a job's environment, unit names): a bad one never costs the node's
+        # totals, only the workloads' (which start afresh, said once).
+        workloads = None
+        if state.get("workloads") is not None:
+            try:
+                workloads = WorkloadTotals.parse_state(state["workloads"])
+            except ValueError as exc:
+                log.warning("state: the workloads' totals were set aside (%s); the node's totals are kept, "
+                            "the workloads' start again from 0", exc)
         if self.demand is not None and demand:
             self.demand.load_state(demand)  # all or nothing too; the last check that can fail
         for into, loaded in (

@@ -44,6 +44,13 @@ The pod UID is returned with dashes (the systemd driver writes underscores).
 When the agent runs in its own cgroup namespace the kernel prints paths relative
 to it (``/../../kubepods-…``); the patterns above match those too.
 
+Everything read here is untrusted input: a process's own environment is its user's to set,
+and cgroup and user names come from whoever named them. Every fact that becomes a label or
+a workload key is bounded at this edge (:func:`bounded`): at most
+:data:`MAX_LABEL_CHARS` characters of ``A-Z a-z 0-9 . _ - + @ : =``; a value that does
+not fit keeps a readable head and ends in ``~`` and 12 hex digits of its SHA-256, so it is
+shortened, never dropped, and two different values never become one.
+
 A process that cannot be seen (not in the proc root: exited, or hidden by a PID
 namespace or ``hidepid``; ``stat``/``status`` not readable) resolves to an
 identity of kind ``unknown`` with a ``reason``: never an exception, never
@@ -65,6 +72,7 @@ new one three or four small reads. Not thread-safe: use one resolver per thread.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import pwd
@@ -93,6 +101,12 @@ KIND_CONTAINER = "container"  # a container id but no pod
 KIND_SLURM = "slurm"  # a Slurm job or SLUID
 KIND_SYSTEMD = "systemd"  # a systemd service (``*.service``)
 KIND_USER = "user"  # anything else (a login session, a plain process): its uid
+
+#: Longest identity fact (job id, unit, user, container id, pod UID) kept as it is, characters.
+MAX_LABEL_CHARS = 128
+_LABEL_SAFE = re.compile(r"[A-Za-z0-9._+@:=-]+")
+#: Hex digits of the SHA-256 that end a shortened value.
+_HASH_DIGITS = 12
 
 #: Longest command line kept when ``cmdline=True``, characters.
 CMDLINE_MAX_CHARS = 1024
@@ -195,6 +209,18 @@ def _rank(controllers: str) -> int:
     if "name=systemd" in names:
         return 90
     return 50
+
+
+def bounded(raw: str | None) -> str | None:
+    """``raw`` as a label value that is safe to export and to persist as a key: itself when it
+    is 1–:data:`MAX_LABEL_CHARS` characters of ``A-Z a-z 0-9 . _ - + @ : =``; otherwise its
+    safe characters (others as ``_``), cut to leave room, then ``~`` and the first 12 hex
+    digits of the SHA-256 of the whole raw value. ``""`` stays ``""``; None stays None."""
+    if raw is None or raw == "" or (len(raw) <= MAX_LABEL_CHARS and _LABEL_SAFE.fullmatch(raw)):
+        return raw
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:_HASH_DIGITS]
+    head = re.sub(r"[^A-Za-z0-9._+@:=-]", "_", raw[: MAX_LABEL_CHARS - _HASH_DIGITS - 1])
+    return f"{head}~{digest}"
 
 
 def _pod_uid(raw: str) -> str:
@@ -534,14 +560,14 @@ class IdentityResolver:
             kind=_classify(facts, job),
             start_time=start,
             uid=uid,
-            user=self._user(uid),
-            systemd_unit=facts.systemd_unit,
-            slurm_job_id=job,
-            slurm_step_id=step,
-            slurm_sluid=facts.slurm_sluid,
-            container_id=facts.container_id,
+            user=bounded(self._user(uid)),
+            systemd_unit=bounded(facts.systemd_unit),
+            slurm_job_id=bounded(job),
+            slurm_step_id=bounded(step),
+            slurm_sluid=bounded(facts.slurm_sluid),
+            container_id=bounded(facts.container_id),
             container_runtime=facts.container_runtime,
-            pod_uid=facts.pod_uid,
+            pod_uid=bounded(facts.pod_uid),
             qos_class=facts.qos_class,
             cgroup=facts.path,
             cmdline=cmd,
