@@ -77,6 +77,8 @@ class GpuEnergy:
     tick_seconds: float = 1.0
     #: A counter interval whose reads kept failing this long is filled from polled power.
     counter_stale_after: float = 30.0
+    #: While the counter is stale it is asked again after this long, doubling up to the max. Units: s.
+    counter_retry_max: float = 300.0
     #: Longest stretch without power samples that is still bridged by the samples path.
     samples_max_gap: float = 1.0
     #: Upper bound for plausible power (W), to tell a counter reset from a real jump.
@@ -88,6 +90,14 @@ class GpuEnergy:
     _power: float | None = None
     _counter_mj: int | None = None
     _counter_mono: float | None = None
+    #: Monotonic s since which no counter read succeeded while one was due: the last good read,
+    #: else the first tick. Stale is judged from it.
+    _counter_since: float | None = None
+    #: Whether the counter is stale: its reads failed for ``counter_stale_after``. Every tick is
+    #: then settled at once from polled power, and the counter is asked at ``_retry_at`` only.
+    _stale: bool = False
+    _retry_at: float = 0.0
+    _retry_delay: float = 0.0
     #: The counter reading the persisted totals end at, from the state of an earlier run on
     #: this boot: (mJ, monotonic s). The first read bridges the time the agent was not running.
     _resume: tuple[int, float] | None = None
@@ -124,9 +134,17 @@ class GpuEnergy:
         """
         if self.method != "counter":
             return False
-        if self._counter_mono is None:
+        if mono < self._retry_at - 0.5 * self.tick_seconds:
+            return False  # a read failed: the next try is put off (one interval; doubling once stale)
+        if self._stale or self._counter_mono is None:
             return True
         return mono - self._counter_mono >= self.counter_interval - 0.5 * self.tick_seconds
+
+    @property
+    def counter_stale(self) -> bool:
+        """Whether the energy counter has failed for ``counter_stale_after`` and not answered
+        since: the GPU's energy is then estimated from polled power (``source="polled"``)."""
+        return self._stale
 
     @property
     def samples_since_us(self) -> int:
@@ -256,16 +274,39 @@ class GpuEnergy:
             self._pending.append(tick)
         elif counter_mj is None:
             self._resume = None  # only a first read can bridge: later ones are this run's
+        if self._counter_since is None:
+            self._counter_since = mono
         if counter_mj is None:
+            due = self.counter_due(mono)
+            if self._stale:
+                # Stale: nothing is held back, each tick is settled from polled power now; a
+                # read that was due and failed again puts the next one off twice as long.
+                if due:
+                    self._retry_delay = min(2 * self._retry_delay, self.counter_retry_max)
+                    self._retry_at = mono + self._retry_delay
+                return self._settle_polled()
+            if due and self._counter_mono is not None:
+                self._retry_at = mono + self.counter_interval  # asked and failed: once an interval, not each tick
             # No counter this tick. If reads have failed for too long, stop
             # holding energy back: settle what is pending from polled power.
-            if self._counter_mono is not None and mono - self._counter_mono > self.counter_stale_after:
+            if mono - self._counter_since > self.counter_stale_after:
                 self.on_event("energy_counter_stale")
+                log.warning("GPU %d: the energy counter has not answered for %.0f s: energy is estimated from "
+                            "polled power (source=\"polled\") until it does; asked again with back-off",
+                            self.gpu, mono - self._counter_since)
+                self._stale = True
+                self._retry_delay = self.counter_interval
+                self._retry_at = mono + self._retry_delay
                 out = self._settle_polled()
                 self._counter_mj = None
                 self._counter_mono = None
                 return out
             return []
+        self._counter_since = mono
+        self._retry_at = 0.0
+        if self._stale:
+            self._stale = False
+            log.warning("GPU %d: the energy counter answers again: exact from here on (a new baseline)", self.gpu)
         if self._counter_mj is None:
             # First read (or first after a stale stretch): a new baseline.
             out = self._settle_polled()
@@ -314,6 +355,7 @@ class GpuEnergy:
         """
         self._counter_mj = None
         self._counter_mono = None
+        self._counter_since = None
         return self._settle_polled()
 
     def _tick_samples(

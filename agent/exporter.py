@@ -188,11 +188,19 @@ class SnapshotCollector:
             "1 if this clock event (throttle) reason is active on the GPU.",
             labels=GPU_LABELS + ["reason"],
         )
+        stale = GaugeMetricFamily(
+            "gpucost_gpu_energy_counter_stale",
+            "1 while the GPU's energy counter has failed for long and not answered since: its energy is "
+            "estimated from polled power (source=\"polled\"). GPUs measured by the counter only.",
+            labels=GPU_LABELS,
+        )
         for g in snap.gpus:
             d = g.info
             labels = [str(d.index), d.uuid]
             info.add_metric(labels + [d.name, d.pci_bus_id, d.driver_version, d.serial, g.energy_method], 1)
             up.add_metric(labels, 1 if g.up else 0)
+            if g.energy_method == "counter":
+                stale.add_metric(labels, 1 if g.energy_counter_stale else 0)
             for source, joules in sorted(g.energy_joules.items()):
                 energy.add_metric(labels + [source], joules)
             if d.memory_total_bytes is not None:
@@ -209,6 +217,7 @@ class SnapshotCollector:
                     events.add_metric(labels + [reason], 1 if r.clock_event_reasons & bit else 0)
         yield info
         yield up
+        yield stale
         yield energy
         yield mem_total
         yield from gauges.values()
@@ -453,7 +462,9 @@ def health_of(
     age = None if a.last_success_monotonic is None else now - a.last_success_monotonic
     finished = snap.replay is not None and snap.replay.finished
     stale = age is None or (age > max(3 * tick_seconds, 5.0) and not finished)
-    degraded = not snap.source_up or not all(g.up for g in snap.gpus) or persist_error is not None
+    counter_stale = [g.info.index for g in snap.gpus if g.energy_counter_stale]
+    degraded = not snap.source_up or not all(g.up for g in snap.gpus) or persist_error is not None \
+        or bool(counter_stale)
     status = "stale" if stale else ("degraded" if degraded else "ok")
     body: dict[str, Any] = {
         "status": status,
@@ -466,6 +477,8 @@ def health_of(
         body["error"] = snap.source_error
     if persist_error is not None:
         body["state_error"] = persist_error
+    if counter_stale:
+        body["energy_counter_stale"] = counter_stale
     if finished:
         body["replay"] = "finished"
     return not stale, body

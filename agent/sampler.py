@@ -488,6 +488,7 @@ class Sampler:
                 up=self._up[d.index],
                 reading=self._readings.get(d.index),
                 energy_method=self._energy[d.index].method,
+                energy_counter_stale=self._energy[d.index].counter_stale,
                 energy_joules=energy.get(d.uuid, {}),
             )
             for d in self.devices

@@ -21,6 +21,8 @@ class GpuState:
     energy_method: str
     #: Energy since the agent's totals began, by the source that measured it. Units: J.
     energy_joules: Mapping[str, float] = field(default_factory=dict)
+    #: The energy counter failed for long and has not answered since (energy from polled power).
+    energy_counter_stale: bool = False
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,35 @@ def test_counter_that_keeps_failing_is_bridged_by_polled_power():
     assert total(s) == pytest.approx(400.0 * 60, rel=1e-3)
 
 
+
+def test_a_counter_failing_for_five_minutes_keeps_the_total_moving_every_tick_with_back_off():
+    """Issue 16 item 1: after the stale limit every tick is settled from polled power at once (the
+    total tracks 300 W x time, nothing piles up), the counter is asked with doubling back-off, and
+    its return is a new baseline. Before: the total froze at 12,300 J from ~40 s on."""
+    src = FakeSource([FakeGpu(lambda t: 300.0)])
+    s = make_sampler(src, counter_interval=5.0)
+    run(src, s, 10.0, final=False)
+    src.gpus[0].fail_counter = True
+    reads = src.calls.get("energy_mj", 0)
+    behind = []
+    for second in range(290):
+        run(src, s, 1.0, final=False)
+        if second > 40:
+            behind.append(300.0 * (11 + second) - total(s))  # the truth minus the total
+    assert s.errors["energy_counter_stale"] == 1
+    assert s.snapshot.gpus[0].energy_counter_stale
+    assert max(behind) <= 300.0 * 1 + 1e-6 and min(behind) >= -1e-6  # at most the tick in hand
+    asked = src.calls.get("energy_mj", 0) - reads
+    assert asked <= 12, asked  # 5, 10, 20, 40, 80, 160 s ... not 290 times
+    src.gpus[0].fail_counter = False
+    run(src, s, 320.0, final=False)  # the next try comes within the back-off's cap (300 s)
+    assert not s.snapshot.gpus[0].energy_counter_stale
+    run(src, s, 10.0)
+    # The whole run, 630 s at 300 W: no held-back stretch lands twice on top of the estimate.
+    assert total(s) == pytest.approx(300.0 * 630, rel=1e-4)
+    assert s.snapshot.gpus[0].energy_joules["counter"] > 0
+
+
 # -- late ticks ------------------------------------------------------------------------
 
 
