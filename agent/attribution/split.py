@@ -5,26 +5,43 @@ per-process utilisation samples to :meth:`Attributor.observe`, and every priced 
 slice to :meth:`Attributor.account`, which divides the slice's joules and its cost
 among workloads and adds them to the ledger's :class:`~.workloads.WorkloadTotals`.
 
-The split of one slice (``t0``, ``t1``, ``joules``) of a GPU:
+The split of one slice (``t0``, ``t1``, ``joules``) of a GPU goes by who used the GPU
+*during* the slice, so it does not depend on the tick length (issue 14):
 
-1. The processes are those of the process list read on the tick that ended the slice
-   (at ``t1``), grouped into workloads by identity key. No process: the whole slice goes
-   to ``unallocated`` (idle waste made visible).
-2. The idle part, ``min(joules, idle_watts × (t1 − t0))``, is split by each workload's
-   share of GPU memory (evenly when NVML does not give every process's memory).
-   ``idle_watts`` is ``[attribution] idle_watts`` for the GPU when set, else the lowest
-   polled power seen so far on a tick whose GPU utilisation was 0 (unknown until such a
-   tick: then there is no idle part).
-3. The rest, the active part, is split by each workload's share of SM activity: the sum
-   of its processes' SM % samples read in the window ending at ``t1`` (the slice's own
-   stretch, widened to ``window_seconds``), over the sum of all. NVML gives ~5 samples a
-   second on an H100, one process per call, so one second says little; a window of
-   seconds does. A process holding memory but absent from the window's samples did no SM
-   work in it and gets no active share. No SM sample at all in the window: the whole
-   slice goes by memory share.
+1. **Who, and when.** The window is the slice's own stretch widened to ``window_seconds``:
+   ``[t1 − max(window_seconds, t1 − t0), t1]``. Its process lists are the latest read at or
+   before its start and every one read after it up to ``t1``, each grouped into workloads by
+   identity key. Between two consecutive lists a workload on both was there throughout; one
+   on the earlier list only left at its last SM sample between the two reads, else halfway
+   between them; one on the later only came at its first SM sample between them, else
+   halfway. The first list ever read stands for the time before it, the last list read (a
+   failed read) for the time after it. A PID is charged to the workload of the latest list in
+   the window that names it, so a process that exits mid-slice keeps its share under its last
+   known identity. Nobody there during the whole slice: the slice goes to ``unallocated`` (idle
+   waste made visible); no list read yet: to ``unknown``.
+2. **The idle part**, ``min(joules, idle_watts × (t1 − t0))``, is split by time × GPU memory:
+   at each moment among the workloads there, by their share of GPU memory (their figures from
+   the latest list naming them; evenly where a figure is unknown or all are 0), and the time
+   nobody was there to ``unallocated``. ``idle_watts`` is ``[attribution] idle_watts`` for the
+   GPU when set, else the lowest polled power seen so far on a tick whose GPU utilisation was
+   0 (unknown until such a tick: then there is no idle part, and ``unallocated`` gets the
+   slice's mean power over the time nobody was there).
+3. **The active part**, the rest, is split by SM activity. Per-process SM % samples are placed
+   by their own NVML timestamp (a replay served at another wall time has them moved onto the
+   tick's clock). A workload's weight is the sum of its samples in the window, as a rate over
+   its time there in the window, times its time there in the slice; when every workload was
+   there throughout, that is the plain sum of its samples. NVML gives ~5 samples a second on
+   an H100, one process per call, so one second says little; a window of seconds does. A
+   workload holding memory but absent from the window's samples did no SM work in it and gets
+   no active share; one that was not there during the slice gets none either. No SM activity
+   at all: the whole slice goes by the idle part's weights.
 4. The parts add up to the slice: the largest part is the slice minus all the others.
    The slice's cost (priced once, by the ledger, at the band in force when the energy was
    used) is split in the same proportions.
+
+While the same processes are listed throughout the window (the common case) the split is the
+one pass of :func:`split_slice` over the held samples; only a window in which processes came
+or went walks its lists (:func:`_split_changing`).
 
 On a GPU in MIG mode (NVML measures the whole GPU only; docs/attribution.md, "MIG"), the
 slice is first split among the GPU instances read on the tick that ended it
