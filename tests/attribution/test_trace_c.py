@@ -66,13 +66,21 @@ def test_trace_c_on_metrics_of_the_real_process(tmp_path):
     gpu = sum(s.value for s in fam["gpucost_gpu_energy_joules"] if s.name.endswith("_total"))
     gpu_cost = next(s.value for s in fam["gpucost_energy_cost"]
                     if s.name.endswith("_total") and s.labels["component"] == "gpu")
+    # The energy kind of the workloads' cost: the GPU's energy and the host's (one GPU: all of it).
+    node_energy_cost = math.fsum(s.value for s in fam["gpucost_energy_cost"] if s.name.endswith("_total"))
+    assert node_energy_cost > gpu_cost
     energy = {s.labels["workload"]: s for s in fam["gpucost_workload_gpu_energy_joules"] if s.name.endswith("_total")}
-    cost = {s.labels["workload"]: s for s in fam["gpucost_workload_cost"] if s.name.endswith("_total")}
+    cost = {s.labels["workload"]: s for s in fam["gpucost_workload_cost"]
+            if s.name.endswith("_total") and s.labels["cost_kind"] == "energy"}
+    hardware = math.fsum(s.value for s in fam["gpucost_workload_cost"]
+                         if s.name.endswith("_total") and s.labels["cost_kind"] == "hardware")
+    assert hardware == pytest.approx(math.fsum(s.value for s in fam["gpucost_hardware_cost"]
+                                               if s.name.endswith("_total")), rel=1e-9)
     print("\ntrace_c on /metrics: GPU %.3f J, %.6f EUR; " % (gpu, gpu_cost) + ", ".join(
         f"{k} {energy[k].value:.3f} J {cost[k].value:.6f} EUR" for k in sorted(energy)))
     assert set(energy) == set(cost) == {A, B, "unallocated"}
     assert math.fsum(s.value for s in energy.values()) == pytest.approx(gpu, rel=1e-6)
-    assert math.fsum(s.value for s in cost.values()) == pytest.approx(gpu_cost, rel=1e-6)
+    assert math.fsum(s.value for s in cost.values()) == pytest.approx(node_energy_cost, rel=1e-9)
     assert energy[A].value > energy[B].value
     assert energy["unallocated"].labels["kind"] == "unallocated"
     for s in energy.values():

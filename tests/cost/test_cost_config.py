@@ -12,9 +12,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.cost import (
     CarbonConfig,
+    CloudPrice,
     HardwareConfig,
     IdleConfig,
+    PlanningConfig,
     PueConfig,
+    RunningCostItem,
     TariffConfig,
     format_validation_error,
 )
@@ -31,6 +34,9 @@ class Settings(BaseModel):
     pue: PueConfig = PueConfig()
     carbon: CarbonConfig = CarbonConfig()
     hardware: HardwareConfig = HardwareConfig()
+    running_costs: list[RunningCostItem] = []
+    cloud_prices: list[CloudPrice] = []
+    planning: PlanningConfig = PlanningConfig()
     idle: IdleConfig = IdleConfig()
 
 
