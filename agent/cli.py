@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 from . import __version__
 from .accounting import Ledger
-from .config import ConfigError, Refused, Settings, load, unknown_env_vars
+from .config import ConfigError, Refused, Settings, clip_line, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
 from .sampler import Sampler, resume_point
-from .service import POD_RESOURCES_INTERVAL_SECONDS, Service
+from .service import POD_RESOURCES_INTERVAL_SECONDS, Service, defer_sighup_until_serving
 from .state import StateError, StateStore, default_state_dir
 
 log = logging.getLogger("agent")
@@ -224,6 +224,9 @@ def validate(config_path: str | None, overrides: dict[str, Any], *, trace: Any =
             web = load_web_config(settings.agent.web_config_file)
     except ConfigError as exc:  # WebConfigError is one
         raise Refused(f"config error: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 — nothing a file holds may end a command or the daemon
+        where = f"{config_path}: " if config_path else ""
+        raise Refused(clip_line(f"config error: {where}cannot be used: {type(exc).__name__}: {exc}")) from exc
     host = None
     if settings.host.enabled and trace is None:
         from .sources.host import HostPowerSource
@@ -555,6 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _record(args)
     if args.command == "check-config":
         return _check_config(args)
+    # From here a SIGHUP is held until the agent serves, then acted on: never the default (exit).
+    defer_sighup_until_serving()
     config_path, origin = args.config, f"the file {args.config}" if args.config else ""
     if config_path is None and args.command == "demo":
         config_path = str(bundled_config_path())

@@ -14,13 +14,15 @@ from __future__ import annotations
 import inspect
 import os
 import ipaddress
+import re
+import stat
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .attribution.config import AttributionConfig
 from .cost import (
@@ -144,8 +146,8 @@ class Settings(BaseSettings):
     idle: IdleConfig = IdleConfig()
     attribution: AttributionConfig = AttributionConfig()
 
-    # Set by load() for the duration of one construction.
-    _toml_file: ClassVar[Path | None] = None
+    # Set by load() for the duration of one construction: the file's tables, read by read_toml.
+    _toml_data: ClassVar[dict[str, Any] | None] = None
 
     @classmethod
     def settings_customise_sources(
@@ -157,8 +159,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, _KnownEnvSettings(settings_cls, env_settings)]
-        if cls._toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        if cls._toml_data is not None:
+            # The tables read_toml read and checked: the file is read once, never again here.
+            sources.append(InitSettingsSource(settings_cls, cls._toml_data))
         return tuple(sources)
 
     @model_validator(mode="after")
@@ -209,34 +212,220 @@ def load(
     Raises :class:`ConfigError` with a one-line message naming the file or field, and
     the ``GPUCOST_*`` variable when the bad value came from the environment.
     """
-    toml_path = None
-    if path is not None:
-        toml_path = Path(path)
-        try:
-            with open(toml_path, "rb") as fh:
-                tomllib.load(fh)  # parse once here for a clear, line-numbered error
-        except OSError as exc:
-            raise ConfigError(f"{toml_path}: cannot read: {exc.strerror or exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{toml_path}: invalid TOML: {exc}") from exc
-    Settings._toml_file = toml_path
+    data = read_toml(path) if path is not None else None
+    try:
+        base = _build(data, overrides)
+    except ConfigError:
+        raise
+    except (RecursionError, MemoryError, ValueError, TypeError, UnicodeError) as exc:
+        # Whatever a value does to the validators (nesting, size, conversion limits): refused.
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(clip_line(f"{where}cannot be used: {_exc_text(exc)}")) from None
+    if cpu_host is not None:
+        check_cpu_model(base.host, CpuHost.local() if cpu_host == "local" else cpu_host)
+    return base
+
+
+def _build(data: dict[str, Any] | None, overrides: dict[str, Any] | None) -> Settings:
+    Settings._toml_data = data
     try:
         try:
             base = Settings()
         except ValidationError as exc:
-            raise ConfigError(_describe_with_env(exc)) from exc
+            raise ConfigError(clip_line(_describe_with_env(exc))) from exc
         if overrides:
             # Flags are merged section by section so a flag does not wipe the
             # rest of its table coming from the file or environment.
             try:
                 base = Settings.model_validate(_merge(base.model_dump(), overrides))
             except ValidationError as exc:
-                raise ConfigError(format_validation_error(exc)) from exc
+                raise ConfigError(clip_line(format_validation_error(exc))) from exc
     finally:
-        Settings._toml_file = None
-    if cpu_host is not None:
-        check_cpu_model(base.host, CpuHost.local() if cpu_host == "local" else cpu_host)
+        Settings._toml_data = None
     return base
+
+
+# -- reading the file: bounded ------------------------------------------------------------
+
+#: A configuration file larger than this is refused unread (the examples are 2 KB). Units: bytes.
+MAX_CONFIG_BYTES = 1 << 20
+#: Most parts of one key or table name (``a.b.c`` has 3): tomllib's time grows with their square.
+MAX_KEY_PARTS = 32
+#: Deepest nesting of arrays and inline tables, and of tables in the parsed result.
+MAX_NESTING = 32
+#: Most keys and array items in the whole file, counted after parsing.
+MAX_ENTRIES = 10_000
+#: Longest run of an error line echoed from a value; longer runs are cut, saying the full length.
+MAX_ECHO_CHARS = 100
+#: Longest error line (after cutting values), cut beyond that, saying the full length.
+MAX_LINE_CHARS = 1000
+
+_LONG_RUN = re.compile(r"\S{%d,}" % (MAX_ECHO_CHARS + 1))
+
+
+def clip_line(text: str) -> str:
+    """``text`` as one bounded line: every run of more than MAX_ECHO_CHARS characters without a
+    space (a value echoed back) is cut to its first MAX_ECHO_CHARS with its full length noted,
+    line breaks become spaces, and what is still above MAX_LINE_CHARS is cut, saying so."""
+    text = " ".join(text.splitlines())
+    text = _LONG_RUN.sub(lambda m: f"{m.group()[:MAX_ECHO_CHARS]}...[{len(m.group())} characters]", text)
+    if len(text) > MAX_LINE_CHARS:
+        text = f"{text[:MAX_LINE_CHARS]}...[{len(text)} characters in all]"
+    return text
+
+
+def _exc_text(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    if isinstance(exc, MemoryError):
+        return "too large to hold in memory"
+    if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        return "a number with too many digits"
+    return str(exc) or type(exc).__name__
+
+
+#: What the prescan stops at: a string or comment opening, a bracket, a key separator, a newline.
+_SCAN = re.compile(r"[\"'#\[\]{}=,\n.]")
+
+
+def _prescan(text: str) -> str | None:
+    """Why ``text`` is refused before tomllib sees it, or None: a key or table name of more than
+    MAX_KEY_PARTS parts (tomllib's work grows with their square), arrays and inline tables nested
+    deeper than MAX_NESTING, more than MAX_ENTRIES keys, table headers and commas. Strings and comments
+    are skipped; this only bounds the work, tomllib judges the syntax. Linear in ``text``."""
+    depth = dots = entries = 0
+    line = 1
+    after_equals = False  # on this line, outside brackets: a value's '[' is no table header
+    pos, end = 0, len(text)
+    search = _SCAN.search
+    while True:
+        m = search(text, pos)
+        if m is None:
+            return None
+        c, pos = m.group(), m.end()
+        if c == ".":
+            dots += 1  # a float or a time has one; only a key has more
+            if dots >= MAX_KEY_PARTS:
+                return f"line {line}: a key or table name of more than {MAX_KEY_PARTS} parts"
+        elif c in "\"'":  # a quoted part of a key ("a"."b") is still the same key: dots go on
+            if text.startswith(c * 3, pos - 1):  # multi-line: to the closing triple quote
+                pos += 2
+                while True:
+                    close = text.find(c * 3, pos)
+                    if close < 0:
+                        return None  # unterminated: tomllib says where
+                    line += text.count("\n", pos, close)
+                    if c == '"' and _escaped(text, close, pos):
+                        pos = close + 1
+                        continue
+                    pos = close + 3
+                    while pos < end and pos < close + 5 and text[pos] == c:  # up to two quotes inside
+                        pos += 1
+                    break
+            else:  # one line: to the closing quote or the line's end
+                nl = text.find("\n", pos)
+                nl = end if nl < 0 else nl
+                while True:
+                    close = text.find(c, pos, nl)
+                    if close < 0:
+                        pos = nl
+                        break
+                    escaped = c == '"' and _escaped(text, close, pos)
+                    pos = close + 1
+                    if not escaped:
+                        break
+        else:
+            dots = 0
+            if c == "\n":
+                line += 1
+                after_equals = False
+            elif c == "#":
+                nl = text.find("\n", pos)
+                pos = end if nl < 0 else nl
+            elif c in "=," or (c == "[" and depth == 0 and not after_equals):  # a key, an item, a [table]
+                entries += 1
+                if entries > MAX_ENTRIES:
+                    return f"line {line}: more than {MAX_ENTRIES} keys, tables and array items"
+                after_equals = after_equals or (c == "=" and depth == 0)
+            if c in "[{":
+                depth += 1
+                if depth > MAX_NESTING:
+                    return f"line {line}: arrays or inline tables nested more than {MAX_NESTING} deep"
+            elif c in "]}":
+                depth = max(0, depth - 1)
+
+
+def _escaped(text: str, quote: int, start: int) -> bool:
+    """Whether the quote at ``quote`` follows an odd run of backslashes (none before ``start``)."""
+    i = quote
+    while i > start and text[i - 1] == "\\":
+        i -= 1
+    return (quote - i) % 2 == 1
+
+
+def _count_entries(data: Any) -> str | None:
+    """Why the parsed tables are refused, or None: more than MAX_ENTRIES keys and items, or
+    nested more than MAX_NESTING deep (no recursion: a stack)."""
+    count = 0
+    stack = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return f"nested more than {MAX_NESTING} deep"
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            count += 1
+            if count > MAX_ENTRIES:
+                return f"more than {MAX_ENTRIES} keys and array items"
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The tables of the TOML file at ``path``, read once and with bounded work, or
+    :class:`ConfigError` with one line naming the file: unreadable, not a regular file, above
+    MAX_CONFIG_BYTES, not UTF-8, invalid TOML, nested too deep, too many keys, a number of more
+    digits than Python converts. Never anything else."""
+    toml_path = Path(path)
+    try:
+        fd = os.open(toml_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"{toml_path}: cannot read: not a regular file")
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{toml_path}: too large: {st.st_size} bytes, the most is {MAX_CONFIG_BYTES} "
+                                  "(1 MiB)")
+            with os.fdopen(fd, "rb", closefd=True) as fh:
+                fd = -1
+                raw = fh.read(MAX_CONFIG_BYTES + 1)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    except OSError as exc:
+        raise ConfigError(clip_line(f"{toml_path}: cannot read: {exc.strerror or exc}")) from None
+    if len(raw) > MAX_CONFIG_BYTES:  # grew since fstat, or a device
+        raise ConfigError(f"{toml_path}: too large: more than {MAX_CONFIG_BYTES} bytes (1 MiB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"{toml_path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line}, "
+                          f"column {column}") from None
+    why = _prescan(text)
+    if why is None:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(clip_line(f"{toml_path}: invalid TOML: {exc}")) from None
+        except (RecursionError, MemoryError, ValueError) as exc:
+            raise ConfigError(f"{toml_path}: invalid TOML: {_exc_text(exc)}") from None
+        why = _count_entries(data)
+    if why is not None:
+        raise ConfigError(f"{toml_path}: refused: {why}")
+    return data
 
 
 def check_cpu_model(host: HostConfig, on: CpuHost) -> None:

@@ -1,11 +1,29 @@
 """The HTTP endpoint: ``/metrics``, ``/healthz`` and an index page, built for scrape storms.
 
 One event-loop thread owns every connection, so an idle, slow or half-open
-client costs a file descriptor and a timer, never a thread. The few things that
-take CPU time (rendering the exposition, a bcrypt check) run on a bounded pool
-of ``WORKERS`` threads. Every connection must deliver a complete request head
-within ``idle_timeout`` seconds (also the keep-alive idle time) and read its
-response within ``write_timeout``; otherwise it is closed.
+client costs a file descriptor and a timer, never a thread. Rendering the
+exposition runs on a bounded pool of ``WORKERS`` threads; bcrypt checks run on
+a thread of their own, never on those. Every connection must deliver a complete
+request head within ``idle_timeout`` seconds (also the keep-alive idle time) and
+read its response within ``write_timeout``; otherwise it is closed.
+
+Nobody can take the scrapers' places (docs/endpoint.md has the figures):
+
+* **Connections.** The server accepts connections itself, so every limit applies
+  before any TLS or HTTP work. One client address (an IPv4 address, an IPv6 /64)
+  holds at most ``max_per_address`` connections; more are reset at once. When
+  ``max_connections`` are open, a new connection takes the place of the
+  longest-waiting connection that has not sent a complete request (in its TLS
+  handshake or between requests) from the address holding the most connections,
+  if that address holds more than the newcomer's would; otherwise it is reset.
+* **Passwords.** A password over 72 bytes, a wrong password already seen and a
+  missing or malformed header are answered 401 without bcrypt. Every client
+  address may cost at most ``AUTH_FAILURE_BURST`` failed checks, then one more
+  every ``AUTH_FAILURE_REFILL`` seconds; beyond that it is answered 429 without a
+  check. Checks wait in a queue of ``AUTH_QUEUE`` (addresses with fewer recent
+  failures first) for the one bcrypt thread, which pauses after each check so
+  that it uses at most ``AUTH_CPU_SHARE`` of one core. Failures are logged at
+  most once a minute, with a count of the rest.
 
 The exposition is rendered once per snapshot and content type, and gzipped once
 when a client accepts gzip: every scraper of the same tick is served the same
@@ -23,14 +41,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
+import heapq
+import ipaddress
+import itertools
 import json
 import logging
+import math
 import socket
 import ssl
+import struct
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable
@@ -49,10 +74,23 @@ log = logging.getLogger(__name__)
 #: Listen backlog: a burst of scrapers waits in the kernel queue rather than
 #: being refused (the kernel caps it at net.core.somaxconn, 4096 on current Linux).
 BACKLOG = 1024
-#: Threads that render and check passwords; connections never hold one.
+#: Threads that render the exposition; connections never hold one, nor do password checks.
 WORKERS = 2
-#: Open connections beyond this are closed at once, keeping file descriptors for the agent's own work.
+#: Open connections, all addresses together: file descriptors stay for the agent's own work.
 MAX_CONNECTIONS = 512
+#: Open connections from one client address (IPv4 address, IPv6 /64).
+MAX_PER_ADDRESS = 64
+#: bcrypt checks waiting for the password thread; more are answered 429.
+AUTH_QUEUE = 16
+#: The most of one core that bcrypt checks may use: the thread pauses after each check.
+AUTH_CPU_SHARE = 0.5
+#: Failed bcrypt checks one client address may cost at once, and then one per this many seconds.
+AUTH_FAILURE_BURST = 5
+AUTH_FAILURE_REFILL = 2.0
+#: Client addresses whose failures are remembered (the least recent are forgotten first).
+AUTH_CLIENTS = 4096
+#: Seconds between two log lines of one kind (refused connections, failed passwords).
+LOG_EVERY = 60.0
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 SERVER = f"gpu-cost-agent/{__version__}"
@@ -168,14 +206,17 @@ class Exposition:
 
     def body(self, accept: str, want_gzip: bool) -> tuple[str, bytes, bool]:
         """(content type, bytes, gzipped) for a scrape. Thread-safe; renders only on a miss."""
-        encoder, content_type = choose_encoder(accept)
+        encoder, content_type = negotiate(accept)
         with self._lock:  # one render per miss, however many scrapers arrive at once
             snap = self.snapshot()
             now = time.monotonic()
             entry = self._current(content_type, snap, now)
             if entry is None:
                 entry = _Rendered(snap, now, content_type, encoder(self.registry))
+                self._entries.pop(content_type, None)
                 self._entries[content_type] = entry
+                while len(self._entries) > MAX_RENDERINGS:  # the least recently rendered go first
+                    del self._entries[next(iter(self._entries))]
                 self.renders += 1
             if not want_gzip:
                 return content_type, entry.plain, False
@@ -185,13 +226,57 @@ class Exposition:
 
     def fresh(self, accept: str, want_gzip: bool) -> tuple[str, bytes, bool] | None:
         """The cached body if it is still current, without rendering: the event loop's fast path."""
-        _, content_type = choose_encoder(accept)
+        _, content_type = negotiate(accept)
         entry = self._current(content_type, self.snapshot(), time.monotonic())
         if entry is None:
             return None
         if want_gzip:
             return (content_type, entry.gz, True) if entry.gz is not None else None
         return content_type, entry.plain, False
+
+
+#: Renderings kept: one per content type a scraper asks for (a handful exist, see :func:`negotiate`).
+MAX_RENDERINGS = 16
+#: Exposition versions a client may name; any other is read as the nearest one below it.
+_VERSIONS = {"0.0.1", "0.0.4", "1.0.0", "2.0.0"}
+
+
+def _version(value: str) -> str | None:
+    """The version named in an ``Accept`` parameter as one prometheus_client renders, or None."""
+    if value in _VERSIONS:
+        return value
+    parts = value.split(".")
+    if not 1 <= len(parts) <= 4 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
+        return None  # '²', 'abc', '1..0': as if no version were named
+    number = tuple(int(p) for p in parts)
+    return "2.0.0" if number >= (2,) else "1.0.0" if number >= (1,) else "0.0.4"
+
+
+def negotiate(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """prometheus_client's content negotiation, for any ``Accept`` a client sends.
+
+    The client library compares versions without checking them (``version=²`` raises) and
+    echoes any version it is given into the content type, which is also the render cache's key:
+    versions are reduced to the few it renders, so neither a bad header nor a stream of made-up
+    versions can cost more than those renderings."""
+    if "version=" in accept:
+        media = []
+        for part in accept.split(","):
+            params = []
+            for param in part.split(";"):
+                key, sep, value = param.strip().partition("=")
+                if sep and key == "version":
+                    version = _version(value)
+                    if version is None:
+                        continue
+                    param = f"version={version}"
+                params.append(param)
+            media.append(";".join(params))
+        accept = ",".join(media)
+    try:
+        return choose_encoder(accept)
+    except Exception:  # a client library stricter or looser than this one: what no Accept gets
+        return choose_encoder("")
 
 
 def accepts_gzip(value: str) -> bool:
@@ -253,6 +338,232 @@ def _parse_head(head: bytes) -> _Request:
     return _Request(method, target, version, headers)
 
 
+def client_key(address: Any) -> str:
+    """The client address the per-address limits count by: the IPv4 address (also when it
+    comes as ``::ffff:a.b.c.d``), or the /64 of an IPv6 address (one host's usual share)."""
+    host = address[0] if isinstance(address, tuple) else str(address)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return f"{ipaddress.IPv6Network((int(ip) >> 64 << 64, 64))}"
+    return str(ip)
+
+
+class _Every:
+    """At most one log line per ``interval`` seconds; what is held back is counted into the next."""
+
+    def __init__(self, interval: float = LOG_EVERY) -> None:
+        self.interval = interval
+        self._last = -math.inf
+        self.held = 0
+
+    def due(self) -> int | None:
+        """The number held back since the last line when a line is due now, else None."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.held += 1
+            return None
+        self._last, held, self.held = now, self.held, 0
+        return held
+
+
+def _since(held: int, what: str) -> str:
+    return f" ({held} more {what} since the last such line)" if held else ""
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset: no FIN handshake, no TIME_WAIT, nothing left to send."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One accepted connection. ``waiting``: it has not sent a complete request (TLS handshake,
+    a first request head or the next one), so it may make room for a newcomer."""
+
+    client: str
+    sock: socket.socket | None  # until asyncio's transport owns it
+    task: asyncio.Task[None] | None = None
+    waiting: bool = True
+    since: float = field(default_factory=time.monotonic)
+    released: bool = False
+
+
+#: The verdicts of :class:`_AuthGate`: let in, 401, 429.
+_OK, _DENIED, _BUSY = "ok", "denied", "busy"
+
+
+@dataclass(eq=False)
+class _Check:
+    """A bcrypt check waiting for the password thread; every request with the same credentials
+    (and the same web config) waits for the same one."""
+
+    auth: Any
+    user: str
+    password: bytes
+    client: str
+    future: asyncio.Future[bool]
+    key: tuple[int, str, bytes]
+
+
+class _AuthGate:
+    """Basic-auth verdicts, on the event loop. bcrypt runs on one thread of its own, at most
+    ``AUTH_CPU_SHARE`` of a core, for at most ``AUTH_QUEUE`` waiting checks; a client address
+    that has failed ``AUTH_FAILURE_BURST`` checks gets one more per ``AUTH_FAILURE_REFILL`` s."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
+        self._queue: list[tuple[float, int, _Check]] = []  # (-credit of its address, order, check)
+        self._order = itertools.count()
+        self._pending: dict[tuple[int, str, bytes], _Check] = {}
+        self._credit: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client: (credit, at)
+        self._runner: asyncio.Task[None] | None = None
+        self._log = _Every()
+        self.checks = 0  # bcrypt checks run
+        self.check_seconds = 0.0  # their wall time on the password thread
+        self.throttled = 0  # answered 429 without a check
+        self.denied = 0  # answered 401 with credentials
+
+    # -- per-address credit: failed checks one client may still cost now --
+
+    def credit(self, client: str) -> float:
+        got = self._credit.get(client)
+        if got is None:
+            return float(AUTH_FAILURE_BURST)
+        credit, at = got
+        return min(float(AUTH_FAILURE_BURST), credit + (time.monotonic() - at) / AUTH_FAILURE_REFILL)
+
+    def _add(self, client: str, amount: float) -> None:
+        credit = min(float(AUTH_FAILURE_BURST), self.credit(client) + amount)
+        self._credit[client] = (credit, time.monotonic())
+        self._credit.move_to_end(client)
+        while len(self._credit) > AUTH_CLIENTS:
+            self._credit.popitem(last=False)
+
+    def _retry_after(self, client: str) -> int:
+        return max(1, math.ceil((1.0 - self.credit(client)) * AUTH_FAILURE_REFILL))
+
+    # -- verdicts --
+
+    async def verdict(self, auth: Any, header: str | None, client: str) -> tuple[str, int]:
+        """(``_OK`` | ``_DENIED`` | ``_BUSY``, seconds to retry after for ``_BUSY``)."""
+        from .webconfig import parse_basic  # loaded already: only a web config sets basic auth
+
+        if not header:
+            return _DENIED, 0  # a first request without credentials, as browsers send: not logged
+        creds = parse_basic(header)
+        if creds is None:
+            return self._deny(client, "malformed Authorization header")
+        user, password = creds
+        known = auth.known(user, password)
+        if known is True:
+            return _OK, 0
+        if known is False:
+            return self._deny(client, "password over 72 bytes" if len(password) > 72 else "a wrong password again",
+                              user)
+        key = (id(auth), user, password)
+        check = self._pending.get(key)
+        if check is None:
+            credit = self.credit(client)
+            if credit < 1.0:
+                return self._throttle(client, "too many failed passwords from this address")
+            check = _Check(auth, user, password, client, asyncio.get_running_loop().create_future(), key)
+            if not self._enqueue(check, credit):
+                return self._throttle(client, "password checks busy")
+            self._add(client, -1.0)  # reserved; given back if the password is right or never checked
+        ok = await asyncio.shield(check.future)
+        if ok is None:
+            return self._throttle(client, "password checks busy")
+        if ok:
+            return _OK, 0
+        return self._deny(client, "wrong password or unknown user", user)
+
+    def _enqueue(self, check: _Check, credit: float) -> bool:
+        entry = (-credit, next(self._order), check)
+        if len(self._queue) >= AUTH_QUEUE:
+            worst = max(self._queue)
+            if entry >= worst:
+                return False
+            # A cleaner address goes first: the worst waiting check makes room.
+            self._queue.remove(worst)
+            heapq.heapify(self._queue)
+            self._drop(worst[2])
+        heapq.heappush(self._queue, entry)
+        self._pending[check.key] = check
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run())
+        return True
+
+    def _drop(self, check: _Check) -> None:
+        """A waiting check that will not run: its waiters are answered 429."""
+        self._pending.pop(check.key, None)
+        self._add(check.client, 1.0)
+        if not check.future.done():
+            check.future.set_result(None)  # type: ignore[arg-type]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                _, _, check = heapq.heappop(self._queue)
+                start = time.monotonic()
+                try:
+                    ok = bool(await loop.run_in_executor(self._pool, check.auth.verify, check.user, check.password))
+                except Exception as exc:  # bcrypt refused something: a wrong password, not a dead endpoint
+                    log.warning("http: password check failed: %r", exc)
+                    ok = False
+                took = time.monotonic() - start
+                self.checks += 1
+                self.check_seconds += took
+                self._pending.pop(check.key, None)
+                if ok:
+                    self._add(check.client, 1.0)
+                if not check.future.done():
+                    check.future.set_result(ok)
+                # Rest so that bcrypt takes at most AUTH_CPU_SHARE of one core.
+                await asyncio.sleep(min(1.0, took * (1.0 - AUTH_CPU_SHARE) / AUTH_CPU_SHARE))
+        finally:
+            self._runner = None
+
+    def _deny(self, client: str, why: str, user: str | None = None) -> tuple[str, int]:
+        self.denied += 1
+        held = self._log.due()
+        if held is not None:
+            who = f" as {user[:64]!r}" if user is not None else ""
+            log.warning("http: basic auth refused for %s%s: %s%s", client, who, why,
+                        _since(held, "refused or throttled"))
+        return _DENIED, 0
+
+    def _throttle(self, client: str, why: str) -> tuple[str, int]:
+        self.throttled += 1
+        held = self._log.due()
+        if held is not None:
+            log.warning("http: basic auth throttled for %s (429): %s%s", client, why,
+                        _since(held, "refused or throttled"))
+        return _BUSY, self._retry_after(client)
+
+    def close(self) -> None:
+        for _, _, check in self._queue:
+            if not check.future.done():
+                check.future.cancel()
+        self._queue.clear()
+        self._pending.clear()
+        if self._runner is not None:
+            self._runner.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/`` on an asyncio loop in its own thread.
 
@@ -273,6 +584,7 @@ class MetricsServer:
         idle_timeout: float = 5.0,
         write_timeout: float = 10.0,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_address: int = MAX_PER_ADDRESS,
         workers: int = WORKERS,
     ) -> None:
         if listener is None:
@@ -284,19 +596,25 @@ class MetricsServer:
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
         self.workers = workers
         self._set_web(listener.web)
         address = listener.sock.getsockname()
         self.host: str = address[0]
         self.port: int = address[1]
         self.connections = 0  # open now
-        self.refused = 0  # closed at once: over max_connections
+        self.refused = 0  # reset at once: over max_per_address, or max_connections and nobody to make room
+        self.evicted = 0  # waiting connections closed to make room for a newcomer
+        self.auth = _AuthGate()
+        self._by_client: dict[str, dict[_Conn, None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._accepting: socket.socket | None = None
+        self._accept_paused = False
         self._pool: ThreadPoolExecutor | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._refusal_log = _Every()
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
     @property
@@ -333,24 +651,10 @@ class MetricsServer:
         self._sans = web.allowed_sans if web is not None else set()
         self._extra_headers = list(web.headers.items()) if web is not None else []
 
-    async def _start_server(self) -> asyncio.AbstractServer:
-        """Serve the listening socket with the current web config's TLS (or none). The server gets
-        a duplicate of the socket: closing it (a new web config, stop) leaves the port bound."""
-        ctx = self.listener.web.ssl_context if self.listener.web is not None else None
-        return await asyncio.start_server(
-            self._connection,
-            sock=self.listener.sock.dup(),
-            backlog=BACKLOG,
-            limit=MAX_HEAD_BYTES,
-            ssl=ctx,
-            ssl_handshake_timeout=self.idle_timeout if ctx is not None else None,
-            ssl_shutdown_timeout=2.0 if ctx is not None else None,
-        )
-
     def apply_web(self, web: WebConfig | None) -> None:
         """A web config read again (SIGHUP): basic auth, headers and allowed SANs apply from the
-        next request, TLS from the next connection on the same port (a new server takes the
-        bound socket over; connections open now keep the TLS they have)."""
+        next request, TLS from the next connection on the same port (connections open now keep
+        the TLS they have)."""
         loop = self._loop
         if loop is None or not self._thread.is_alive():
             self.listener.web = web
@@ -359,27 +663,19 @@ class MetricsServer:
         asyncio.run_coroutine_threadsafe(self._swap_web(web), loop).result(timeout=10)
 
     async def _swap_web(self, web: WebConfig | None) -> None:
-        before = self.listener.web
+        # On the loop: no request sees half of the old rules and half of the new.
         self.listener.web = web
-        self._set_web(web)  # first: a connection the new server accepts is checked by the new rules
-        if (web.ssl_context if web is not None else None) is None and (
-                before is None or before.ssl_context is None):
-            return  # plain HTTP before and after: nothing to change on the socket
-        try:
-            server = await self._start_server()
-        except BaseException:
-            self.listener.web = before  # all or nothing: the running server keeps its rules
-            self._set_web(before)
-            raise
-        old, self._server = self._server, server
-        if old is not None:
-            old.close()  # stops accepting; its connections run on
+        self._set_web(web)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="http-work")
         try:
-            self._server = loop.run_until_complete(self._start_server())
+            # A duplicate of the listening socket: closing it (stop) leaves the port bound until
+            # the listener itself is closed.
+            self._accepting = self.listener.sock.dup()
+            self._accepting.setblocking(False)
+            loop.add_reader(self._accepting.fileno(), self._accept)
         except BaseException as exc:  # pragma: no cover - the socket is already bound
             self._error = exc
             self._ready.set()
@@ -393,52 +689,168 @@ class MetricsServer:
             loop.close()
 
     async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self._stop_accepting()
+        self.auth.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
 
+    def _stop_accepting(self) -> None:
+        sock, self._accepting = self._accepting, None
+        if sock is not None:
+            if not self._accept_paused and self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    # -- accepting: every limit before any TLS or HTTP work -------------------
+
+    def _accept(self) -> None:
+        """The listening socket is readable: take every connection waiting, as asyncio's own
+        servers do, so the kernel's queue never fills while the loop is busy."""
+        sock = self._accepting
+        if sock is None:
+            return
+        for _ in range(BACKLOG):
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of file descriptors: those waiting stay in the kernel's queue a moment.
+                    held = self._refusal_log.due()
+                    if held is not None:
+                        log.warning("http: cannot accept connections: %s (%d open)%s", _reason(exc),
+                                    self.connections, _since(held, "refused"))
+                    self._pause_accepting(0.1)
+                    return
+                continue  # one connection gone before it was accepted (ECONNABORTED): the next
+            conn.setblocking(False)
+            self._admit(conn, client_key(address))
+
+    def _pause_accepting(self, seconds: float) -> None:
+        loop, sock = self._loop, self._accepting
+        if loop is None or sock is None or self._accept_paused:
+            return
+        loop.remove_reader(sock.fileno())
+        self._accept_paused = True
+
+        def resume() -> None:
+            self._accept_paused = False
+            if self._accepting is not None:
+                loop.add_reader(self._accepting.fileno(), self._accept)
+
+        loop.call_later(seconds, resume)
+
+    def _admit(self, sock: socket.socket, client: str) -> None:
+        mine = self._by_client.get(client)
+        held = len(mine) if mine is not None else 0
+        if held >= self.max_per_address:
+            return self._refuse(sock, client, f"{held} connections open from that address "
+                                              f"(the most one address may hold)")
+        if self.connections >= self.max_connections and not self._make_room(held):
+            return self._refuse(sock, client, f"{self.connections} connections open (the most the endpoint "
+                                              "holds), none waiting from an address holding more")
+        conn = _Conn(client, sock)
+        if mine is None:
+            mine = self._by_client[client] = {}
+        mine[conn] = None
+        self.connections += 1
+        assert self._loop is not None
+        task = self._loop.create_task(self._connection(conn))
+        conn.task = task
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._finished, conn))
+
+    def _finished(self, conn: _Conn, task: asyncio.Task[None]) -> None:
+        """Also for a task cancelled before it ran (to make room): the socket is closed."""
+        self._tasks.discard(task)
+        self._release(conn)
+        if conn.sock is not None:
+            conn.sock.close()
+            conn.sock = None
+
+    def _refuse(self, sock: socket.socket, client: str, why: str) -> None:
+        self.refused += 1
+        _reset(sock)
+        held = self._refusal_log.due()
+        if held is not None:
+            log.warning("http: refused a connection from %s: %s%s", client, why, _since(held, "refused"))
+
+    def _make_room(self, newcomer_holds: int) -> bool:
+        """Close the longest-waiting connection of the address holding the most connections,
+        if it holds more than the newcomer's address would. True if one was closed."""
+        victim: _Conn | None = None
+        most = newcomer_holds + 1
+        for conns in self._by_client.values():
+            if len(conns) <= most:
+                continue
+            waiting = [c for c in conns if c.waiting]
+            if waiting:
+                victim, most = min(waiting, key=lambda c: c.since), len(conns)
+        if victim is None:
+            return False
+        self.evicted += 1
+        self._release(victim)
+        if victim.task is not None:
+            victim.task.cancel()
+        return True
+
+    def _release(self, conn: _Conn) -> None:
+        if conn.released:
+            return
+        conn.released = True
+        self.connections -= 1
+        mine = self._by_client.get(conn.client)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._by_client[conn.client]
+
     # -- one connection -----------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= self.max_connections:
-            self.refused += 1
-            writer.transport.abort()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
+    async def _connection(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        web = self.listener.web
+        ctx = web.ssl_context if web is not None else None
+        reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        writer: asyncio.StreamWriter | None = None
         abort = False
         try:
+            tls = {"ssl": ctx, "ssl_handshake_timeout": self.idle_timeout, "ssl_shutdown_timeout": 2.0} if ctx else {}
+            sock, conn.sock = conn.sock, None  # asyncio's from here: it closes it if the handshake fails
+            assert sock is not None
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, **tls)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             if self._sans and not _peer_allowed(writer.get_extra_info("peercert"), self._sans):
                 log.debug("http: client certificate SAN not in client_allowed_sans")
                 return
-            while await self._one_request(reader, writer):
+            while await self._one_request(conn, reader, writer):
                 pass
-        except (ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
-            # A client that does not read its response: close() would keep the
-            # unsent bytes (and the connection) until it does.
+        except (OSError, asyncio.IncompleteReadError):  # ConnectionError, TimeoutError, ssl.SSLError
+            # A failed TLS handshake, or a client that does not read its response: close() would
+            # keep the unsent bytes (and the connection) until it does.
             abort = True
         except asyncio.CancelledError:
-            # Shutting down. Finish rather than end cancelled: asyncio's stream
-            # callback logs a traceback for a cancelled connection task (3.11).
+            # Shutting down, or making room for a newcomer.
             abort = True
         except Exception:  # a bug must cost one connection, never the endpoint
             abort = True
             log.exception("http: unexpected error")
         finally:
-            self.connections -= 1
-            self._tasks.discard(task)
-            if abort:
+            # Without a writer there is no transport: asyncio has closed the socket (a failed
+            # handshake), or _finished does.
+            self._release(conn)
+            if writer is not None and abort:
                 writer.transport.abort()
-            else:
+            elif writer is not None:
                 writer.close()
 
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _one_request(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; True to keep the connection for another."""
+        conn.waiting, conn.since = True, time.monotonic()
         try:
             async with asyncio.timeout(self.idle_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -447,8 +859,10 @@ class MetricsServer:
         except TimeoutError:
             return False  # idle or too slow: the connection is dropped, nothing is answered
         except asyncio.LimitOverrunError:
+            conn.waiting = False
             await self._send(writer, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, b"request head too large\n", False)
             return False
+        conn.waiting = False
         try:
             req = _parse_head(head)
             await self._read_body(reader, req)
@@ -456,7 +870,7 @@ class MetricsServer:
             await self._send(writer, exc.status, f"{exc}\n".encode(), False)
             return False
         keep = req.keep_alive
-        status, headers, body = await self._respond(req)
+        status, headers, body = await self._respond(req, conn.client)
         await self._send(writer, status, body, keep, headers, head_only=req.method == "HEAD", version=req.version)
         if log.isEnabledFor(logging.DEBUG):
             log.debug('http: %s "%s %s" %d', writer.get_extra_info("peername"), req.method, req.target, status)
@@ -469,23 +883,31 @@ class MetricsServer:
         length = req.headers.get("content-length")
         if length is None:
             return
-        if not length.isdigit():
+        # ASCII digits only: str.isdigit() is true for '²' and '٣', which int() refuses or reads.
+        if not (length.isascii() and length.isdigit()):
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-        n = int(length)
-        if n > MAX_BODY_BYTES:
+        if len(length) > 12 or int(length) > MAX_BODY_BYTES:
             raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+        n = int(length)
         if n:
             async with asyncio.timeout(self.idle_timeout):
                 await reader.readexactly(n)
 
-    async def _respond(self, req: _Request) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
-        if self._auth is not None and not await self._authorized(req.headers.get("authorization")):
-            return (
-                HTTPStatus.UNAUTHORIZED,
-                [("WWW-Authenticate", 'Basic realm="gpu-cost-agent", charset="UTF-8"'),
-                 ("Content-Type", "text/plain; charset=utf-8")],
-                b"Unauthorized\n",
-            )
+    async def _respond(self, req: _Request, client: str) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+        auth = self._auth  # the one in force when the request came (SIGHUP may replace it)
+        if auth is not None:
+            verdict, retry_after = await self.auth.verdict(auth, req.headers.get("authorization"), client)
+            if verdict == _BUSY:
+                return (HTTPStatus.TOO_MANY_REQUESTS, [("Retry-After", str(retry_after)),
+                                                       ("Content-Type", "text/plain; charset=utf-8")],
+                        b"too many failed password checks\n")
+            if verdict != _OK:
+                return (
+                    HTTPStatus.UNAUTHORIZED,
+                    [("WWW-Authenticate", 'Basic realm="gpu-cost-agent", charset="UTF-8"'),
+                     ("Content-Type", "text/plain; charset=utf-8")],
+                    b"Unauthorized\n",
+                )
         if req.method not in ("GET", "HEAD"):
             return (HTTPStatus.METHOD_NOT_ALLOWED, [("Allow", "GET, HEAD"),
                                                    ("Content-Type", "text/plain; charset=utf-8")],
@@ -510,16 +932,6 @@ class MetricsServer:
             )
             return HTTPStatus.OK, [("Content-Type", "text/html; charset=utf-8")], page.encode()
         return HTTPStatus.NOT_FOUND, [("Content-Type", "text/plain; charset=utf-8")], b"not found\n"
-
-    async def _authorized(self, header: str | None) -> bool:
-        auth = self._auth  # the one in force when the request came (SIGHUP may replace it)
-        assert auth is not None
-        if not header:
-            return False
-        if auth.cached(header):
-            return True
-        loop = asyncio.get_running_loop()
-        return await asyncio.shield(loop.run_in_executor(self._pool, auth.check, header))
 
     async def _metrics(self, req: _Request) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
         accept = req.headers.get("accept", "")

@@ -26,6 +26,26 @@ from .sampler import Sampler
 log = logging.getLogger(__name__)
 
 
+#: A SIGHUP came before the service put up its own handlers (see :func:`defer_sighup_until_serving`).
+_early_hup = False
+
+
+def defer_sighup_until_serving() -> None:
+    """At the start of a serving command: a SIGHUP from now on only notes itself, and the
+    service reads the configuration again once it serves (:meth:`Service.run_forever`).
+    SIGHUP's default action ends the process, and a start can take long (an NVML init that
+    hangs for its 10 s, a long trace being read)."""
+
+    def on_hup(_signum: int, _frame: Any) -> None:
+        global _early_hup
+        _early_hup = True  # only this in the handler: the main thread may be anywhere (holding a lock)
+
+    try:
+        signal.signal(signal.SIGHUP, on_hup)
+    except ValueError:  # not the main thread (tests calling main): nothing to defer there
+        pass
+
+
 #: The notify socket, connected once (WATCHDOG=1 goes out every tick): (address, socket).
 _notify: tuple[str, socket.socket] | None = None
 _notify_lock = threading.Lock()
@@ -452,7 +472,7 @@ class Service:
 
     def reload(self) -> bool:
         """SIGHUP: apply a valid new configuration from now on; refuse an invalid one."""
-        from .config import Refused
+        from .config import Refused, clip_line
 
         if self._reload is None:
             log.warning("received SIGHUP, but this agent has no configuration to reload")
@@ -461,6 +481,10 @@ class Service:
             checked = self._reload()
         except Refused as exc:
             log.error("received SIGHUP: new configuration refused, the running one stays: %s", exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 — no file may end the daemon: validate should have said
+            log.error("received SIGHUP: new configuration refused, the running one stays: %s",
+                      clip_line(f"{type(exc).__name__}: {exc}"))
             return False
         new = checked.settings
         self.sampler.reconfigure(new)
@@ -493,13 +517,22 @@ class Service:
     def run_forever(self) -> int:
         self._install_signals()
         self.start()
+        global _early_hup
+        if _early_hup:  # a SIGHUP while starting: acted on now that the agent serves
+            _early_hup = False
+            log.info("received SIGHUP while starting: reading the configuration again now")
+            self._reload_requested = True
+            self._wake.set()
         while not self.stopped.is_set():
             # No timeout: the signal handlers set _wake, so an idle agent's main thread never wakes.
             self._wake.wait()
             self._wake.clear()
             if self._reload_requested and not self.stopped.is_set():
                 self._reload_requested = False
-                self.reload()
+                try:
+                    self.reload()
+                except Exception as exc:  # noqa: BLE001 — applying it half-way must not end the agent
+                    log.error("received SIGHUP: applying the new configuration failed: %r", exc)
             if self._save_requested:
                 self._save_requested = False
                 log.info("received SIGUSR1: writing the totals now")

@@ -15,7 +15,8 @@ Relative file names are resolved against the directory of the web-config file,
 as exporter-toolkit does. Passwords are bcrypt hashes (the optional ``bcrypt``
 package: ``pip install 'gpu-cost-agent[web]'``); a successful check is cached
 per user and password, so a scrape costs one bcrypt computation per process,
-not one per request.
+not one per request; so is a failure, and a password over bcrypt's 72 bytes is refused
+without one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import re
 import ssl
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,6 +138,8 @@ class Headers(_Strict):
     def _one_line(cls, v: str | None) -> str | None:
         if v is not None and any(c in v for c in "\r\n\0"):
             raise ValueError("a header value must be one line")
+        if v is not None and not v.isascii():
+            raise ValueError("a header value must be ASCII text")
         return v
 
 
@@ -171,8 +175,21 @@ class WebConfigFile(_Strict):
         return users
 
 
+#: bcrypt reads at most 72 bytes of a password (bcrypt 5 raises on more): a longer one can never
+#: match a hash made by a checking tool, so it is refused without running bcrypt at all.
+MAX_PASSWORD_BYTES = 72
+#: Wrong (user, password) pairs remembered: a client that repeats a wrong password (a misconfigured
+#: Prometheus, a replayed guess) is answered from memory, not with another bcrypt computation.
+BAD_CACHE = 4096
+
+
 class BasicAuth:
-    """Checks ``Authorization: Basic`` headers against bcrypt hashes, caching successes."""
+    """Checks ``Authorization: Basic`` headers against bcrypt hashes, caching successes and failures.
+
+    The caches hold an HMAC of user and password under a key made at start, never a password.
+    :meth:`verify` is the only costly call (a bcrypt computation, tens of ms); the endpoint runs
+    it on its own thread and decides how often (:class:`agent.http.MetricsServer`).
+    """
 
     def __init__(self, users: dict[str, str]) -> None:
         import bcrypt  # checked by load()
@@ -184,40 +201,60 @@ class BasicAuth:
         self._dummy = bcrypt.hashpw(b"gpu-cost-agent", bcrypt.gensalt(rounds=10))
         self._key = os.urandom(32)  # the cache never holds a password, only an HMAC of it
         self._ok: set[bytes] = set()
+        self._bad: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
+        self.checks = 0  # bcrypt computations done
 
     def _cache_key(self, user: str, password: bytes) -> bytes:
         return hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()
 
-    def cached(self, header: str | None) -> bool:
-        """True when this header was already verified: the cheap path of every scrape."""
-        creds = _parse_basic(header)
-        if creds is None:
+    def known(self, user: str, password: bytes) -> bool | None:
+        """True or False when the answer needs no bcrypt (a cached verdict, an over-long
+        password), None when it does."""
+        if len(password) > MAX_PASSWORD_BYTES:
             return False
-        with self._lock:
-            return self._cache_key(*creds) in self._ok
-
-    def check(self, header: str | None) -> bool:
-        """Verify the header (bcrypt: tens of ms; run it off the event loop)."""
-        creds = _parse_basic(header)
-        if creds is None:
-            return False
-        user, password = creds
         key = self._cache_key(user, password)
         with self._lock:
             if key in self._ok:
                 return True
+            if key in self._bad:
+                self._bad.move_to_end(key)
+                return False
+        return None
+
+    def verify(self, user: str, password: bytes) -> bool:
+        """Check with bcrypt (tens of ms: run it off the event loop) and remember the verdict."""
+        known = self.known(user, password)
+        if known is not None:
+            return known
         hashed = self._users.get(user)
+        self.checks += 1
         ok = self._bcrypt.checkpw(password, hashed if hashed is not None else self._dummy) and hashed is not None
-        if ok:
-            with self._lock:
+        key = self._cache_key(user, password)
+        with self._lock:
+            if ok:
                 if len(self._ok) >= 1024:  # bounded: a handful of real scrapers ever need a slot
                     self._ok.clear()
                 self._ok.add(key)
+            else:
+                self._bad[key] = None
+                if len(self._bad) > BAD_CACHE:
+                    self._bad.popitem(last=False)
         return ok
 
+    def cached(self, header: str | None) -> bool:
+        """True when this header was already verified: the cheap path of every scrape."""
+        creds = parse_basic(header)
+        return creds is not None and self.known(*creds) is True
 
-def _parse_basic(header: str | None) -> tuple[str, bytes] | None:
+    def check(self, header: str | None) -> bool:
+        """Verify the header: :meth:`verify` for ``Authorization: Basic`` credentials."""
+        creds = parse_basic(header)
+        return creds is not None and self.verify(*creds)
+
+
+def parse_basic(header: str | None) -> tuple[str, bytes] | None:
+    """(user, password) of an ``Authorization: Basic`` header; None when it is absent or malformed."""
     if not header:
         return None
     scheme, _, token = header.strip().partition(" ")

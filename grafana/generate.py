@@ -13,7 +13,9 @@ every panel follows the same conventions:
 - per-GPU series name the GPU by node, index, model and UUID (the index repeats across
   nodes), joined from ``gpucost_gpu_info``;
 - rates use ``$__rate_interval``; node and fleet cost use the recording rules of
-  ``deploy/prometheus/rules/gpucost.rules.yml``, per-GPU detail the raw metrics.
+  ``deploy/prometheus/rules/gpucost.rules.yml``, per-GPU detail the raw metrics;
+- cost is fully loaded (energy + hardware + running), and where the kinds are shown apart
+  they are energy, hardware and running, in that order (:data:`COST_KINDS`).
 
 :func:`dashboard_queries` lists every panel query with the template variables filled
 in, for tests that run them against a real Prometheus
@@ -55,16 +57,21 @@ GRAMS = "massg"
 INTENSITY = "suffix: g CO2e/kWh"
 RATIO = "percentunit"  # 0..1
 SECONDS = "s"
+HOURS = "h"
 BYTES = "bytes"
 COUNT = "short"
 PLAIN = "none"  # dimensionless (PUE), states and labels
 
 J_PER_KWH = "3.6e6"
 
+#: The kinds of cost (the `cost_kind` label of gpucost_workload_cost_total, the `kind` of
+#: gpucost_cost_to_date), in the order every panel shows them.
+COST_KINDS = ("energy", "hardware", "running")
+
 #: How the README names each unit.
 UNIT_WORDS = {
     MONEY: "currency", WATT: "W", KWH: "kWh", GRAMS: "g CO2e", INTENSITY: "g CO2e/kWh", RATIO: "%",
-    SECONDS: "s", BYTES: "bytes", COUNT: "count", PLAIN: "no unit",
+    SECONDS: "s", HOURS: "h", BYTES: "bytes", COUNT: "count", PLAIN: "no unit",
 }
 
 
@@ -219,6 +226,56 @@ def pie(title: str, description: str, unit: str, targets: Sequence[dict]) -> dic
     )
 
 
+def table(title: str, description: str, unit: str, targets: Sequence[dict], *, columns: Sequence[str],
+          sort: str | None = None) -> dict:
+    """A table of instant values, one row per label set: the value of each target is a column
+    named by ``columns`` (in target order), the rows of all targets merged on their labels
+    (so every target must be summed by the same labels)."""
+    assert len(columns) == len(targets)
+    for t in targets:
+        t.update(instant=True, range=False, format="table")
+    return _panel(
+        "table", title, description, unit, targets,
+        defaults={"custom": {"align": "auto", "cellOptions": {"type": "auto"}, "inspect": False}},
+        options={
+            "cellHeight": "sm",
+            "footer": {"countRows": False, "fields": "", "reducer": ["sum"], "show": False},
+            "showHeader": True,
+            "sortBy": [{"desc": True, "displayName": sort or columns[-1]}],
+        },
+        transformations=[
+            {"id": "merge", "options": {}},
+            {"id": "organize", "options": {
+                "excludeByName": {"Time": True},
+                "indexByName": {},
+                # Grafana names the value of query A "Value #A" when a panel has several
+                "renameByName": {f"Value #{chr(ord('A') + i)}": name for i, name in enumerate(columns)},
+            }},
+        ],
+    )
+
+
+def cost_kind_table(title: str, description: str, summed: Any, by: str, *, top: int = 0,
+                    blank: tuple[str, str] | None = None) -> dict:
+    """Money by ``by`` with the cost kinds side by side: columns energy, hardware, running and
+    total. ``summed(matcher)`` is the money summed by ``by`` (which includes currency), its
+    selector narrowed by ``matcher`` (``, cost_kind="energy"`` or ""). A kind a row lacks shows
+    0 (`or` 0 x the total), so every column has data; ``top`` keeps the rows of the dearest
+    totals; ``blank`` = (label, text) shows an empty label as text."""
+    total = summed("")
+    kept = f"topk({top}, {total})" if top else total
+    exprs = []
+    for kind in COST_KINDS:
+        only = summed(f', cost_kind="{kind}"')
+        e = f"({only} or 0 * {total})"
+        exprs.append(f"{e} and on ({by}) {kept}" if top else e)
+    exprs.append(kept)
+    if blank:
+        exprs = [blank_as(e, *blank) for e in exprs]
+    return table(title, description, MONEY, [target(e, "{{currency}}") for e in exprs],
+                 columns=[*COST_KINDS, "total"], sort="total")
+
+
 UP_MAPPINGS = [{"type": "value", "options": {
     "0": {"text": "DOWN", "color": "red", "index": 0},
     "1": {"text": "UP", "color": "green", "index": 1},
@@ -335,20 +392,30 @@ def dashboard(uid: str, title: str, description: str, variables: list[dict], boa
 NODE = 'job="$job", instance="$instance"'
 NODE_GPUS = NODE + ', gpu=~"$gpu"'
 
+#: Per-GPU records of the own-vs-cloud rules (deploy/prometheus/rules/gpucost.rules.yml).
+GPU_COST = "instance_gpu_currency:gpucost_cost_per_hour:rate5m"
+GPU_HOURS = "instance_gpu_currency:gpucost_gpu_hours:rate5m"
+BUSY_HOURS = "instance_gpu_currency:gpucost_busy_gpu_hours:rate5m"
+CLOUD_PRICE = "instance_gpu_offering_currency:gpucost_cloud_price_per_gpu_hour:max"
+IDLE_CAPACITY = "instance_gpu_currency:gpucost_idle_capacity_cost_per_hour:rate5m"
+SAVINGS_NOTE = ("Saved = what renting the GPU-hours workloads held at the cloud price would have cost − the own "
+                "fully loaded cost (idle hours included); below 0, renting would have been cheaper.")
+
 
 def node_dashboard() -> dict:
     n, g = NODE, NODE_GPUS
     b = Board()
 
     b.row("Cost")
-    b.add(stat("Cost per hour", "Energy + hardware amortisation, 5-minute average (recording rule).", MONEY, [
+    b.add(stat("Cost per hour", "Fully loaded: energy + hardware amortisation + running costs, 5-minute average "
+               "(recording rule).", MONEY, [
         target(f"sum by (currency) (instance_currency:gpucost_cost_per_hour:rate5m{{{n}}})", "{{currency}}"),
     ]), 4, 4)
-    b.add(stat("Today", "Cost since midnight in the tariff's time zone: energy + hardware.", MONEY, [
+    b.add(stat("Today", "Cost since midnight in the tariff's time zone: energy + hardware + running.", MONEY, [
         target(f"sum by (currency) (instance_currency:gpucost_cost_today:sum{{{n}}})", "{{currency}}"),
     ]), 4, 4)
-    b.add(stat("Month to date", "Cost since the 1st of the month in the tariff's time zone: energy + hardware.",
-               MONEY, [
+    b.add(stat("Month to date", "Cost since the 1st of the month in the tariff's time zone: energy + hardware + "
+               "running.", MONEY, [
         target(f"sum by (currency) (instance_currency:gpucost_cost_month_to_date:sum{{{n}}})", "{{currency}}"),
     ]), 4, 4)
     b.add(stat("Month projected", "Month to date + the current cost per hour until the month ends (UTC).", MONEY, [
@@ -362,12 +429,12 @@ def node_dashboard() -> dict:
         target(f"instance_currency:gpucost_effective_price_per_kwh:rate1h{{{n}}}", "{{currency}}/kWh"),
     ]), 4, 4)
 
-    b.add(timeseries("Cost per hour: energy and hardware", "Stacked: the node's energy cost and hardware "
-                     "amortisation per hour, 5-minute averages (recording rules).", MONEY, [
-        target(f"sum by (currency) (instance_currency:gpucost_energy_cost_per_hour:rate5m{{{n}}})",
-               "energy {{currency}}"),
-        target(f"sum by (currency) (instance_currency:gpucost_hardware_cost_per_hour:rate5m{{{n}}})",
-               "hardware {{currency}}"),
+    b.add(timeseries("Cost per hour: energy, hardware, running", "Stacked: the node's energy cost, hardware "
+                     "amortisation and running costs (colocation, network, support...) per hour, 5-minute averages "
+                     "(recording rules).", MONEY, [
+        target(f"sum by (currency) (instance_currency:gpucost_{kind}_cost_per_hour:rate5m{{{n}}})",
+               f"{kind} {{{{currency}}}}")
+        for kind in COST_KINDS
     ], stack=True), 12, 8)
     b.add(timeseries("Energy cost per hour by GPU and host", "Per GPU from the recording rule; the host's share "
                      "(CPU, memory, platform) from its cost counter.", MONEY, [
@@ -376,19 +443,65 @@ def node_dashboard() -> dict:
                "host {{currency}}"),
     ], stack=True), 12, 8)
 
-    b.add(pie("This month: energy vs hardware", "Month to date by kind (and this month's demand charge where the "
-              "tariff has one).", MONEY, [
+    b.add(pie("This month by kind", "Month to date by kind: energy, hardware, running (and this month's demand "
+              "charge where the tariff has one).", MONEY, [
         target(f'sum by (kind, currency) (gpucost_cost_to_date{{{n}, period="month"}})'
                f' or sum by (kind, currency) ({tagged(f"gpucost_demand_charge{{{n}}}", "kind", "demand charge")})',
                "{{kind}} {{currency}}"),
     ]), 8, 8)
-    b.add(bars("Cost in the time range by GPU", "Energy cost and hardware amortisation of each GPU over the "
-               "dashboard's time range.", MONEY, [
-        gpu_target(in_range(f"{GPU_KEY}, currency", f'gpucost_energy_cost_total{{{g}, component="gpu"}}'),
-                   n, "energy", "{{currency}}"),
-        gpu_target(in_range(f"{GPU_KEY}, currency", f'gpucost_hardware_cost_total{{{g}, component="gpu"}}'),
-                   n, "hardware", "{{currency}}"),
+    b.add(bars("Cost in the time range by GPU", "Each GPU's own energy cost, hardware amortisation and running "
+               "costs over the dashboard's time range (the node's own costs, host and server, not included).", MONEY, [
+        gpu_target(in_range(f"{GPU_KEY}, currency", f'gpucost_{kind}_cost_total{{{g}, component="gpu"}}'),
+                   n, kind, "{{currency}}")
+        for kind in COST_KINDS
     ]), 16, 8)
+
+    b.row("Own cost vs. the cloud")
+    own = f"sum by (currency) ({GPU_COST}{{{g}}})"
+    b.add(stat("Own cost per GPU-hour", "Fully loaded cost of the selected GPUs (their share of the node's too) per "
+               "hour each was owned, busy or not, 5-minute average (recording rules).", MONEY, [
+        target(f"{own} / sum by (currency) ({GPU_HOURS}{{{g}}})", "{{currency}}"),
+    ]), 4, 4)
+    b.add(stat("Own cost per busy GPU-hour", "The same cost over the hours workloads held the GPUs: what a GPU-hour "
+               "of work really cost. Owning is cheaper than the cloud while this is below the cloud price.", MONEY, [
+        target(f"{own} / (sum by (currency) ({BUSY_HOURS}{{{g}}}) > 0)", "{{currency}}"),
+    ]), 4, 4)
+    b.add(stat("Cloud price per GPU-hour", "What renting a GPU of the same model costs per hour in each configured "
+               "cloud offering ([[cloud_prices]], never fetched).", MONEY, [
+        target(f"avg by (provider, offering, currency) ({CLOUD_PRICE}{{{g}}})", "{{provider}} {{offering}} {{currency}}"),
+    ]), 4, 4)
+    b.add(stat("Busy", "Share of the GPU-hours that workloads held the GPUs (not unallocated, not unknown "
+               "processes), 5-minute average.", RATIO, [
+        target(f"max(sum by (currency) ({BUSY_HOURS}{{{g}}}) / sum by (currency) ({GPU_HOURS}{{{g}}}))", "busy"),
+    ]), 4, 4)
+    b.add(stat("Break-even utilisation", "The busy share above which owning the node's GPUs is cheaper than renting "
+               "the busy hours: own cost per GPU-hour ÷ cloud price (recording rule). Above 100 %: renting is "
+               "cheaper however busy.", RATIO, [
+        target(f"instance_offering_currency:gpucost_break_even_utilization:ratio{{{n}}}", "{{provider}} {{offering}}"),
+    ]), 4, 4)
+    b.add(stat("Saved vs. the cloud, month to date", SAVINGS_NOTE, MONEY, [
+        target(f"instance_offering_currency:gpucost_cloud_savings_month_to_date:sum{{{n}}}",
+               "{{provider}} {{offering}} {{currency}}"),
+    ], thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 0}]), 4, 4)
+    b.add(timeseries("Own cost per GPU-hour vs. cloud price", "Own fully loaded cost per GPU-hour owned and per "
+                     "busy GPU-hour, against each cloud price (dashed).", MONEY, [
+        target(f"{own} / sum by (currency) ({GPU_HOURS}{{{g}}})", "own per GPU-hour {{currency}}"),
+        target(f"{own} / (sum by (currency) ({BUSY_HOURS}{{{g}}}) > 0)", "own per busy GPU-hour {{currency}}"),
+        target(f"avg by (provider, offering, currency) ({CLOUD_PRICE}{{{g}}})",
+               "cloud {{provider}} {{offering}} {{currency}}"),
+    ], overrides=[dashed("/^cloud/")]), 8, 8)
+    b.add(timeseries("Busy vs. break-even", "Busy share of the GPU-hours against the break-even utilisation of each "
+                     "cloud price (dashed): above it, owning is cheaper.", RATIO, [
+        target(f"max(sum by (currency) ({BUSY_HOURS}{{{g}}}) / sum by (currency) ({GPU_HOURS}{{{g}}}))", "busy"),
+        target(f"instance_offering_currency:gpucost_break_even_utilization:ratio{{{n}}}",
+               "break-even {{provider}} {{offering}}"),
+    ], overrides=[dashed("/^break-even/")]), 8, 8)
+    b.add(bars("This month: own vs. cloud", "Own fully loaded cost month to date, and what renting the GPU-hours "
+               "workloads held would have cost at each cloud price (recording rules).", MONEY, [
+        target(f"sum by (currency) (instance_currency:gpucost_cost_month_to_date:sum{{{n}}})", "own {{currency}}"),
+        target(f"instance_offering_currency:gpucost_cloud_cost_month_to_date:sum{{{n}}}",
+               "cloud {{provider}} {{offering}} {{currency}}"),
+    ]), 8, 8)
 
     b.row("Price, PUE, carbon")
     b.add(timeseries("Energy price and band", "Price per facility kWh in force; a new colour is a new band.", MONEY, [
@@ -442,16 +555,25 @@ def node_dashboard() -> dict:
     ]), 12, 8)
 
     b.row("Idle GPUs")
-    b.add(timeseries("Idle cost per hour by GPU", "Energy cost per hour spent while the GPU's utilisation was below "
-                     "the idle threshold (recording rule).", MONEY, [
+    b.add(timeseries("Idle capacity cost per hour by GPU", "Fully loaded cost (energy, hardware, running) of the "
+                     "time nobody held the GPU (workload unallocated): money burnt by an unused GPU (recording "
+                     "rule).", MONEY, [
+        gpu_target(f"{IDLE_CAPACITY}{{{g}}}", n, suffix="{{currency}}"),
+    ]), 6, 8)
+    b.add(timeseries("Idle energy cost per hour by GPU", "Energy cost per hour spent while the GPU's utilisation "
+                     "was below the idle threshold, held or not (recording rule).", MONEY, [
         gpu_target(f"instance_gpu_currency:gpucost_idle_cost_per_hour:rate5m{{{g}}}", n, suffix="{{currency}}"),
-    ]), 8, 8)
-    b.add(bars("Idle cost in the time range", "Money spent on idle GPUs over the dashboard's time range.", MONEY, [
-        gpu_target(in_range(f"{GPU_KEY}, currency", f"gpucost_gpu_idle_cost_total{{{g}}}"), n, suffix="{{currency}}"),
-    ]), 8, 8)
+    ]), 6, 8)
+    b.add(bars("Idle cost in the time range", "Per GPU over the dashboard's time range: the idle capacity cost "
+               "(fully loaded, nobody held it) and the energy cost while idle.", MONEY, [
+        gpu_target(in_range(f"{GPU_KEY}, currency", f'gpucost_workload_cost_total{{{g}, workload="unallocated"}}'),
+                   n, "capacity", "{{currency}}"),
+        gpu_target(in_range(f"{GPU_KEY}, currency", f"gpucost_gpu_idle_cost_total{{{g}}}"), n, "energy",
+                   "{{currency}}"),
+    ]), 6, 8)
     b.add(timeseries("GPU utilisation", "Fraction of time a kernel ran on the GPU.", RATIO, [
         gpu_target(f"gpucost_gpu_utilization_ratio{{{g}}}", n),
-    ]), 8, 8)
+    ]), 6, 8)
 
     b.row("Agent health")
     b.add(stat("Agent", "Is Prometheus scraping the agent (up), and can the agent read its GPUs (GPU source)?",
@@ -500,7 +622,8 @@ def node_dashboard() -> dict:
     ]
     return dashboard(
         "gpucost-node", "GPU cost: node",
-        "One node: what it costs now, today and this month, where the energy goes, and whether the agent is healthy.",
+        "One node: what it costs now, today and this month (fully loaded: energy, hardware, running), against "
+        "renting its GPUs in a cloud, where the energy goes, idle GPUs, and whether the agent is healthy.",
         variables, b,
     )
 

@@ -66,9 +66,9 @@ def test_trace_c_on_metrics_of_the_real_process(tmp_path):
     gpu = sum(s.value for s in fam["gpucost_gpu_energy_joules"] if s.name.endswith("_total"))
     gpu_cost = next(s.value for s in fam["gpucost_energy_cost"]
                     if s.name.endswith("_total") and s.labels["component"] == "gpu")
-    # The energy kind of the workloads' cost: the GPU's energy and the host's (one GPU: all of it).
+    # The energy kind of the workloads' cost: the GPU's energy and the host's, if any (one GPU: all of it).
     node_energy_cost = math.fsum(s.value for s in fam["gpucost_energy_cost"] if s.name.endswith("_total"))
-    assert node_energy_cost > gpu_cost
+    assert node_energy_cost >= gpu_cost  # the trace holds no host readings: equal here
     energy = {s.labels["workload"]: s for s in fam["gpucost_workload_gpu_energy_joules"] if s.name.endswith("_total")}
     cost = {s.labels["workload"]: s for s in fam["gpucost_workload_cost"]
             if s.name.endswith("_total") and s.labels["cost_kind"] == "energy"}
