@@ -95,11 +95,12 @@ class Sampler:
         self.tick_seconds = tick_seconds
         self.counter_interval = counter_interval
         self.ledger = ledger or Ledger()
-        self.ledger.on_error = self._count
+        self.ledger.on_error = self.count
         self.host = host
         self.source_kind = source.kind if source is not None else source_kind
         self.source_error = source_error
         self.errors: Counter[str] = Counter()
+        self._errors_lock = threading.Lock()
         self.ticks = 0
         self.counter_reads = 0
         self._lock = threading.Lock()  # one tick at a time, whoever calls it
@@ -133,7 +134,7 @@ class Sampler:
         if source is not None:
             self._install(source, methods if methods is not None else probe_methods(source, energy_method))
             if attribution is not None:
-                attribution.bind(self.devices, self._count)
+                attribution.bind(self.devices, self.count)
         self._open_accounts()
         self.snapshot = self._build(None)
 
@@ -151,7 +152,7 @@ class Sampler:
                 counter_interval=self.counter_interval,
                 tick_seconds=self.tick_seconds,
                 max_watts=d.power_limit_watts,
-                on_event=self._count,
+                on_event=self.count,
             )
             log.info("GPU %d (%s, %s): energy from %s", d.index, d.name, d.uuid, _METHOD_TEXT[method])
             self._resume(d)
@@ -171,7 +172,7 @@ class Sampler:
             self.source_error = ""
             self._install(source, methods)
             if self.attribution is not None:
-                self.attribution.bind(self.devices, self._count)
+                self.attribution.bind(self.devices, self.count)
             self._open_accounts()
             self.snapshot = self._build(self.snapshot.t_wall)
 
@@ -195,8 +196,16 @@ class Sampler:
             self._open_accounts()
             self.snapshot = self._build(self.snapshot.t_wall)
 
-    def _count(self, kind: str) -> None:
-        self.errors[kind] += 1
+    def count(self, kind: str, n: int = 1) -> None:
+        """Count ``n`` errors of ``kind``: from the tick's thread, the GPU worker, the scheduler's
+        jobs and the ticker, so under a lock (``+=`` on a Counter is not atomic across threads)."""
+        with self._errors_lock:
+            self.errors[kind] += n
+
+    def errors_now(self) -> dict[str, int]:
+        """Every error kind's count, the known kinds at 0 included (a copy, taken under the lock)."""
+        with self._errors_lock:
+            return {**dict.fromkeys(ERROR_KINDS, 0), **self.errors}
 
     def energy_method(self, index: int) -> str:
         return self._energy[index].method
@@ -233,7 +242,7 @@ class Sampler:
                 if ok:
                     self._energy[index].add_samples(value)
                     continue
-                self._count("power_samples")
+                self.count("power_samples")
                 if isinstance(value, GpuError):
                     log.debug("GPU %d: power samples failed: %s", index, value)
                 else:  # a poll must never take the schedule down
@@ -369,7 +378,7 @@ class Sampler:
         try:
             sample = self.host.read(mono)  # type: ignore[union-attr]
         except Exception as exc:  # host readings must never stop GPU sampling
-            self._count("host_read")
+            self.count("host_read")
             log.warning("host read failed: %s", exc)
             return
         prev = self._host_sample
@@ -416,7 +425,7 @@ class Sampler:
                 continue
             ok, fetched = outcome
             if not ok:  # not a GpuError: a bug or a binding surprise; the GPU stays as it was
-                self._count("gpu_read")
+                self.count("gpu_read")
                 log.warning("GPU %d: read failed unexpectedly: %r", d.index, fetched)
                 continue
             self._account_gpu(d.index, fetched, wall, mono)
@@ -429,7 +438,7 @@ class Sampler:
         for i in indices:
             log.error("GPU %d did not answer within %.1f s: marked down, and not asked again until "
                       "that call returns", i, GPU_CALL_DEADLINE_SECONDS)
-            self._count("gpu_timeout")
+            self.count("gpu_timeout")
             self._up[i] = False
             self._readings[i] = None
 
@@ -438,7 +447,7 @@ class Sampler:
             retry = self._lost.get(index)
             if retry is None:
                 log.error("GPU %d lost: %s; re-acquiring it with back-off", index, f.lost)
-                self._count("gpu_lost")
+                self.count("gpu_lost")
                 delay = LOST_RETRY_FIRST_SECONDS
             else:
                 delay = min(2 * retry[1], LOST_RETRY_MAX_SECONDS)
@@ -460,17 +469,17 @@ class Sampler:
                         f.read_error or ", ".join(reading.failed))
         self._up[index] = answered
         if f.read_error is not None:
-            self._count(f.read_error.kind)
+            self.count(f.read_error.kind)
         self._readings[index] = reading if answered else None
         for _ in reading.failed:
-            self._count("gpu_read")
+            self.count("gpu_read")
         if f.counter is not None:
             self.counter_reads += 1
         if f.counter_error is not None:
-            self._count("energy_counter")
+            self.count("energy_counter")
             log.debug("GPU %d: counter read failed: %s", index, f.counter_error)
         if f.samples_error is not None:
-            self._count("power_samples")
+            self.count("power_samples")
             log.debug("GPU %d: power samples failed: %s", index, f.samples_error)
         acc = self._energy[index]
         slices = acc.tick(mono, wall, reading.power_watts, reading.utilization_gpu_ratio, f.counter, f.samples)
@@ -512,7 +521,7 @@ class Sampler:
                 last_success_monotonic=self._last_success_mono,
                 last_duration_seconds=self._last_duration,
                 ticks_total=self.ticks,
-                errors={**dict.fromkeys(ERROR_KINDS, 0), **self.errors},
+                errors=self.errors_now(),
                 energy_counter_reads_total=self.counter_reads,
                 last_save_timestamp=self.last_save_timestamp,
             ),

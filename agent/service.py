@@ -300,18 +300,18 @@ class Service:
     def _on_event(self, event: JobEvent) -> None:
         """A job of the scheduler (persist, dcmi, samples; the tick has its own :class:`Ticker`) failed."""
         if event.code == EVENT_JOB_ERROR:
-            self.sampler.errors["tick_exception"] += 1
+            self.sampler.count("tick_exception")
             log.error("%s job failed: %r", event.job_id, getattr(event, "exception", None))
 
     def _on_tick_error(self, exc: BaseException) -> None:
-        self.sampler.errors["tick_exception"] += 1
+        self.sampler.count("tick_exception")
         log.error("sample job failed: %r", exc)
 
     def _on_skip(self, job_id: str, beats: int) -> None:
         """Whole beats of ``job_id`` passed while it ran long or the process was stalled (not run in a burst).
         Energy stays exact: it is time-based."""
         if job_id == "sample":
-            self.sampler.errors["tick_skipped"] += beats
+            self.sampler.count("tick_skipped", beats)
 
     def _job(self) -> None:
         if self._finished:
@@ -339,7 +339,7 @@ class Service:
         self.dcmi.poll()
         reading = self.dcmi.fresh_reading()
         if reading is None and self.dcmi.consecutive_failures:
-            self.sampler.errors["dcmi"] += 1
+            self.sampler.count("dcmi")
         self.sampler.wall_power = reading
 
     def _retry_source(self) -> None:
@@ -397,7 +397,7 @@ class Service:
         try:
             self.store.save(self.sampler.state())
         except (OSError, ValueError) as exc:
-            self.sampler.errors["state_write"] += 1
+            self.sampler.count("state_write")
             self.persist_error = f"could not write state file {self.store.path}: {exc}"
             log.error("%s", self.persist_error)
             return False

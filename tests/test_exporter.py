@@ -77,3 +77,37 @@ def test_health_goes_stale_when_ticks_stop():
     assert ok and body["status"] == "ok"
     ok, body = health_of(s.snapshot, 1.0, mono_now=last + 60)
     assert not ok and body["status"] == "stale"
+
+
+def test_error_counts_from_every_thread_are_kept_and_exported():
+    """Issue 16 item 3: the scheduler's jobs, the ticker and the tick's threads all count errors,
+    through one locked method; with the switch interval at its smallest, none is lost, and the
+    snapshot's copy is taken while they count."""
+    import sys
+    import threading
+
+    from fakes import FakeGpu, FakeSource, make_sampler
+
+    src = FakeSource([FakeGpu(lambda t: 100.0)])
+    s = make_sampler(src)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        def work(kind: str) -> None:
+            for _ in range(20000):
+                s.count(kind)
+        threads = [threading.Thread(target=work, args=(k,)) for k in ("tick_exception", "tick_exception", "dcmi")]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            src.t += 1
+            s.tick()  # copies the counts into a snapshot while they grow
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    s.count("tick_skipped", 3)
+    src.t += 1
+    errors = s.tick().agent.errors
+    assert errors["tick_exception"] == 40000 and errors["dcmi"] == 20000 and errors["tick_skipped"] == 3
+    assert errors["gpu_lost"] == 0  # every known kind exported from 0

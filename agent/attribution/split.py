@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
 
 from ..energy import EnergySlice
+from ..exact import settle
 from ..sources.gpu import GpuError, GpuNotSupported, GpuReading, MigInstance
 from .identity import (
     KIND_CONTAINER,
@@ -123,7 +124,8 @@ def apportion(total: float, weights: Mapping[K, float]) -> dict[K, float]:
         raise ValueError("weights must have a positive sum")
     order = sorted(weights, key=lambda k: -weights[k])
     parts = {k: total * (weights[k] / s) for k in order[1:]}
-    parts[order[0]] = total - math.fsum(parts.values())
+    parts[order[0]] = 0.0
+    settle(total, parts, order[0])
     return parts
 
 
@@ -160,7 +162,7 @@ def _active_and_idle(joules: float, idle_joules: float, active_w: Mapping[K, flo
         for k, v in apportion(idle, idle_w).items():
             parts[k] += v
     largest = max(parts, key=lambda k: parts[k])
-    parts[largest] = joules - math.fsum(v for k, v in parts.items() if k != largest)
+    settle(joules, parts, largest)
     return parts
 
 
@@ -824,7 +826,7 @@ class Attributor:
             for key, part in split_slice(joules, 0.0, {}, memory).items():
                 out[instance_key(key, gi)] = part
         largest = max(out, key=lambda k: out[k])
-        out[largest] = s.joules - math.fsum(v for k, v in out.items() if k != largest)
+        settle(s.joules, out, largest)
         return out
 
     # -- capacity ---------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..exact import settle
 from .config import CarbonConfig, IdleConfig, PueConfig, TariffConfig
 from .schedule import Schedule
 from .tariff import Tariff
@@ -164,19 +165,13 @@ class CostModel:
             ]
 
         # Walk the three piece lists together; every list ends exactly at t1.
-        parts: list[PricedPart] = []
+        pieces: list[tuple[float, float, float | None, str | None, float, float | None]] = []
         span = t1 - t0
-        done = 0.0
         i = j = k = 0
         cur = t0
         while cur < t1:
             end = min(tariff[i][1], pue[j][1], carbon[k][1])
-            # The last part takes the remainder so the parts add up exactly.
-            e = it_joules - done if end >= t1 else it_joules * (end - cur) / span
-            done += e
-            parts.append(
-                self._part(cur, end, e, tariff[i][2], tariff[i][3], pue[j][2], carbon[k][2])
-            )
+            pieces.append((cur, end, tariff[i][2], tariff[i][3], pue[j][2], carbon[k][2]))
             cur = end
             if tariff[i][1] == end:
                 i += 1
@@ -184,7 +179,11 @@ class CostModel:
                 j += 1
             if carbon[k][1] == end:
                 k += 1
-        return parts
+        # Each part by its share of the time; the last takes the rest, so they add up exactly.
+        joules = {n: it_joules * (b - a) / span for n, (a, b, *_) in enumerate(pieces[:-1])}
+        joules[len(pieces) - 1] = 0.0
+        settle(it_joules, joules, len(pieces) - 1)
+        return [self._part(a, b, joules[n], *rest) for n, (a, b, *rest) in enumerate(pieces)]
 
     @staticmethod
     def _part(

@@ -55,7 +55,7 @@ def shares(name: str, tick: float, idle_watts: float | None = None) -> tuple[dic
         sampler = replay_through_sampler(_trace(name), tick=tick, attribution=True)
     gpu = math.fsum(sampler.snapshot.gpus[0].energy_joules.values())
     parts = {r.workload: r.energy_joules for r in sampler.snapshot.workloads}
-    assert worst[0] <= 1e-12, f"a slice's parts do not add up to it: {worst[0]:.3g} relative"
+    assert worst[0] == 0, f"a slice's parts do not add up to it: {worst[0]:.3g} relative"
     assert math.fsum(parts.values()) == pytest.approx(gpu, rel=1e-12)  # every joule once, none lost
     return {k: 100.0 * v / gpu for k, v in parts.items()}, gpu
 
