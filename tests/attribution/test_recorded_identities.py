@@ -10,8 +10,6 @@ import pytest
 from fakes import FakeGpu, real_time_source
 from helpers import replay_through_sampler
 
-from agent.attribution.identity import IdentityResolver
-from agent.attribution.split import workload_key
 from agent.record import record
 from agent.trace import load
 
@@ -26,7 +24,7 @@ def test_record_writes_identities_once_and_replay_uses_them(tmp_path):
     record(live, str(path), duration=1.5, interval=0.05, energy_interval=0.05, samples_interval=0.5)
     trace = load(path)
     facts = [r["gpus"]["0"]["identities"] for r in trace.rows if "identities" in r["gpus"]["0"]]
-    expected = workload_key(IdentityResolver().resolve(me))
+    expected = f"user:{os.getuid()}"  # this test's own process: a plain process of its user
     assert facts == [{str(me): {"workload": expected, "labels": facts[0][str(me)]["labels"]}}]  # once
     assert expected.startswith("user:") and facts[0][str(me)]["labels"]["kind"] == "user"
 
