@@ -219,8 +219,10 @@ def load(
         raise
     except (RecursionError, MemoryError, ValueError, TypeError, UnicodeError) as exc:
         # Whatever a value does to the validators (nesting, size, conversion limits): refused.
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(clip_line(f"{where}cannot be used: {_exc_text(exc)}")) from None
+        # The file was bounded by read_toml; a GPUCOST_* variable (parsed as JSON) was not.
+        env = ", ".join(sorted(_gpucost_env()))
+        where = " with ".join(x for x in (str(path) if path is not None else "", env) if x)
+        raise ConfigError(clip_line(f"{where or 'the configuration'}: cannot be used: {_exc_text(exc)}")) from None
     if cpu_host is not None:
         check_cpu_model(base.host, CpuHost.local() if cpu_host == "local" else cpu_host)
     return base

@@ -189,9 +189,9 @@ class SnapshotCollector:
             labels=GPU_LABELS + ["reason"],
         )
         stale = GaugeMetricFamily(
-            "gpucost_gpu_energy_counter_stale",
-            "1 while the GPU's energy counter has failed for long and not answered since: its energy is "
-            "estimated from polled power (source=\"polled\"). GPUs measured by the counter only.",
+            "gpucost_gpu_energy_estimated",
+            "1 while this GPU's energy, normally from its hardware energy counter, is estimated from polled "
+            "power (source=\"polled\") because the counter stopped answering. GPUs measured by the counter only.",
             labels=GPU_LABELS,
         )
         for g in snap.gpus:
@@ -357,7 +357,7 @@ class SnapshotCollector:
             to_date = GaugeMetricFamily(
                 "gpucost_cost_to_date",
                 "Cost since the current day or month began (in the tariff's time zone), "
-                "by kind: energy or hardware (amortisation). Resets when the period ends.",
+                "by kind: energy, hardware (amortisation) or running (running costs). Resets when the period ends.",
                 labels=["period", "kind", "currency"],
             )
             for (period, kind, cur), v in sorted(c.period_cost.items()):

@@ -255,19 +255,19 @@ def table(title: str, description: str, unit: str, targets: Sequence[dict], *, c
     )
 
 
-def cost_kind_table(title: str, description: str, summed: Any, by: str, *, top: int = 0,
+def cost_kind_table(title: str, description: str, series: Any, by: str, *, top: int = 0,
                     blank: tuple[str, str] | None = None) -> dict:
-    """Money by ``by`` with the cost kinds side by side: columns energy, hardware, running and
-    total. ``summed(matcher)`` is the money summed by ``by`` (which includes currency), its
-    selector narrowed by ``matcher`` (``, cost_kind="energy"`` or ""). A kind a row lacks shows
-    0 (`or` 0 x the total), so every column has data; ``top`` keeps the rows of the dearest
-    totals; ``blank`` = (label, text) shows an empty label as text."""
-    total = summed("")
+    """Money by ``by`` (which includes currency) with the cost kinds side by side: columns energy,
+    hardware, running and total. ``series(matcher)`` is the money per series (a rule, or an
+    increase), its selector narrowed by ``matcher`` (``, cost_kind="energy"``, or ""). A kind a
+    row lacks shows 0 (`or` 0 x every series), so every column has data; ``top`` keeps the rows
+    of the dearest totals; ``blank`` = (label, text) shows an empty label as text."""
+    total = f"sum by ({by}) ({series('')})"
     kept = f"topk({top}, {total})" if top else total
     exprs = []
     for kind in COST_KINDS:
-        only = summed(f', cost_kind="{kind}"')
-        e = f"({only} or 0 * {total})"
+        only = series(f', cost_kind="{kind}"')
+        e = f"sum by ({by}) ({only} or 0 * {series('')})"
         exprs.append(f"{e} and on ({by}) {kept}" if top else e)
     exprs.append(kept)
     if blank:
@@ -667,17 +667,20 @@ def fleet_dashboard() -> dict:
     b = Board()
 
     b.row("Fleet")
-    b.add(stat("Cost per hour", "Energy + hardware of the selected clusters, 5-minute average." + ROLLUP, MONEY, [
+    b.add(stat("Cost per hour", "Fully loaded (energy + hardware + running) cost of the selected clusters, 5-minute "
+               "average." + ROLLUP, MONEY, [
         target(f"sum by (currency) (cluster_currency:gpucost_cost_per_hour:sum{{{CLUSTER}}})", "{{currency}}"),
     ]), 4, 4)
-    b.add(stat("Month to date", "Energy + hardware since the 1st of the month." + ROLLUP, MONEY, [
+    b.add(stat("Month to date", "Energy + hardware + running since the 1st of the month." + ROLLUP, MONEY, [
         target(f"sum by (currency) (cluster_currency:gpucost_cost_month_to_date:sum{{{CLUSTER}}})", "{{currency}}"),
     ]), 4, 4)
     b.add(stat("Month projected", "Month to date + the current cost per hour until the month ends." + ROLLUP, MONEY, [
         target(f"sum by (currency) (cluster_currency:gpucost_cost_month_projected:sum{{{CLUSTER}}})", "{{currency}}"),
     ]), 4, 4)
-    b.add(stat("Idle money per hour", "Energy cost per hour of GPUs below the idle threshold." + ROLLUP, MONEY, [
-        target(f"sum by (currency) (cluster_currency:gpucost_idle_cost_per_hour:sum{{{CLUSTER}}})", "{{currency}}"),
+    b.add(stat("Idle capacity per hour", "Fully loaded cost (energy, hardware, running) of GPUs nobody held: money "
+               "burnt by unused GPUs, 5-minute average." + ROLLUP, MONEY, [
+        target(f"sum by (currency) (cluster_currency:gpucost_idle_capacity_cost_per_hour:sum{{{CLUSTER}}})",
+               "{{currency}}"),
     ]), 4, 4)
     b.add(stat("Agents down", "Scrape targets of the selected jobs that Prometheus cannot scrape.", COUNT, [
         target(f"sum(1 - up{{{f}}})", "down"),
@@ -695,13 +698,71 @@ def fleet_dashboard() -> dict:
                    "series", "projected"),
             tagged(no_cluster(f"gpucost:monthly_budget{{{CLUSTER}}}"), "series", "budget"),
         ]), "{{cluster}} {{series}} {{currency}}"),
-    ], overrides=[dashed("/budget/", "red")]), 12, 8)
-    b.add(timeseries("Cost per hour by cluster", "Energy + hardware per hour, 5-minute average." + ROLLUP, MONEY, [
+    ], overrides=[dashed("/budget/", "red")]), 8, 8)
+    b.add(timeseries("Cost per hour by cluster", "Energy + hardware + running per hour, 5-minute average." + ROLLUP,
+                     MONEY, [
         target(no_cluster(f"cluster_currency:gpucost_cost_per_hour:sum{{{CLUSTER}}}"), "{{cluster}} {{currency}}"),
-    ], stack=True), 12, 8)
+    ], stack=True), 8, 8)
+    b.add(timeseries("Cost per hour: energy, hardware, running", "Stacked: the selected clusters' energy cost, "
+                     "hardware amortisation and running costs per hour, 5-minute averages." + ROLLUP, MONEY, [
+        target(f"sum by (currency) (cluster_currency:gpucost_{kind}_cost_per_hour:sum{{{CLUSTER}}})",
+               f"{kind} {{{{currency}}}}")
+        for kind in COST_KINDS
+    ], stack=True), 8, 8)
+
+    b.row("Own cost vs. the cloud")
+    b.add(stat("Own cost per GPU-hour", "Fully loaded cost per hour each GPU was owned, busy or not, by cluster, "
+               "5-minute average." + ROLLUP, MONEY, [
+        target(no_cluster(f"cluster_currency:gpucost_cost_per_gpu_hour:ratio{{{CLUSTER}}}"), "{{cluster}} {{currency}}"),
+    ]), 4, 5)
+    b.add(stat("Own cost per busy GPU-hour", "The same cost over the hours workloads held the GPUs: what a GPU-hour "
+               "of work really cost; compare it with the cloud price." + ROLLUP, MONEY, [
+        target(no_cluster(f"cluster_currency:gpucost_cost_per_busy_gpu_hour:ratio{{{CLUSTER}}}"),
+               "{{cluster}} {{currency}}"),
+    ]), 4, 5)
+    b.add(stat("Busy", "Share of the GPU-hours that workloads held the GPUs, by cluster." + ROLLUP, RATIO, [
+        target(no_cluster(f"max by (cluster) (cluster_currency:gpucost_gpu_busy:ratio{{{CLUSTER}}})"), "{{cluster}}"),
+    ]), 4, 5)
+    b.add(stat("Break-even utilisation", "The busy share above which owning is cheaper than renting the busy hours "
+               "at each cloud price: own cost per GPU-hour ÷ cloud price, models mixed by their price. Above 100 %: "
+               "renting is cheaper however busy." + ROLLUP, RATIO, [
+        target(no_cluster(f"cluster_offering_currency:gpucost_break_even_utilization:ratio{{{CLUSTER}}}"),
+               "{{cluster}} {{provider}} {{offering}}"),
+    ]), 4, 5)
+    b.add(stat("Saved vs. the cloud, month to date", SAVINGS_NOTE + ROLLUP, MONEY, [
+        target(f"sum by (provider, offering, currency) (cluster_offering_currency:gpucost_cloud_savings_month_to_date:sum"
+               f"{{{CLUSTER}}})", "{{provider}} {{offering}} {{currency}}"),
+    ], thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 0}]), 8, 5)
+    b.add(timeseries("Own cost per GPU-hour vs. cloud price, by model", "Own fully loaded cost per GPU-hour owned and "
+                     "per busy GPU-hour of each GPU model, against its cloud prices (dashed)." + ROLLUP, MONEY, [
+        target(no_cluster(f"cluster_model_currency:gpucost_cost_per_gpu_hour:ratio{{{CLUSTER}}}"),
+               "own {{name}} {{cluster}} {{currency}}"),
+        target(no_cluster(f"cluster_model_currency:gpucost_cost_per_busy_gpu_hour:ratio{{{CLUSTER}}}"),
+               "own per busy hour {{name}} {{cluster}} {{currency}}"),
+        target(no_cluster(f"cluster_model_offering_currency:gpucost_cloud_price_per_gpu_hour:avg{{{CLUSTER}}}"),
+               "cloud {{provider}} {{offering}} {{name}} {{cluster}} {{currency}}"),
+    ], overrides=[dashed("/^cloud/")]), 12, 8)
+    b.add(timeseries("Busy vs. break-even, by model", "Busy share of each GPU model's GPU-hours against its "
+                     "break-even utilisation at each cloud price (dashed): above it, owning is cheaper." + ROLLUP,
+                     RATIO, [
+        target(no_cluster(f"max by (cluster, name) (cluster_model_currency:gpucost_gpu_busy:ratio{{{CLUSTER}}})"),
+               "busy {{name}} {{cluster}}"),
+        target(no_cluster(f"cluster_model_offering_currency:gpucost_break_even_utilization:ratio{{{CLUSTER}}}"),
+               "break-even {{provider}} {{offering}} {{name}} {{cluster}}"),
+    ], overrides=[dashed("/^break-even/")]), 12, 8)
+    b.add(timeseries("Saved vs. the cloud by cluster, month to date", SAVINGS_NOTE + ROLLUP, MONEY, [
+        target(no_cluster(f"cluster_offering_currency:gpucost_cloud_savings_month_to_date:sum{{{CLUSTER}}}"),
+               "{{cluster}} {{provider}} {{offering}} {{currency}}"),
+    ]), 12, 8)
+    b.add(bars("This month: own vs. cloud by cluster", "Own fully loaded cost month to date, and what renting the "
+               "GPU-hours workloads held would have cost at each cloud price." + ROLLUP, MONEY, [
+        target(no_cluster(f"cluster_currency:gpucost_cost_month_to_date:sum{{{CLUSTER}}}"), "own {{cluster}} {{currency}}"),
+        target(no_cluster(f"cluster_offering_currency:gpucost_cloud_cost_month_to_date:sum{{{CLUSTER}}}"),
+               "cloud {{provider}} {{offering}} {{cluster}} {{currency}}"),
+    ]), 12, 8)
 
     b.row("Who spends")
-    b.add(bars("Top 10 nodes", "Nodes by cost per hour (energy + hardware), 5-minute average. Click a bar for the "
+    b.add(bars("Top 10 nodes", "Nodes by cost per hour (energy + hardware + running), 5-minute average. Click a bar for the "
                "node's dashboard.", MONEY, [
         target(f"topk(10, {node_cost})",
                "{{instance}} {{cluster}} {{currency}}"),
@@ -710,7 +771,7 @@ def fleet_dashboard() -> dict:
         gpu_target(f"topk(10, instance_gpu_currency:gpucost_energy_cost_per_hour:rate5m{{{fg}, {CUR}}})", f,
                    suffix="{{currency}}"),
     ], links=[node_link]), 12, 9)
-    b.add(timeseries("Cost per hour by node, top 20", "Energy + hardware per hour of the 20 dearest nodes at each "
+    b.add(timeseries("Cost per hour by node, top 20", "Energy + hardware + running per hour of the 20 dearest nodes at each "
                      "moment, 5-minute average.", MONEY, [
         target(f"topk(20, {node_cost})",
                "{{instance}} {{cluster}} {{currency}}"),
@@ -720,7 +781,7 @@ def fleet_dashboard() -> dict:
         target(no_cluster(f"cluster_model_currency:gpucost_energy_cost_per_hour:sum{{{CLUSTER}}}"),
                "{{name}} {{cluster}} {{currency}}"),
     ], stack=True), 12, 8)
-    b.add(timeseries("Cost per hour by team", "Energy + hardware per hour by the team label the scrape config "
+    b.add(timeseries("Cost per hour by team", "Energy + hardware + running per hour by the team label the scrape config "
                      "attaches. Team roll-up: only the currency filter applies.", MONEY, [
         target(no_cluster(f"team_currency:gpucost_cost_per_hour:sum{{{CUR}}}", "team"), "{{team}} {{currency}}"),
     ], stack=True), 12, 8)
@@ -729,19 +790,31 @@ def fleet_dashboard() -> dict:
     ]), 12, 8)
 
     b.row("Idle money")
-    b.add(timeseries("Idle money per hour by cluster", "Energy cost per hour of GPUs below the idle threshold."
-                     + ROLLUP, MONEY, [
+    unallocated = f'{WORKLOAD_COST}{{{fg}, {CUR}, workload="unallocated"}}'
+    b.add(timeseries("Idle capacity per hour by cluster", "Fully loaded cost (energy, hardware, running) of GPUs "
+                     "nobody held, 5-minute average." + ROLLUP, MONEY, [
+        target(no_cluster(f"cluster_currency:gpucost_idle_capacity_cost_per_hour:sum{{{CLUSTER}}}"),
+               "{{cluster}} {{currency}}"),
+    ], stack=True), 8, 8)
+    b.add(timeseries("Idle energy per hour by cluster", "Energy cost per hour of GPUs below the idle threshold, held "
+                     "or not." + ROLLUP, MONEY, [
         target(no_cluster(f"cluster_currency:gpucost_idle_cost_per_hour:sum{{{CLUSTER}}}"), "{{cluster}} {{currency}}"),
     ], stack=True), 8, 8)
+    b.add(bars("Idle money in the time range", "By node over the dashboard's time range: the idle capacity cost "
+               "(fully loaded, GPUs nobody held) and the energy cost of idle GPUs.", MONEY, [
+        target(f"topk(10, {in_range(f'{NODE_KEY}, currency', unallocated)})",
+               "capacity {{instance}} {{cluster}} {{currency}}"),
+        target(f"topk(10, {in_range(f'{NODE_KEY}, currency', f'gpucost_gpu_idle_cost_total{{{fg}, {CUR}}}')})",
+               "energy {{instance}} {{cluster}} {{currency}}"),
+    ], links=[node_link]), 8, 8)
+    b.add(bars("Top 10 unused GPUs", "GPUs by idle capacity cost per hour (fully loaded cost of the time nobody held "
+               "them), 5-minute average.", MONEY, [
+        gpu_target(f"topk(10, {IDLE_CAPACITY}{{{fg}, {CUR}}})", f, suffix="{{currency}}"),
+    ], links=[node_link]), 12, 8)
     b.add(bars("Top 10 idle GPUs", "GPUs by idle energy cost per hour, 5-minute average.", MONEY, [
         gpu_target(f"topk(10, instance_gpu_currency:gpucost_idle_cost_per_hour:rate5m{{{fg}, {CUR}}})", f,
                    suffix="{{currency}}"),
-    ], links=[node_link]), 8, 8)
-    b.add(bars("Idle money in the time range", "Money spent on idle GPUs over the dashboard's time range, by node.",
-               MONEY, [
-        target(f"topk(10, {in_range(f'{NODE_KEY}, currency', f'gpucost_gpu_idle_cost_total{{{fg}, {CUR}}}')})",
-               "{{instance}} {{cluster}} {{currency}}"),
-    ], links=[node_link]), 8, 8)
+    ], links=[node_link]), 12, 8)
 
     b.row("Energy and carbon")
     b.add(timeseries("Facility power by cluster", "Facility power (IT × PUE) from the energy counters, 5-minute "
@@ -760,8 +833,9 @@ def fleet_dashboard() -> dict:
     variables = fleet_variables(f)
     return dashboard(
         "gpucost-fleet", "GPU cost: fleet",
-        "Every node: cost by cluster, team, node and GPU model, the top spenders, idle money and the month's budget "
-        "burn. One currency at a time: costs in different currencies are never added.",
+        "Every node: fully loaded cost (energy, hardware, running) by cluster, team, node and GPU model, own cost "
+        "per GPU-hour against the cloud price, break-even and savings, the top spenders, idle money and the month's "
+        "budget burn. One currency at a time: costs in different currencies are never added.",
         variables, b,
     )
 
@@ -786,6 +860,11 @@ def or_zero(expr: str, total: str) -> str:
     return f"{expr} or {total} * 0"
 
 
+COST_KIND_RULE = "instance_cost_kind_currency:gpucost_workload_cost_per_hour:rate5m"
+#: The labels that name a workload on a node, as the per-workload panels sum by them.
+WHO_LABELS = "job, instance, workload, kind, namespace, pod, slurm_job, unit, user"
+
+
 def workloads_dashboard() -> dict:
     f, fg = FLEET, FLEET_GPUS
     kinds = f"{KIND_RULE}{{{f}, {CUR}}}"
@@ -798,16 +877,25 @@ def workloads_dashboard() -> dict:
         """A cluster roll-up of the workload rules, an empty ``label`` shown as ``text``."""
         return blank_as(f"{level}_currency:gpucost_workload_cost_per_hour:rate5m{{{CLUSTER}}}", label, text)
 
+    def per_kind_rule(level: str, where: str) -> Any:
+        """A *_cost_kind_currency workload rule's series, for :func:`cost_kind_table`."""
+        return lambda m: f"{level}_cost_kind_currency:gpucost_workload_cost_per_hour:rate5m{{{where}{m}}}"
+
+    def per_kind_range(m: str) -> str:
+        """The workloads' cost over the dashboard's time range, per series."""
+        return f"increase({WORKLOAD_COST}{{{fg}, {CUR}{m}}}[$__range])"
+
     by_namespace = rollup("namespace", "namespace", "(not a pod)")
     by_user = rollup("user", "user", "(none)")
 
     b = Board()
     b.row("Workloads")
-    b.add(stat("Workload cost per hour", "GPU energy cost of the selected nodes, split among the workloads that "
-               "used it, 5-minute average: pods, jobs, users, and the pseudo-workloads unallocated and other."
-               + PER_NODE, MONEY, [target(total, "{{currency}}")]), 4, 4)
-    b.add(stat("Unallocated money per hour", "Energy cost of GPUs with no process on them (kind unallocated): "
-               "idle waste nobody can be charged for." + PER_NODE, MONEY, [
+    b.add(stat("Workload cost per hour", "Fully loaded cost of the selected nodes (energy, hardware amortisation, "
+               "running costs), charged to the workloads that held their GPUs, 5-minute average: pods, jobs, users, "
+               "and the pseudo-workloads unallocated and other." + PER_NODE, MONEY, [target(total, "{{currency}}")]),
+          4, 4)
+    b.add(stat("Idle capacity per hour", "Fully loaded cost of GPUs nobody held (kind unallocated): energy, "
+               "amortisation and running costs nobody can be charged for." + PER_NODE, MONEY, [
         target(or_zero(kind_only("unallocated"), total), "{{currency}}"),
     ]), 4, 4)
     b.add(stat("Idle GPU money per hour", "Energy cost of GPUs while their utilisation was below the idle "
@@ -815,7 +903,7 @@ def workloads_dashboard() -> dict:
         target(or_zero(f"sum by (currency) (instance_gpu_currency:gpucost_idle_cost_per_hour:rate5m{{{fg}, {CUR}}})",
                        total), "{{currency}}"),
     ]), 4, 4)
-    b.add(stat("Unseen processes per hour", "Energy cost of GPU processes the agent could not identify (kind "
+    b.add(stat("Unseen processes per hour", "Fully loaded cost of GPU processes the agent could not identify (kind "
                "unknown): PID namespaces or permissions hide them; in Kubernetes, run the agent with hostPID."
                + PER_NODE, MONEY, [
         target(or_zero(kind_only("unknown"), total), "{{currency}}"),
@@ -831,33 +919,55 @@ def workloads_dashboard() -> dict:
     ]), 4, 4)
 
     b.add(timeseries("Cost per hour by kind", "Stacked: pods (kubernetes), containers, Slurm jobs, systemd units, "
-                     "users, unknown processes, unallocated GPUs and other, 5-minute averages (recording rule)."
-                     + PER_NODE, MONEY, [
+                     "users, unknown processes, unallocated GPUs and other, fully loaded, 5-minute averages "
+                     "(recording rule)." + PER_NODE, MONEY, [
         target(f"sum by (kind, currency) ({kinds})", "{{kind}} {{currency}}"),
-    ], stack=True), 16, 8)
-    b.add(pie("Money by kind in the time range", "Energy cost over the dashboard's time range by kind of "
+    ], stack=True), 12, 8)
+    b.add(timeseries("Cost per hour by cost kind", "Stacked: what the workloads are charged for: energy (their GPU "
+                     "energy and share of the host's), hardware amortisation and running costs (their share by GPU "
+                     "time held), 5-minute averages (recording rule)." + PER_NODE, MONEY, [
+        target(f"sum by (cost_kind, currency) ({COST_KIND_RULE}{{{f}, {CUR}}})", "{{cost_kind}} {{currency}}"),
+    ], stack=True), 12, 8)
+    b.add(pie("Money by kind in the time range", "Fully loaded cost over the dashboard's time range by kind of "
               "workload.", MONEY, [
         target(in_range("kind, currency", f"{WORKLOAD_COST}{{{fg}, {CUR}}}"), "{{kind}} {{currency}}"),
     ]), 8, 8)
+    b.add(cost_kind_table("Money by kind and cost kind in the time range", "Each kind of workload's cost over the "
+                          "dashboard's time range: energy, hardware and running side by side, and their total.",
+                          per_kind_range, "kind, currency"), 16, 8)
+
+    b.row("By cost kind")
+    b.add(cost_kind_table("Teams", "Cost per hour of each team's nodes (the team target label) by cost kind, "
+                          "5-minute average. Team roll-up: only the currency filter applies.",
+                          per_kind_rule("team", CUR), "team, currency",
+                          blank=("team", "(none)")), 8, 8)
+    b.add(cost_kind_table("Top 20 namespaces", "Cost per hour of each Kubernetes namespace by cost kind, 5-minute "
+                          "average; (not a pod): everything else." + ROLLUP,
+                          per_kind_rule("namespace", CLUSTER),
+                          "cluster, namespace, currency", top=20, blank=("namespace", "(not a pod)")), 8, 8)
+    b.add(cost_kind_table("Top 20 users", "Cost per hour of each user by cost kind, 5-minute average; (none): "
+                          "unallocated, other and unknown." + ROLLUP,
+                          per_kind_rule("user", CLUSTER),
+                          "cluster, user, currency", top=20, blank=("user", "(none)")), 8, 8)
 
     b.row("Who spends")
-    b.add(bars("Top 10 namespaces", "Kubernetes namespaces by cost per hour, 5-minute average; (not a pod): "
-               "everything else." + ROLLUP, MONEY, [
+    b.add(bars("Top 10 namespaces", "Kubernetes namespaces by fully loaded cost per hour, 5-minute average; (not a "
+               "pod): everything else." + ROLLUP, MONEY, [
         target(f"topk(10, {by_namespace})",
                "{{namespace}} {{cluster}} {{currency}}"),
     ]), 6, 9)
-    b.add(bars("Top 10 pods", "Pods by cost per hour, 5-minute average; (not a pod): everything else."
+    b.add(bars("Top 10 pods", "Pods by fully loaded cost per hour, 5-minute average; (not a pod): everything else."
                + ROLLUP, MONEY, [
         target(f"topk(10, {rollup('pod', 'pod', '(not a pod)')})",
                "{{namespace}} {{pod}} {{cluster}} {{currency}}"),
     ]), 6, 9)
-    b.add(bars("Top 10 users", "Users (name, or uid where the name is not known) by cost per hour, 5-minute "
-               "average; (none): unallocated, other and unknown." + ROLLUP, MONEY, [
+    b.add(bars("Top 10 users", "Users (name, or uid where the name is not known) by fully loaded cost per hour, "
+               "5-minute average; (none): unallocated, other and unknown." + ROLLUP, MONEY, [
         target(f"topk(10, {by_user})",
                "{{user}} {{cluster}} {{currency}}"),
     ]), 6, 9)
-    b.add(bars("Top 10 Slurm jobs", "Slurm jobs by cost per hour across their nodes, 5-minute average; "
-               "(not a job): everything else." + ROLLUP, MONEY, [
+    b.add(bars("Top 10 Slurm jobs", "Slurm jobs by fully loaded cost per hour across their nodes, 5-minute "
+               "average; (not a job): everything else." + ROLLUP, MONEY, [
         target(f"topk(10, {rollup('slurm_job', 'slurm_job', '(not a job)')})",
                "{{slurm_job}} {{cluster}} {{currency}}"),
     ]), 6, 9)
@@ -873,21 +983,29 @@ def workloads_dashboard() -> dict:
     ], stack=True), 12, 8)
 
     b.row("Top workloads in the time range")
-    who = "job, instance, workload, kind, namespace, pod, slurm_job, unit, user"
-    b.add(bars("Top 20 workloads by cost", "Energy cost of each workload on the selected nodes and GPUs over the "
-               "dashboard's time range.", MONEY, [
+    who = WHO_LABELS
+    b.add(bars("Top 20 workloads by cost", "Fully loaded cost of each workload on the selected nodes and GPUs over "
+               "the dashboard's time range.", MONEY, [
         target(f"topk(20, {in_range(f'{who}, currency', f'{WORKLOAD_COST}{{{fg}, {CUR}}}')})",
                f"{{{{kind}}}}: {WHO} on {{{{instance}}}} {{{{currency}}}}"),
     ]), 12, 10)
+    b.add(cost_kind_table("Top 20 workloads by cost kind", "The same workloads' cost over the dashboard's time "
+                          "range: energy, hardware and running side by side, and their total.",
+                          per_kind_range, f"{who}, currency", top=20), 12, 10)
     b.add(bars("Top 20 workloads by GPU energy", "GPU energy of each workload over the dashboard's time range "
-               "(the split that its cost follows).", KWH, [
+               "(the split that its energy cost follows).", KWH, [
         target(f"topk(20, {in_range(who, f'gpucost_workload_gpu_energy_joules_total{{{fg}}}')} / {J_PER_KWH})",
+               f"{{{{kind}}}}: {WHO} on {{{{instance}}}}"),
+    ]), 12, 10)
+    b.add(bars("Top 20 workloads by GPU time", "GPU-hours each workload held over the dashboard's time range (the "
+               "split that its hardware and running costs follow; GPUs held at once share by GPU memory).", HOURS, [
+        target(f"topk(20, {in_range(who, f'gpucost_workload_gpu_seconds_total{{{fg}}}')} / 3600)",
                f"{{{{kind}}}}: {WHO} on {{{{instance}}}}"),
     ]), 12, 10)
 
     b.row("Idle and unallocated money")
-    b.add(timeseries("Unallocated money per hour by node", "Energy cost per hour of GPUs with no process, "
-                     "5-minute average." + PER_NODE, MONEY, [
+    b.add(timeseries("Idle capacity per hour by node", "Fully loaded cost per hour of GPUs nobody held (kind "
+                     "unallocated), 5-minute average." + PER_NODE, MONEY, [
         target(f'sum by (cluster, instance, currency) ({KIND_RULE}{{{f}, {CUR}, kind="unallocated"}})',
                "{{instance}} {{cluster}} {{currency}}"),
     ], stack=True), 8, 8)
@@ -896,8 +1014,8 @@ def workloads_dashboard() -> dict:
         target(f"sum by (cluster, instance, currency) (instance_gpu_currency:gpucost_idle_cost_per_hour:rate5m"
                f"{{{fg}, {CUR}}})", "{{instance}} {{cluster}} {{currency}}"),
     ], stack=True), 8, 8)
-    b.add(bars("Unallocated money in the time range by GPU", "Energy cost of each GPU while no process was on "
-               "it, over the dashboard's time range.", MONEY, [
+    b.add(bars("Idle capacity in the time range by GPU", "Fully loaded cost of each GPU while nobody held it, "
+               "over the dashboard's time range.", MONEY, [
         gpu_target(in_range(f"{GPU_KEY}, currency", f'{WORKLOAD_COST}{{{fg}, {CUR}, kind="unallocated"}}'), f,
                    suffix="{{currency}}"),
     ]), 8, 8)
@@ -905,9 +1023,9 @@ def workloads_dashboard() -> dict:
     variables = fleet_variables(f)
     return dashboard(
         "gpucost-workloads", "GPU cost: workloads",
-        "Whose money it is: each GPU's energy cost split among the workloads that used it, by kind, namespace, "
-        "pod, user and Slurm job, the top workloads, and the money nobody used (unallocated and idle GPUs). "
-        "One currency at a time.",
+        "Whose money it is: each GPU's fully loaded cost (energy, hardware amortisation, running costs) split among "
+        "the workloads that held it, by kind, namespace, pod, user, team and Slurm job, the cost kinds side by side, "
+        "the top workloads, and the money nobody used (unallocated and idle GPUs). One currency at a time.",
         variables, b,
     )
 

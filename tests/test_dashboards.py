@@ -243,3 +243,60 @@ def test_every_query_parses_as_promql(tmp_path):
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
+
+
+# -- (d) fully loaded cost (issue 14) ---------------------------------------------------
+
+
+def test_tables_merge_their_queries_into_named_columns():
+    tables = [(uid, p) for uid, d in DASHBOARDS.items() for p in panels(d) if p["type"] == "table"]
+    assert len(tables) >= 5
+    for uid, p in tables:
+        where = f"{uid} / {p['title']}"
+        assert all(t["format"] == "table" and t["instant"] and not t["range"] for t in p["targets"]), where
+        ids = [t["id"] for t in p["transformations"]]
+        assert ids == ["merge", "organize"], where
+        rename = p["transformations"][1]["options"]["renameByName"]
+        assert rename == {f"Value #{t['refId']}": name for t, name in zip(p["targets"], rename.values())}, where
+        assert list(rename.values()) == ["energy", "hardware", "running", "total"], where
+        assert p["options"]["sortBy"] == [{"desc": True, "displayName": "total"}], where
+
+
+def test_the_cost_kinds_and_the_cloud_are_shown():
+    """The workload dashboard shows energy, hardware and running side by side, per workload and in
+    totals; node and fleet show running costs, idle capacity, own cost per GPU-hour against the
+    cloud price, break-even utilisation and savings month to date."""
+    def exprs(uid: str) -> str:
+        return "\n".join(t["expr"] for p in panels(DASHBOARDS[uid]) for t in p["targets"])
+
+    needles = {
+        "gpucost-node": ["instance_currency:gpucost_running_cost_per_hour:rate5m",
+                         "instance_gpu_currency:gpucost_idle_capacity_cost_per_hour:rate5m",
+                         "instance_gpu_currency:gpucost_gpu_hours:rate5m",
+                         "instance_gpu_currency:gpucost_busy_gpu_hours:rate5m",
+                         "instance_gpu_offering_currency:gpucost_cloud_price_per_gpu_hour:max",
+                         "instance_offering_currency:gpucost_break_even_utilization:ratio",
+                         "instance_offering_currency:gpucost_cloud_savings_month_to_date:sum"],
+        "gpucost-fleet": ["cluster_currency:gpucost_running_cost_per_hour:sum",
+                          "cluster_currency:gpucost_idle_capacity_cost_per_hour:sum",
+                          "cluster_currency:gpucost_cost_per_gpu_hour:ratio",
+                          "cluster_currency:gpucost_cost_per_busy_gpu_hour:ratio",
+                          "cluster_model_currency:gpucost_cost_per_gpu_hour:ratio",
+                          "cluster_model_offering_currency:gpucost_cloud_price_per_gpu_hour:avg",
+                          "cluster_offering_currency:gpucost_break_even_utilization:ratio",
+                          "cluster_model_offering_currency:gpucost_break_even_utilization:ratio",
+                          "cluster_offering_currency:gpucost_cloud_savings_month_to_date:sum"],
+        "gpucost-workloads": ["instance_cost_kind_currency:gpucost_workload_cost_per_hour:rate5m",
+                              "team_cost_kind_currency:gpucost_workload_cost_per_hour:rate5m",
+                              "namespace_cost_kind_currency:gpucost_workload_cost_per_hour:rate5m",
+                              "user_cost_kind_currency:gpucost_workload_cost_per_hour:rate5m",
+                              'cost_kind="energy"', 'cost_kind="hardware"', 'cost_kind="running"',
+                              "gpucost_workload_gpu_seconds_total"],
+    }
+    for uid, wanted in needles.items():
+        text = exprs(uid)
+        missing = [n for n in wanted if n not in text]
+        assert not missing, f"{uid} lacks {missing}"
+    per_workload = [p for p in panels(DASHBOARDS["gpucost-workloads"])
+                    if p["type"] == "table" and "workload" in p["targets"][0]["expr"]]
+    assert per_workload, "no per-workload table of the cost kinds"

@@ -318,7 +318,7 @@ def test_after_kill_9_the_counter_bridges_the_downtime_and_totals_never_go_back(
 def test_a_counter_that_stays_broken_keeps_the_energy_moving_backs_off_and_re_anchors(tmp_path):
     """Issue 16, item 1. The energy counter of GPU 0 fails from a few seconds in (the GPU itself
     answers): past the 30 s stale limit its energy goes on from polled power (source="polled"),
-    the stale state shows in /healthz and gpucost_gpu_energy_counter_stale, the counter is asked
+    the stale state shows in /healthz and gpucost_gpu_energy_estimated, the counter is asked
     with back-off rather than every second, and when it answers again the total goes on from a new
     baseline, without the held-back jump. Before: the total froze after one stale cycle, ticks piled
     up unsettled, the counter was asked every tick and /healthz said ok."""
@@ -326,10 +326,10 @@ def test_a_counter_that_stays_broken_keeps_the_energy_moving_backs_off_and_re_an
     agent = node.agent()
     try:
         m = until(agent, lambda m: energy(m, 0) > 600, 8, "GPU 0 counted")
-        assert value(m, "gpucost_gpu_energy_counter_stale", gpu="0") == 0
+        assert value(m, "gpucost_gpu_energy_estimated", gpu="0") == 0
         start_e, start_t = energy(m, 0), time.monotonic()
         node.script(node.with_gpu(0, fail="UNKNOWN", functions=["nvmlDeviceGetTotalEnergyConsumption"]))
-        m = until(agent, lambda m: value(m, "gpucost_gpu_energy_counter_stale", gpu="0") == 1, 45,
+        m = until(agent, lambda m: value(m, "gpucost_gpu_energy_estimated", gpu="0") == 1, 45,
                   "the counter marked stale")
         health = agent.health()
         assert health["status"] == "degraded" and health["energy_counter_stale"] == [0], health
@@ -342,9 +342,9 @@ def test_a_counter_that_stays_broken_keeps_the_energy_moving_backs_off_and_re_an
         assert e1 - e0 == pytest.approx(300.0 * (t1 - t0), abs=300.0 * 1.5), (e1 - e0, t1 - t0)
         # Back-off: asked after 1, 2, 4, 8 s ... not on each of the 40 ticks (nor every counter interval).
         assert failed1 - failed0 <= 6, (failed0, failed1)
-        assert value(m, "gpucost_gpu_energy_counter_stale", gpu="0") == 1
+        assert value(m, "gpucost_gpu_energy_estimated", gpu="0") == 1
         node.script(node.with_gpu(0))  # the counter answers again
-        m = until(agent, lambda m: value(m, "gpucost_gpu_energy_counter_stale", gpu="0") == 0, 40,
+        m = until(agent, lambda m: value(m, "gpucost_gpu_energy_estimated", gpu="0") == 0, 40,
                   "the counter back")
         assert agent.health()["status"] == "ok"
         counted = value(m, "gpucost_gpu_energy_joules_total", gpu="0", source="counter")

@@ -20,6 +20,11 @@ One agent and one Prometheus serve every test of this module:
    trace speed, divided by the whole window), but a ratio of two rates is, and is
    checked: the effective price and facility / IT power against the agent's gauges.
    ``increase()`` over the whole run, evaluated at the last scrape, is exact.
+4. Fully loaded cost (issue 14) is checked on the rules' own expressions evaluated at one
+   instant, on the same samples: what the workload rules charge adds up to the node's cost
+   rules (by user, team, namespace, node; per cost kind), and the break-even utilisation,
+   own cost per GPU-hour and savings against the cloud equal what Python computes from the
+   raw series at that instant.
 
 The numbers that matter are printed (``pytest -s``).
 """
@@ -68,6 +73,7 @@ EXPECTED_AT_FIRST_SCRAPE = {
     ("gpucost_node_facility_energy_joules_total", "component"): {"gpu", "host"},
     ("gpucost_emissions_grams_total", "component"): {"gpu", "host"},
     ("gpucost_hardware_cost_total", "component"): {"gpu", "node"},
+    ("gpucost_running_cost_total", "component"): {"gpu", "node"},
     ("gpucost_gpu_idle_cost_total", "gpu"): {"0"},
     ("gpucost_agent_errors_total", "kind"): ERROR_KINDS,
 }
@@ -81,7 +87,8 @@ NO_DATA_DASHBOARDS: dict[str, str] = {}
 # A workload's series are born when its first energy is split to it (the idle seconds before any
 # process to `unallocated`, then each process's workload), not at the first scrape, and start at
 # that first share: exempt from the start-at-zero check, checked for adding up instead.
-WORKLOAD_FAMILIES = {"gpucost_workload_gpu_energy_joules_total", "gpucost_workload_cost_total"}
+WORKLOAD_FAMILIES = {"gpucost_workload_gpu_energy_joules_total", "gpucost_workload_cost_total",
+                     "gpucost_workload_gpu_seconds_total"}
 #: The demo's workloads (agent/data/h100_demo.jsonl.gz): the identity labels Prometheus must hold.
 DEMO_WORKLOADS = {"unallocated": ("unallocated", None), "user:0": ("user", "0"), "user:65534": ("user", "65534")}
 
@@ -93,6 +100,8 @@ NOT_IN_DEMO = {
     "gpucost_demand_charge": "a demand charge in the tariff",
 }
 PROMETHEUS_OWN = {"up"}
+#: gpucost_workload_cost_total's cost_kind: each sums, over the workloads, to the node's counter of that kind.
+COST_KINDS = ("energy", "hardware", "running")
 
 
 @dataclass
@@ -193,6 +202,7 @@ INCREASE_FAMILIES = [
     "gpucost_energy_cost_total",
     "gpucost_gpu_idle_cost_total",
     "gpucost_hardware_cost_total",
+    "gpucost_running_cost_total",
     "gpucost_emissions_grams_total",
 ]
 
@@ -261,7 +271,17 @@ LEVEL_LABELS = {
     "team": {"team"},
     "currency": {"currency"},
     "gpu": {"gpu", "uuid"},
+    "model": {"name"},
+    "offering": {"provider", "offering"},
+    "cost_kind": {"cost_kind"},
+    "kind": {"kind"},
 }
+
+
+def level_parts(level: str) -> list[str]:
+    """The words of a rule's level, ``cost_kind`` and ``slurm_job`` being one word each."""
+    joined = level.replace("cost_kind", "cost-kind").replace("slurm_job", "slurm-job")
+    return [word.replace("-", "_") for word in joined.split("_")]
 
 
 def test_every_recording_rule_returns_data(stack):
@@ -294,7 +314,7 @@ def test_every_recording_rule_returns_data(stack):
             continue
         print(f"{name}: " + ", ".join(f"{s['value'][1]}" for s in result[:4]))
         level = name.split(":")[0] if name.count(":") == 2 else ""
-        need = set().union(*(LEVEL_LABELS.get(part, set()) for part in level.split("_")))
+        need = set().union(*(LEVEL_LABELS.get(part, set()) for part in level_parts(level)))
         for s in result:
             if not need <= s["metric"].keys():
                 problems.append(f"recording rule {name}: series {s['metric']} lacks {sorted(need - s['metric'].keys())}")
@@ -372,7 +392,7 @@ def test_every_dashboard_query_returns_data(stack):
 
 def test_workloads_carry_who_they_are_and_add_up_to_the_gpu(stack):
     """In Prometheus, at one scrape: the demo's workloads with their recorded identities, whose
-    energy and cost are the GPU's (every joule and cent once)."""
+    energy is the GPU's and whose cost, per cost kind, is the node's (every joule and cent once)."""
     prom = stack.prom
     sel = f'job="{JOB}"'
     # Worker B is first listed 21.7 s into the trace: ~4.3 s of wall time at --speed 5.
@@ -384,8 +404,12 @@ def test_workloads_carry_who_they_are_and_add_up_to_the_gpu(stack):
     checks = {
         "energy (J)": (f"sum(gpucost_workload_gpu_energy_joules_total{{{sel}}})",
                        f"sum(gpucost_gpu_energy_joules_total{{{sel}}})"),
-        "cost (EUR)": (f'sum(gpucost_workload_cost_total{{{sel}, currency="EUR"}})',
-                       f'sum(gpucost_energy_cost_total{{{sel}, component="gpu", currency="EUR"}})'),
+        # one GPU held by someone every second of trace: TICK s per tick after the first (the baseline)
+        "GPU time (s)": (f"sum(gpucost_workload_gpu_seconds_total{{{sel}}})",
+                         f"(sum(gpucost_agent_ticks_total{{{sel}}}) - 1) * {TICK}"),
+        **{f"{kind} cost (EUR)": (f'sum(gpucost_workload_cost_total{{{sel}, cost_kind="{kind}", currency="EUR"}})',
+                                  f'sum(gpucost_{kind}_cost_total{{{sel}, currency="EUR"}})')
+           for kind in COST_KINDS},
     }
     for what, (workloads, gpu) in checks.items():
         w, g = prom.value(workloads, time=at), prom.value(gpu, time=at)
@@ -397,6 +421,158 @@ def test_workloads_carry_who_they_are_and_add_up_to_the_gpu(stack):
         'user_currency:gpucost_workload_cost_per_hour:rate5m{currency="EUR"}', time=at)}
     print(f"cost per hour by user (rule): {by_user}")
     assert {"0", "65534"} <= set(by_user) and by_user["0"] > by_user["65534"] > 0
+
+
+# -- c3. fully loaded cost, on the rules' own expressions ------------------------
+
+_RECORD = re.compile(r"[a-z_]+:gpucost_[a-z0-9_]+:[a-z0-9_]+")
+
+
+def _inline(rules: dict[str, str], name: str) -> str:
+    """Rule ``name``'s expression with every record it reads replaced by that record's own
+    expression, recursively: evaluated at one instant, the whole chain reads the same samples
+    (each group evaluates at its own moment, so recorded series are seconds apart)."""
+    expr = rules[name]
+    assert "__name__" not in expr, f"{name} selects records by a name pattern: cannot inline it"
+    return _RECORD.sub(lambda m: f"({_inline(rules, m.group(0))})" if m.group(0) in rules else m.group(0), expr)
+
+
+def _by(result: list[dict], *labels: str) -> dict[tuple, float]:
+    return {tuple(s["metric"].get(k, "") for k in labels): float(s["value"][1]) for s in result}
+
+
+def _births(prom: PrometheusServer, at: float, since: float) -> float:
+    """Unix time of the first sample of the newest gpucost_* series (a workload's, usually)."""
+    window = f"{math.ceil(at - since) + 5}s"
+    series = prom.query(f'{{__name__=~"gpucost_.*_total", job="{JOB}"}}[{window}]', time=at)
+    return max(s["values"][0][0] for s in series)
+
+
+def test_workload_rules_add_up_to_the_node_rules(stack):
+    """Per user, team, namespace, node and cost kind, what the workload rules charge is the node
+    rules' cost, evaluated at one instant on the same samples, to 1e-6 relative; and month to date,
+    the users' and teams' totals are the node's month to date.
+
+    The rules' [5m] window is narrowed to the stretch in which every series of the run exists:
+    rate() extrapolates a series born inside its window from its own first sample, so series born
+    at different scrapes (the demo's workloads start 1-5 s after the node's counters) give sums of
+    rates that differ by their first samples until the window has left the births behind, after
+    5 minutes. Over samples every series has, rate() is linear: the sums must agree."""
+    prom = stack.prom
+    prom.wait_for(f'gpucost_workload_cost_total{{job="{JOB}", workload="user:65534"}}', timeout=RULE_WAIT)
+    rules = {r["name"]: r["query"] for r in prom.rules() if r["type"] == "recording"}
+    while True:
+        at = time.time()
+        born = _births(prom, at, stack.prom_started)
+        window = math.floor(at - born - 1.5)
+        if window >= 3:
+            break
+        time.sleep(0.5)
+    narrowed = {name: expr.replace("[5m]", f"[{window}s]") for name, expr in rules.items()}
+    node_kind = {kind: prom.value(f"sum({narrowed[f'instance_currency:gpucost_{kind}_cost_per_hour:rate5m']})", time=at)
+                 for kind in COST_KINDS}
+    node = sum(node_kind.values())
+    print(f"\n{window} s window ending {at - born:.1f} s after the last series appeared; node cost per hour "
+          + ", ".join(f"{k} {v:.9g}" for k, v in node_kind.items()) + f", total {node:.9g} EUR/h")
+    assert all(v > 0 for v in node_kind.values()), node_kind
+    problems = []
+    workload_rules = [n for n in rules if ":gpucost_workload_cost_per_hour:" in n]
+    assert len(workload_rules) == 9, workload_rules
+    for name in workload_rules:
+        got = prom.value(f"sum({narrowed[name]})", time=at)
+        print(f"sum({name}) = {got:.9g} (node {node:.9g}, {(got - node) / node:+.2e})")
+        if not math.isclose(got, node, rel_tol=1e-6):
+            problems.append(f"{name}: {got} vs the node's {node}")
+        if "cost_kind" in name:
+            per_kind = _by(prom.query(f"sum by (cost_kind) ({narrowed[name]})", time=at), "cost_kind")
+            for kind in COST_KINDS:
+                if not math.isclose(per_kind.get((kind,), 0.0), node_kind[kind], rel_tol=1e-6):
+                    problems.append(f"{name}{{cost_kind={kind}}}: {per_kind.get((kind,))} vs {node_kind[kind]}")
+    # Per user and per team, each one's share (the demo: users 0 and 65534, unallocated under user="").
+    users = _by(prom.query(narrowed["user_currency:gpucost_workload_cost_per_hour:rate5m"], time=at), "user")
+    print("cost per hour by user: " + ", ".join(f"{u[0] or '(none)'} {v:.6g}" for u, v in sorted(users.items())))
+    assert {("0",), ("65534",), ("",)} <= set(users)
+
+    # Month to date: the agent started with an empty state, so the workloads' totals are this month's.
+    at = time.time()
+    sel = f'job="{JOB}", currency="EUR"'
+    node_mtd = prom.value(f"sum({rules['instance_currency:gpucost_cost_month_to_date:sum']})", time=at)
+    totals = prom.value(f'sum({{__name__=~"gpucost_(energy|hardware|running)_cost_total", {sel}}})', time=at)
+    if node_mtd < totals * (1 - 1e-6):
+        pytest.skip("the tariff's month began during the run: month to date restarted")
+    by_user = _by(prom.query(f"sum by (user) (gpucost_workload_cost_total{{{sel}}})", time=at), "user")
+    by_team = _by(prom.query(f"sum by (team) (gpucost_workload_cost_total{{{sel}}})", time=at), "team")
+    team_mtd = _by(prom.query(_inline(rules, "team_currency:gpucost_cost_month_to_date:sum"), time=at), "team")
+    print(f"month to date: node {node_mtd:.9g} EUR; users " + ", ".join(
+        f"{u[0] or '(none)'} {v:.6g}" for u, v in sorted(by_user.items())) + f"; teams {by_team} vs {team_mtd}")
+    if not math.isclose(sum(by_user.values()), node_mtd, rel_tol=1e-9):
+        problems.append(f"users' month to date {sum(by_user.values())} vs the node's {node_mtd}")
+    for team, v in by_team.items():
+        if not math.isclose(v, team_mtd.get(team, math.nan), rel_tol=1e-9):
+            problems.append(f"team {team}: workloads {v} vs team_currency:gpucost_cost_month_to_date:sum {team_mtd}")
+    assert not problems, "\n".join(problems)
+
+
+def test_break_even_and_savings_are_the_hand_computed_values(stack):
+    """Own cost per GPU-hour, busy ratio, break-even utilisation and savings against the cloud: the
+    rules (their expressions, records inlined, at one instant) against the same figures computed
+    here from the raw series Prometheus holds at that instant."""
+    prom = stack.prom
+    sel = f'job="{JOB}"'
+    prom.wait_for(f'gpucost_workload_cost_total{{{sel}, workload="user:65534"}}', timeout=RULE_WAIT)
+    rules = {r["name"]: r["query"] for r in prom.rules() if r["type"] == "recording"}
+    at = time.time()
+    # -- by hand, from the raw series at `at` (Prometheus' rate() of each series, nothing else)
+    cost = sum(float(s["value"][1]) for s in prom.query(f"rate(gpucost_workload_cost_total{{{sel}}}[5m])", time=at)) * 3600
+    seconds = prom.query(f"rate(gpucost_workload_gpu_seconds_total{{{sel}}}[5m])", time=at)
+    held = sum(float(s["value"][1]) for s in seconds)
+    busy = sum(float(s["value"][1]) for s in seconds if s["metric"]["workload"] not in ("unallocated", "unknown"))
+    prices = _by(prom.query(f"gpucost_cloud_price_per_gpu_hour{{{sel}}}", time=at), "offering", "currency")
+    mtd = sum(float(s["value"][1]) for s in prom.query(f'gpucost_cost_to_date{{{sel}, period="month"}}', time=at))
+    cloud = _by(prom.query(f'gpucost_cloud_cost_to_date{{{sel}, period="month"}}', time=at), "offering", "currency")
+    [name] = {s["metric"]["name"] for s in prom.query(f"gpucost_gpu_info{{{sel}}}", time=at)}
+    by_offering = ("offering", "currency")
+    model_offering = ("name", "offering", "currency")
+    hand: dict[str, tuple[tuple[str, ...], dict[tuple, float]]] = {
+        "cluster_currency:gpucost_cost_per_gpu_hour:ratio": (("currency",), {("EUR",): cost / held}),
+        "cluster_currency:gpucost_cost_per_busy_gpu_hour:ratio": (("currency",), {("EUR",): cost / busy}),
+        "cluster_currency:gpucost_gpu_busy:ratio": (("currency",), {("EUR",): busy / held}),
+        "cluster_model_currency:gpucost_cost_per_gpu_hour:ratio": (("name", "currency"), {(name, "EUR"): cost / held}),
+        "cluster_model_currency:gpucost_cost_per_busy_gpu_hour:ratio": (("name", "currency"),
+                                                                        {(name, "EUR"): cost / busy}),
+        "cluster_model_currency:gpucost_gpu_busy:ratio": (("name", "currency"), {(name, "EUR"): busy / held}),
+        "cluster_model_offering_currency:gpucost_cloud_price_per_gpu_hour:avg": (
+            model_offering, {(name, o, c): p for (o, c), p in prices.items()}),
+        # break-even = own cost per GPU-hour / cloud price, same currency
+        "instance_offering_currency:gpucost_break_even_utilization:ratio": (
+            by_offering, {(o, c): cost / held / p for (o, c), p in prices.items()}),
+        "cluster_model_offering_currency:gpucost_break_even_utilization:ratio": (
+            model_offering, {(name, o, c): cost / held / p for (o, c), p in prices.items()}),
+        "cluster_offering_currency:gpucost_break_even_utilization:ratio": (
+            by_offering, {(o, c): cost / held / p for (o, c), p in prices.items()}),
+        # saved = the cloud price of the busy hours this month - own cost this month (every kind)
+        "instance_offering_currency:gpucost_cloud_savings_month_to_date:sum": (
+            by_offering, {(o, c): v - mtd for (o, c), v in cloud.items()}),
+        "cluster_offering_currency:gpucost_cloud_savings_month_to_date:sum": (
+            by_offering, {(o, c): v - mtd for (o, c), v in cloud.items()}),
+    }
+    print(f"\nby hand: {cost:.6g} EUR/h over {held:.6g} GPU-hours per hour, {busy:.6g} busy; prices {prices}; "
+          f"month to date own {mtd:.6g}, cloud {cloud}")
+    assert cost > 0 and held > 0 and busy > 0
+    assert set(prices) == {("on-demand", "EUR"), ("reserved-1y", "EUR")}  # the demo's two cloud prices
+    assert set(cloud) == set(prices)
+    problems = []
+    for rule, (labels, want) in hand.items():
+        got = _by(prom.query(_inline(rules, rule), time=at), *labels)
+        print(f"{rule}: rule " + ", ".join(f"{'/'.join(k)} {v:.9g}" for k, v in sorted(got.items()))
+              + "; by hand " + ", ".join(f"{'/'.join(k)} {v:.9g}" for k, v in sorted(want.items())))
+        if set(got) != set(want):
+            problems.append(f"{rule}: series {sorted(got)}, expected {sorted(want)}")
+            continue
+        for key, v in want.items():
+            if not math.isclose(got[key], v, rel_tol=1e-9, abs_tol=1e-12):
+                problems.append(f"{rule}{key}: {got[key]!r} vs {v!r} by hand")
+    assert not problems, "\n".join(problems)
 
 
 # -- d. every metric a rule or panel names is exported ---------------------

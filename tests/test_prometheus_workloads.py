@@ -13,8 +13,10 @@ The module runs once the agent exports the workload families (issue 9, attributi
 before with that reason; it needs no edit to start running.
 
 Checked: every workload recording rule and every panel query of the workload dashboard returns
-data; what Prometheus holds adds up (workloads = the GPU, to 1e-6, in energy and money; every
-roll-up rule = the per-node rule); the full-duty process is the dearest workload.
+data (that config has no [hardware] and no running costs: the cost-kind panels show energy and 0
+for the rest); what Prometheus holds adds up (workloads = the GPU in energy, = the node's counter of
+each cost kind in money, to 1e-6; every roll-up rule = the per-node rule); the full-duty process is
+the dearest workload.
 """
 
 from __future__ import annotations
@@ -108,23 +110,28 @@ def _wait_all(prom: PrometheusServer, exprs: dict[str, str]) -> dict[str, list]:
 def test_every_workload_rule_returns_data(stack):
     prom, _ = stack
     names = _record_names()
-    assert len(names) == 5
+    assert len(names) == 9
     results = _wait_all(prom, {n: n for n in names})
     problems = [f"{n}: no data" for n in names if not results[n]]
     for r in prom.rules():
         if r["health"] == "err":
             problems.append(f"{r['name']}: {r['lastError']}")
     level_labels = {"instance": {"cluster", "team", "job", "instance"}, "kind": {"kind"}, "currency": {"currency"},
-                    "namespace": {"namespace"}, "pod": {"pod"}, "user": {"user"}}
+                    "namespace": {"namespace"}, "pod": {"pod"}, "user": {"user"}, "team": {"team"},
+                    "cost-kind": {"cost_kind"}}
     for n in names:
         for s in results[n]:
             print(f"{n}{s['metric']} = {s['value'][1]}")
-            need = set().union(*(level_labels.get(p, set()) for p in n.split(":")[0].split("_")))
+            level = n.split(":")[0].replace("cost_kind", "cost-kind")
+            need = set().union(*(level_labels.get(p, set()) for p in level.split("_")))
             need -= {"namespace", "pod", "user"}  # empty in a replay: Prometheus drops empty labels
             if not need <= s["metric"].keys():
                 problems.append(f"{n}: {s['metric']} lacks {sorted(need - s['metric'].keys())}")
     kinds = {s["metric"]["kind"] for s in results["instance_kind_currency:gpucost_workload_cost_per_hour:rate5m"]}
     assert "unallocated" in kinds, kinds
+    cost_kinds = {s["metric"]["cost_kind"]
+                  for s in results["instance_cost_kind_currency:gpucost_workload_cost_per_hour:rate5m"]}
+    assert "energy" in cost_kinds, cost_kinds
     assert not problems, "\n".join(problems)
 
 
@@ -148,20 +155,26 @@ def test_every_workload_panel_returns_data(stack):
 
 
 def test_what_prometheus_holds_adds_up(stack):
-    """Workloads = the GPU in energy and money at one scrape; every roll-up = the per-node rule."""
+    """Workloads = the GPU in energy, and = the node in money per cost kind, at one scrape; every
+    roll-up = the per-node rule."""
     prom, _ = stack
     sel = f'job="{JOB}"'
     checks = {
         "energy (J)": (f"sum(gpucost_workload_gpu_energy_joules_total{{{sel}}})",
                        f"sum(gpucost_gpu_energy_joules_total{{{sel}}})"),
-        "cost (EUR)": (f'sum(gpucost_workload_cost_total{{{sel}, currency="EUR"}})',
-                       f'sum(gpucost_energy_cost_total{{{sel}, component="gpu", currency="EUR"}})'),
     }
+    for kind in ("energy", "hardware", "running"):  # the config prices energy only: the others are absent
+        checks[f"{kind} cost (EUR)"] = (f'sum(gpucost_workload_cost_total{{{sel}, cost_kind="{kind}", currency="EUR"}})',
+                                        f'sum(gpucost_{kind}_cost_total{{{sel}, currency="EUR"}})')
     at = time.time()
-    for what, (workloads, gpu) in checks.items():
-        w, g = prom.value(workloads, time=at), prom.value(gpu, time=at)
-        print(f"{what}: workloads {w:.6f}, GPU {g:.6f}")
+    for what, (workloads, node) in checks.items():
+        w, g = prom.value(workloads, time=at), prom.value(node, time=at)
+        if w is None and g is None:
+            print(f"{what}: neither the workloads nor the node have any")
+            continue
+        print(f"{what}: workloads {w:.6f}, node {g:.6f}")
         assert g > 0 and w == pytest.approx(g, rel=1e-6), what
+    assert prom.value(checks["energy cost (EUR)"][0], time=at), "no energy cost charged to workloads"
     base = "sum(instance_kind_currency:gpucost_workload_cost_per_hour:rate5m)"
     _wait_all(prom, {n: n for n in _record_names()})
     at = time.time()
