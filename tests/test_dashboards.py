@@ -227,12 +227,11 @@ def test_variable_queries_are_series_selectors():
     assert {v[1] for v in vars_ if v[0] == "gpucost-fleet"} == {"job", "cluster", "instance", "gpu", "currency"}
 
 
-promtool = shutil.which("promtool")
-
-
-@pytest.mark.skipif(promtool is None, reason="promtool not installed (apt install prometheus)")
 def test_every_query_parses_as_promql(tmp_path):
     """Prometheus' own parser on every panel and variable query, variables filled in."""
+    from tools import need
+
+    promtool = need("promtool", "apt install prometheus")
     exprs = [q.expr for q in dashboard_queries()]
     exprs += [f"count by ({label}) ({selector})" for _, _, selector, label in variable_queries()]
     rules = {"groups": [{"name": "dashboards", "rules": [

@@ -23,9 +23,11 @@ def scrape_after_ticks(agent: AgentProcess, ticks: int = 4, timeout: float = 20.
     raise AssertionError("agent did not tick")
 
 
-@pytest.mark.skipif(Path("/sys/class/powercap").exists(), reason="this machine has powercap; the model is not used")
-def test_run_without_powercap_uses_the_model_and_says_so():
-    agent = AgentProcess("run", "--tick", "0.2")
+def test_run_without_powercap_uses_the_model_and_says_so(tmp_path):
+    # A powercap root that does not exist, on any machine (most real hosts have /sys/class/powercap).
+    config = tmp_path / "config.toml"
+    config.write_text(f'[host]\npowercap_root = "{tmp_path / "no-powercap"}"\n')
+    agent = AgentProcess("run", "--tick", "0.2", "--config", str(config))
     try:
         agent.wait_ready()
         m = scrape_after_ticks(agent)
@@ -39,7 +41,7 @@ def test_run_without_powercap_uses_the_model_and_says_so():
         assert value(m, "gpucost_node_it_power_watts") > 0  # the host flows into node IT power
     finally:
         assert agent.stop() == 0
-    assert "host power: model (no /sys/class/powercap)" in agent.output
+    assert f"host power: model (no {tmp_path / 'no-powercap'})" in agent.output
 
 
 def ipmi_config(tmp_path, fixture: str, basis: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import shutil
 import socket
 import signal
 import ssl
@@ -90,14 +89,13 @@ def test_a_bad_web_config_stops_the_process_with_one_line(tmp_path):
                                     f"cannot read {tmp_path}/nowhere.pem: no such file or directory")
 
 
-prometheus = shutil.which("prometheus")
-promtool = shutil.which("promtool")
-
-
-@pytest.mark.skipif(prometheus is None or promtool is None, reason="prometheus not installed (apt install prometheus)")
 def test_prometheus_scrapes_over_tls_with_basic_auth(tmp_path):
     """Prometheus itself (Go's TLS, gzip, keep-alive, OpenMetrics) against the agent; the same
     web-config passes exporter-toolkit's own check (promtool check web-config)."""
+    from tools import need
+
+    prometheus = need("prometheus", "apt install prometheus")
+    promtool = need("promtool", "apt install prometheus")
     cert, key = make_cert(tmp_path, "server")
     web = tmp_path / "web.yml"
     web.write_text(f"tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n  min_version: TLS12\n"

@@ -22,7 +22,6 @@ the dearest workload.
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ import time
 
 import pytest
 from agentproc import ROOT, AgentProcess, free_port
+from tools import in_ci
 from dashboards import dashboard_queries
 from promserver import JOB, PROMETHEUS, TARGET_LABELS, PrometheusServer, PromQLError
 
@@ -44,18 +44,7 @@ SPEED = 5          # trace seconds per wall second: one 29 s loop every ~6 s
 SCRAPE = "250ms"
 WAIT = 25          # at most this long for every rule and panel to have data
 
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def agent_exports_workloads() -> bool:
-    """Whether the agent's source defines the workload families (issue 9 contract)."""
-    return any(f'"{FAMILIES[1]}"' in p.read_text(encoding="utf-8") for p in (ROOT / "agent").rglob("*.py"))
-
-
-pytestmark = pytest.mark.skipif(
-    not agent_exports_workloads(),
-    reason="the agent does not export gpucost_workload_* yet (issue 9 attribution); runs once it does",
-)
+IN_CI = in_ci()
 
 
 def _record_names() -> list[str]:

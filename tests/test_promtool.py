@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 
 import pytest
 from agentproc import AgentProcess, value
-
-promtool = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(promtool is None, reason="promtool not installed (apt install prometheus)")
+from tools import need
 
 
 def lint(text: str) -> subprocess.CompletedProcess:
+    promtool = need("promtool", "apt install prometheus")
     return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
 
 
