@@ -32,15 +32,16 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
 from .cost import Amortization, CostModel, DemandTracker, IdleConfig, RunningCosts, is_idle
 from .cost.model import JOULES_PER_KWH
 from .cost.timeutil import get_zone, local_date, wall_to_utc
-from .energy import EnergySlice
+from . import statecheck
 from .attribution.workloads import ENERGY, HARDWARE, RUNNING, WorkloadTotals
+from .energy import EnergySlice
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,13 @@ STATE_VERSION = 1
 #: Periods of ``cost_to_date``, in the tariff's time zone.
 PERIODS = ("day", "month")
 
-# Sanity bounds of a persisted total. A node drawing 10 kW for 30 years uses 1e13 J, and
-# its amortisation in the currency with the smallest unit (hardware in IRR or VND runs to
-# 1e10 per GPU) stays below 1e14: a value past these is corruption, not history.
+# Sanity bounds of a persisted total (agent/statecheck.py says why these).
 #: Units: J (IT and facility energy).
-MAX_STATE_JOULES = 1e15
+MAX_STATE_JOULES = statecheck.MAX_JOULES
 #: Units: currency.
-MAX_STATE_MONEY = 1e15
+MAX_STATE_MONEY = statecheck.MAX_MONEY
 #: Units: g CO2e.
-MAX_STATE_GRAMS = 1e15
+MAX_STATE_GRAMS = statecheck.MAX_GRAMS
 
 #: The error kind under which a rejected slice is counted.
 INVALID_ENERGY = "invalid_energy"
@@ -135,6 +134,8 @@ class Ledger:
         tariff = self.cost.tariff
         self._zone: ZoneInfo = get_zone(tariff.config.timezone) if tariff is not None else get_zone("UTC")
         self._period_cache: tuple[float, float, dict[str, str]] | None = None
+        #: See period_bounds: ((zone, periods), bounds).
+        self._bounds_cache: tuple[Any, dict[str, tuple[float, float]]] | None = None
         #: See _hardware_rates: (amortisation, currency, gpu_uuids, gpu_names, rates).
         self._rates: tuple[Any, ...] | None = None
         #: See _running_rates: (running costs, gpu_uuids, gpu_names, rates).
@@ -241,6 +242,39 @@ class Ledger:
         keys = {"day": d.isoformat(), "month": d.isoformat()[:7]}
         self._period_cache = (start, end, keys)
         return keys
+
+    def period_bounds(self) -> dict[str, tuple[float, float]]:
+        """period → (start, end) in unix seconds of the day and month the period totals are in
+        now (:attr:`periods`), in the tariff's zone: what ``gpucost_cost_to_date`` counts since,
+        and when it restarts. A month or day with a DST change is an hour shorter or longer.
+
+        The recording rules project the month on this calendar (hours left = (end - time()) /
+        3600), never on PromQL's UTC one.
+        """
+        key = (self._zone, tuple(sorted(self.periods.items())))
+        cached = self._bounds_cache
+        if cached is not None and cached[0] == key:
+            return dict(cached[1])
+        out: dict[str, tuple[float, float]] = {}
+        for period, name in self.periods.items():
+            try:
+                if period == "day":
+                    first = date.fromisoformat(name)
+                    nxt = first + timedelta(days=1)
+                elif period == "month":
+                    year, month = (int(x) for x in name.split("-"))
+                    first = date(year, month, 1)
+                    nxt = date(year + month // 12, month % 12 + 1, 1)
+                else:
+                    continue
+            except ValueError:  # a key this version does not know how to read: no bounds
+                continue
+            out[period] = (
+                wall_to_utc(self._zone, datetime(first.year, first.month, first.day)),
+                wall_to_utc(self._zone, datetime(nxt.year, nxt.month, nxt.day)),
+            )
+        self._bounds_cache = (key, out)
+        return dict(out)
 
     def roll_periods(self, t: float) -> None:
         """Start a new day or month at instant ``t`` when it has begun: its totals restart at 0."""
@@ -513,7 +547,7 @@ class Ledger:
         aside (logged) and the node's totals load.
         """
         if not isinstance(state, dict):
-            raise ValueError(f"expected a JSON object, got {_kind(state)}")
+            raise ValueError(f"expected a JSON object, got {statecheck.kind_of(state)}")
         version = state.get("version")
         if isinstance(version, bool) or version != STATE_VERSION:
             raise ValueError(f"state version {version!r} is not {STATE_VERSION}")
@@ -521,7 +555,7 @@ class Ledger:
         if missing:
             raise ValueError(f"{missing[0]}: missing")
         if "saved_at" in state:
-            _number(state["saved_at"], "saved_at", _MAX_TIMESTAMP)
+            statecheck.number(state["saved_at"], "saved_at", statecheck.MAX_TIMESTAMP)
         gpu = _pairs(state, "gpu_energy_joules", MAX_STATE_JOULES)
         host = _pairs(state, "host_energy_joules", MAX_STATE_JOULES)
         energy_cost = _pairs(state, "energy_cost", MAX_STATE_MONEY)
@@ -533,7 +567,7 @@ class Ledger:
         emissions = _map(state, "emissions_grams", MAX_STATE_GRAMS)
         demand = state["demand"]
         if demand is not None and not isinstance(demand, dict):
-            raise ValueError(f"demand: expected an object or null, got {_kind(demand)}")
+            raise ValueError(f"demand: expected an object or null, got {statecheck.kind_of(demand)}")
         period_keys, period_cost = _periods(state.get("periods"))  # absent in states saved before 0.2
         cloud = _cloud_periods(state.get("periods"), period_keys)
         # Absent in states saved before workload attribution. Workload keys and labels come from
@@ -579,69 +613,36 @@ _STATE_KEYS = (
     "emissions_grams",
     "demand",
 )
-#: Unix time, s: year 5138. Beyond it a timestamp is corruption.
-_MAX_TIMESTAMP = 1e11
-_KEY = re.compile(r"[^\x00-\x1f]{1,256}")
-
-
-def _kind(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), "a number")
-
-
-def _number(v: Any, where: str, limit: float) -> float:
-    """A JSON number that is finite, not negative and at most ``limit``. Raises ValueError."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{where}: expected a number, got {_kind(v)}")
-    try:
-        f = float(v)
-    except OverflowError:
-        f = math.inf
-    if not math.isfinite(f):
-        raise ValueError(f"{where}: {f} is not a finite number")
-    if f < 0:
-        raise ValueError(f"{where}: {f:g} is negative")
-    if f > limit:
-        raise ValueError(f"{where}: {f:g} is beyond the sanity bound {limit:g}")
-    return f
-
-
-def _key(v: Any, where: str) -> str:
-    if not isinstance(v, str) or not _KEY.fullmatch(v):
-        raise ValueError(f"{where}: expected a name (1-256 printable characters), got {_kind(v)}")
-    return v
-
-
 def _pairs(state: dict[str, Any], name: str, limit: float) -> dict[tuple[str, str], float]:
     """``[[key, key, number], ...]`` → {(key, key): number}."""
     rows = state[name]
     if not isinstance(rows, list):
-        raise ValueError(f"{name}: expected a list, got {_kind(rows)}")
+        raise ValueError(f"{name}: expected a list, got {statecheck.kind_of(rows)}")
     out: dict[tuple[str, str], float] = {}
     for i, row in enumerate(rows):
         where = f"{name}[{i}]"
         if not isinstance(row, list) or len(row) != 3:
             raise ValueError(f"{where}: expected [name, name, number]")
-        key = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
+        key = (statecheck.name(row[0], f"{where}[0]"), statecheck.name(row[1], f"{where}[1]"))
         if key in out:
             raise ValueError(f"{where}: {list(key)} appears twice")
-        out[key] = _number(row[2], f"{where}[2]", limit)
+        out[key] = statecheck.number(row[2], f"{where}[2]", limit)
     return out
 
 
 def _triples(rows: Any, name: str, limit: float) -> dict[tuple[str, str, str], float]:
     """``[[key, key, key, number], ...]`` → {(key, key, key): number}."""
     if not isinstance(rows, list):
-        raise ValueError(f"{name}: expected a list, got {_kind(rows)}")
+        raise ValueError(f"{name}: expected a list, got {statecheck.kind_of(rows)}")
     out: dict[tuple[str, str, str], float] = {}
     for i, row in enumerate(rows):
         where = f"{name}[{i}]"
         if not isinstance(row, list) or len(row) != 4:
             raise ValueError(f"{where}: expected [name, name, name, number]")
-        key = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), _key(row[2], f"{where}[2]"))
+        key = tuple(statecheck.name(row[j], f"{where}[{j}]") for j in range(3))
         if key in out:
             raise ValueError(f"{where}: {list(key)} appears twice")
-        out[key] = _number(row[3], f"{where}[3]", limit)
+        out[key] = statecheck.number(row[3], f"{where}[3]", limit)
     return out
 
 
@@ -662,14 +663,14 @@ def _periods(periods: Any) -> tuple[dict[str, str], dict[tuple[str, str, str], f
         keys[p] = k
     rows = periods.get("cost")
     if not isinstance(rows, list):
-        raise ValueError(f"periods.cost: expected a list, got {_kind(rows)}")
+        raise ValueError(f"periods.cost: expected a list, got {statecheck.kind_of(rows)}")
     cost: dict[tuple[str, str, str], float] = {}
     for i, row in enumerate(rows):
         where = f"periods.cost[{i}]"
         if not isinstance(row, list) or len(row) != 4:
             raise ValueError(f"{where}: expected [period, kind, currency, number]")
-        key = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), _key(row[2], f"{where}[2]"))
-        value = _number(row[3], f"{where}[3]", MAX_STATE_MONEY)
+        key = tuple(statecheck.name(row[j], f"{where}[{j}]") for j in range(3))
+        value = statecheck.number(row[3], f"{where}[3]", MAX_STATE_MONEY)
         if key[0] in keys:
             cost[key] = value
     return keys, cost
@@ -680,14 +681,14 @@ def _cloud_periods(periods: Any, keys: Mapping[str, str]) -> dict[tuple[str, str
     cloud prices); rows of a period without a key are ignored, as period costs are."""
     rows = periods.get("cloud", []) if isinstance(periods, dict) else []
     if not isinstance(rows, list):
-        raise ValueError(f"periods.cloud: expected a list, got {_kind(rows)}")
+        raise ValueError(f"periods.cloud: expected a list, got {statecheck.kind_of(rows)}")
     out: dict[tuple[str, str, str, str], float] = {}
     for i, row in enumerate(rows):
         where = f"periods.cloud[{i}]"
         if not isinstance(row, list) or len(row) != 5:
             raise ValueError(f"{where}: expected [period, provider, offering, currency, number]")
-        key = tuple(_key(row[j], f"{where}[{j}]") for j in range(4))
-        value = _number(row[4], f"{where}[4]", MAX_STATE_MONEY)
+        key = tuple(statecheck.name(row[j], f"{where}[{j}]") for j in range(4))
+        value = statecheck.number(row[4], f"{where}[4]", MAX_STATE_MONEY)
         if key[0] in keys:
             out[key] = value  # type: ignore[index]
     return out
@@ -700,8 +701,8 @@ def _map(state: dict[str, Any], name: str, limit: float) -> dict[str, float]:
     """``{key: number}`` with every value checked."""
     d = state[name]
     if not isinstance(d, dict):
-        raise ValueError(f"{name}: expected an object, got {_kind(d)}")
-    return {_key(k, name): _number(v, f"{name}[{k!r}]", limit) for k, v in d.items()}
+        raise ValueError(f"{name}: expected an object, got {statecheck.kind_of(d)}")
+    return {statecheck.name(k, name): statecheck.number(v, f"{name}[{k!r}]", limit) for k, v in d.items()}
 
 
 def kwh(joules: float) -> float:

@@ -1,4 +1,4 @@
-"""Command line: ``gpu-cost-agent run | demo | record | replay``."""
+"""Command line: ``gpu-cost-agent run | demo | record | replay | check-config | report``."""
 
 from __future__ import annotations
 
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-interval", type=float, default=0.1, help="seconds between energy counter reads")
     p.add_argument("--samples-interval", type=float, default=1.0, help="seconds between power-buffer reads")
     p.add_argument("--note", default="", help="free text stored in the header (what load ran)")
+
+    # Handled in main() before parsing, by agent.report (never imported by the daemon).
+    sub.add_parser("report", add_help=False,
+                   help="write the bill of a period (CSV, FOCUS, JSON, HTML) from Prometheus or per-job records")
     return parser
 
 
@@ -271,9 +275,9 @@ def _serve_replay(
 
     source = ReplaySource(trace, loop=loop, hide=args.hide)
     log.info(
-        "replaying %s (%d GPUs, %.1f s) at %gx%s — this is recorded data, not this node",
+        "replaying %s (%s, %.1f s) at %gx%s — this is recorded data, not this node",
         trace_path,
-        len(source.devices()),
+        _count(len(source.devices()), "GPU"),
         source.duration_seconds,
         args.speed,
         ", looping" if loop else "",
@@ -387,7 +391,7 @@ def _record(args: argparse.Namespace) -> int:
         )
     finally:
         source.close()
-    print(f"wrote {rows} rows for {len(source.devices())} GPU(s) to {args.output}")
+    print(f"wrote {_count(rows, 'row')} for {_count(len(source.devices()), 'GPU')} to {args.output}")
     return 0
 
 
@@ -406,7 +410,7 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 2
     settings, web = checked.settings, checked.web
-    for line in unknown_env_vars():
+    for line in unknown_env_vars() + config_warnings(settings, replay=trace is not None):
         print(f"gpu-cost-agent: warning: {line}", file=sys.stderr)
     host_line = "host power: disabled ([host] enabled = false)"
     if checked.host is not None:
@@ -421,6 +425,10 @@ def _check_config(args: argparse.Namespace) -> int:
     print(host_line)
     if web is not None:
         print(f"web config {web.path}: OK ({web.describe()})")
+    ipmi = settings.host.ipmi
+    if ipmi.enabled and trace is None:
+        print(f"BMC wall power: `{' '.join(ipmi.command)}` every {ipmi.interval_seconds:g} s (timeout "
+              f"{ipmi.timeout_seconds:g} s), cost basis {ipmi.cost_basis}")
     print(f"listen {a.listen}, tick {a.tick_seconds:g} s, energy counter every "
           f"{settings.gpu.energy_counter_interval_seconds:g} s, energy method {settings.gpu.energy_method}")
     print(f"state dir {a.state_dir or default_state_dir()} (persisted every {a.persist_interval_seconds:g} s)")
@@ -467,7 +475,7 @@ def _running_and_cloud_lines(settings: Settings) -> list[str]:
     for item in settings.running_costs:
         cur = item.currency or settings.hardware_currency
         where = "for the node" if item.scope == "node" else "per GPU"
-        extra = f" ({len(item.gpus)} per-GPU override(s))" if item.gpus else ""
+        extra = f" ({_count(len(item.gpus), 'per-GPU override')})" if item.gpus else ""
         lines.append(f"running cost {item.name!r}: {item.amount:g} {cur}/{item.period} {where}{extra} "
                      f"= {item.amount / PERIOD_SECONDS[item.period] * 3600:.4f} {cur}/h")
     for c in settings.cloud_prices:
@@ -480,7 +488,7 @@ def _running_and_cloud_lines(settings: Settings) -> list[str]:
     if not any(h.total(currency) for h in levels):
         return lines
     plan = settings.planning
-    basis = (f"{plan.gpus_per_node} GPU(s) per node, GPU {plan.gpu_idle_watts:g}-{plan.gpu_full_watts:g} W, "
+    basis = (f"{_count(plan.gpus_per_node, 'GPU')} per node, GPU {plan.gpu_idle_watts:g}-{plan.gpu_full_watts:g} W, "
              f"host {plan.host_watts:g} W")
     if settings.tariff is not None:
         basis += (f", the tariff's week average {week_average_price(settings.tariff):.4f} "
@@ -501,6 +509,31 @@ def _running_and_cloud_lines(settings: Settings) -> list[str]:
         lines.append(f"  break-even against {c.provider} {c.offering} {c.model} at {c.price_per_gpu_hour:g} "
                      f"{currency}/GPU-hour: " + ("renting is cheaper at any utilisation" if u is None else
                                                  f"owning is cheaper above {u:.1%} utilisation"))
+    return lines
+
+
+def _count(n: int, word: str) -> str:
+    """``1 GPU``, ``2 GPUs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def config_warnings(settings: Settings, *, replay: bool) -> list[str]:
+    """What is wrong with a configuration that is used all the same, one line each: check-config
+    prints them, the agent logs them at start and on SIGHUP. ``replay``: no BMC is polled."""
+    lines = []
+    if settings.tariff is not None:
+        holidays = settings.tariff.holidays_warning(time.time())
+        if holidays is not None:
+            lines.append(holidays)
+    ipmi = settings.host.ipmi
+    if ipmi.enabled and not replay:
+        from .sources.ipmi import command_problem
+
+        problem = command_problem(ipmi)
+        if problem is not None:
+            lines.append(f"[host.ipmi] is enabled, but {problem}: no wall power is read and every poll (each "
+                         f"{ipmi.interval_seconds:g} s) counts a dcmi error; install ipmitool or set "
+                         "[host.ipmi] command")
     return lines
 
 
@@ -539,6 +572,26 @@ def _nvml_present() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``gpu-cost-agent`` command. A reader that goes away (``check-config FILE | head -3``)
+    ends it quietly, as it ends ``cat``: exit status 141 (128 + SIGPIPE), no traceback."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could no longer be caught
+        return status
+    except BrokenPipeError:
+        # What is still buffered for stdout would fail again at exit: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        from .report.cli import main as report
+
+        return report(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -583,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-cost-agent: {exc}", file=sys.stderr)
         return 1
     _setup_logging(settings.agent.log_level)
-    for line in unknown_env_vars():
+    for line in unknown_env_vars() + config_warnings(settings, replay=args.command != "run"):
         log.warning("%s", line)
     _log_tariff(settings, origin, args.command)
     if listener.web is not None:
@@ -591,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def reload() -> Checked:
         new = validate(config_path, _overrides(args), trace=trace)  # as at start: raises Refused
+        for line in config_warnings(new.settings, replay=args.command != "run"):
+            log.warning("%s", line)
         _log_tariff(new.settings, origin, args.command)
         return new
 

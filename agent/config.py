@@ -19,7 +19,7 @@ import stat
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -62,7 +62,13 @@ class Refused(Exception):
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` → (host, port). IPv6 in brackets (``[::1]:9842``, ``[::]:9842`` for
-    every address, IPv4 too); ``:9842`` listens on all IPv4 interfaces."""
+    every address, IPv4 too); ``:9842`` listens on all IPv4 interfaces. A URL is refused
+    with the ``HOST:PORT`` it holds: the address is where to listen, not what to fetch."""
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme and "/" not in scheme:
+        hostport = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        raise ValueError(f"expected HOST:PORT, not a URL: use {hostport!r} (TLS is set by the web-config "
+                         f"file), got {value!r}")
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT with a port 0-65535, got {value!r}")
@@ -241,7 +247,7 @@ def _build(data: dict[str, Any] | None, overrides: dict[str, Any] | None) -> Set
             try:
                 base = Settings.model_validate(_merge(base.model_dump(), overrides))
             except ValidationError as exc:
-                raise ConfigError(clip_line(format_validation_error(exc))) from exc
+                raise ConfigError(clip_line(_with_hint(exc))) from exc
     finally:
         Settings._toml_data = None
     return base
@@ -480,6 +486,65 @@ def _setting_paths(model: type[BaseModel] = Settings, above: tuple[str, ...] = (
     return out
 
 
+def _table_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The model of a field that is a table or an array of tables, and whether it is an array
+    (``list[TouBand] | None`` → (TouBand, True)); (None, False) for a plain value."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation, False
+    for arg in typing.get_args(annotation):
+        model, array = _table_of(arg)
+        if model is not None:
+            return model, array or typing.get_origin(annotation) is list
+    return None, False
+
+
+def setting_tables(model: type[BaseModel] | None = None, above: str = "") -> dict[str, bool]:
+    """Every table a configuration file may hold, dotted as in TOML (``host.ipmi``,
+    ``tariff.bands``), and whether it is an array of tables (``[[tariff.bands]]``)."""
+    out: dict[str, bool] = {}
+    for name, field in (model or Settings).model_fields.items():
+        sub, array = _table_of(field.annotation)
+        if sub is not None:
+            out[above + name] = array
+            out.update(setting_tables(sub, f"{above}{name}."))
+    return out
+
+
+def setting_keys(
+    model: type[BaseModel] | None = None, above: tuple[str, ...] = (), in_array: bool = False
+) -> dict[str, str | None]:
+    """Every key a configuration file may set, dotted as in TOML (``tariff.bands.price_per_kwh``
+    is ``price_per_kwh`` of a ``[[tariff.bands]]``), with the ``GPUCOST_*`` variable that sets it;
+    None for a key of an array of tables, which its array's variable sets whole (as JSON)."""
+    out: dict[str, str | None] = {}
+    for name, field in (model or Settings).model_fields.items():
+        path = (*above, name)
+        sub, array = _table_of(field.annotation)
+        if sub is None:
+            out[".".join(path)] = None if in_array else _env_name(path)
+        else:
+            out.update(setting_keys(sub, path, in_array or array))
+    return out
+
+
+def did_you_mean(loc: Sequence[Any]) -> str | None:
+    """The setting nearest to the unknown key at ``loc`` (a validation error's location, as
+    ``("agent", "tick_secnds")`` or ``("tariff", "bands", 0, "nmae")``), or None."""
+    model: type[BaseModel] | None = Settings
+    names = [part for part in loc if isinstance(part, str)]
+    for part in names[:-1]:
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        model = _table_of(field.annotation)[0]
+    if model is None or not names:
+        return None
+    import difflib  # only for a key that names no setting
+
+    hint = difflib.get_close_matches(names[-1].lower(), list(model.model_fields), n=1, cutoff=0.6)
+    return hint[0] if hint else None
+
+
 def _env_name(path: tuple[str, ...]) -> str:
     return ENV_PREFIX + "__".join(path).upper()
 
@@ -559,8 +624,27 @@ def _env_origin(loc: tuple[Any, ...]) -> str | None:
 def _describe_with_env(exc: ValidationError) -> str:
     """One line for the first error, preferring one whose value came from the environment,
     prefixed with that variable: ``GPUCOST_TARIFF__FLAT_PRICE_PER_KWH=abc: tariff.flat_...``."""
-    for i, err in enumerate(exc.errors(include_url=False)):
+    errors = exc.errors(include_url=False)
+    for i, err in enumerate(errors):
         origin = _env_origin(tuple(err.get("loc", ())))
         if origin is not None:
             return f"{origin}: {format_validation_error(exc, index=i)}"
-    return format_validation_error(exc)
+    return _with_hint(exc)
+
+
+def _with_hint(exc: ValidationError) -> str:
+    """The first error's line; for an unknown key, with ``; did you mean KEY?``. A required key
+    that is missing because it was misspelt is told as the misspelt key, with its hint."""
+    errors = exc.errors(include_url=False)
+    hints = {i: did_you_mean(tuple(e.get("loc", ()))) for i, e in enumerate(errors)
+             if e.get("type") == "extra_forbidden"}
+    index = 0
+    if errors and errors[0].get("type") == "missing":
+        missing = {tuple(e.get("loc", ())) for e in errors if e.get("type") == "missing"}
+        for i, hint in hints.items():
+            if hint is not None and (*tuple(errors[i].get("loc", ()))[:-1], hint) in missing:
+                index = i
+                break
+    line = format_validation_error(exc, index=index)
+    hint = hints.get(index)
+    return line.replace("unknown setting", f"unknown setting; did you mean {hint}?", 1) if hint else line

@@ -363,6 +363,26 @@ class SnapshotCollector:
             for (period, kind, cur), v in sorted(c.period_cost.items()):
                 to_date.add_metric([period, kind, cur], v)
             yield to_date
+        if c.period_bounds:
+            # The calendar of gpucost_cost_to_date, for rules: PromQL's date functions are UTC, so
+            # a rule cannot tell when a month in the tariff's zone ends (issue 18).
+            start = GaugeMetricFamily(
+                "gpucost_period_start_timestamp_seconds",
+                "Unix time at which the current day or month of gpucost_cost_to_date began (midnight in the "
+                "tariff's time zone; UTC without a tariff).",
+                labels=["period"],
+            )
+            end = GaugeMetricFamily(
+                "gpucost_period_end_timestamp_seconds",
+                "Unix time at which the current day or month of gpucost_cost_to_date ends and its totals restart "
+                "(the next midnight, or the next 1st, in the tariff's time zone; UTC without a tariff).",
+                labels=["period"],
+            )
+            for period, (t0, t1) in sorted(c.period_bounds.items()):
+                start.add_metric([period], t0)
+                end.add_metric([period], t1)
+            yield start
+            yield end
         if c.energy_cost_rate_per_hour is not None or c.hardware_cost_rate_per_hour is not None \
                 or c.running_cost_rate_per_hour:
             rate = GaugeMetricFamily(

@@ -559,6 +559,7 @@ class Sampler:
             hardware_cost=dict(led.hardware_cost),
             emissions_grams=dict(led.emissions),
             period_cost=dict(led.period_cost),
+            period_bounds=led.period_bounds(),
             running_cost=dict(led.running_cost),
             running_cost_rate_per_hour=led.running_rate_per_hour(),
             cloud_to_date=dict(led.cloud_to_date),

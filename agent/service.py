@@ -259,6 +259,11 @@ class Service:
         self.tick_seconds = settings.agent.tick_seconds
         self.interval = self.tick_seconds / speed if replay is not None else self.tick_seconds
         self.store = store
+        if store is not None and sampler.attribution is not None:
+            # Per-job records: each workload's final totals, appended when it expires (docs/report.md).
+            from .jobrecords import JobRecords
+
+            sampler.ledger.workloads.on_expire = JobRecords(store.dir)
         #: Why the last persist failed; None once one succeeds. Shown in /healthz.
         self.persist_error: str | None = None
         self.stopped = threading.Event()

@@ -70,6 +70,8 @@ class CostView:
     demand_charge: float | None
     #: (period, kind, currency) → currency units since the current day / month began
     period_cost: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
+    #: period → (start, end), unix s, of the current day / month in the tariff's zone
+    period_bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     #: (component key, item, currency) → currency units of running costs
     running_cost: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
     #: currency → the node's running costs per hour (its items and its GPUs')

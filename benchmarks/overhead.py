@@ -7,7 +7,7 @@ the real Sampler with host power and a time-of-use tariff, and reports CPU time
 (time.process_time, i.e. what the node pays) per tick and per /metrics render.
 The replay source costs nothing like NVML: on a real H100 the cheap reads add
 ~34 µs per GPU per tick and each energy counter read 3.8 ms (every 5 s), see
-the README; this measures everything around them.
+docs/performance.md; this measures everything around them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a running ``gpu-cost-agent run`` has imported: nothing that only another mode needs.
 
-Each module a daemon holds costs resident memory for as long as it runs (README, "Cost on
-the node"), so code used only by a web-config file, the kubelet's pod-resources socket,
+Each module a daemon holds costs resident memory for as long as it runs (docs/performance.md, "Where
+the resident memory goes"), so code used only by a web-config file, the kubelet's pod-resources socket,
 replays, recording or ``check-config`` is imported when that mode asks for it.
 """
 
@@ -62,5 +62,6 @@ def test_a_running_daemon_imports_no_code_of_other_modes(tmp_path):
         "grpc",  # [attribution] pod_resources = true
         "agent.trace", "agent.sources.replay", "agent.record",  # demo, replay, record
         "difflib",  # the hint for a GPUCOST_* variable that names no setting
+        "agent.report", "agent.report.cli", "agent.report.bill",  # gpu-cost-agent report
     }
     assert modules & only_elsewhere == set()

@@ -79,7 +79,7 @@ BAD_CONTENT = [
     (_set("gpu_energy_joules.0.0", 7), "gpu_energy_joules[0][0]: expected a name"),
     (_set("energy_cost.0.2", -0.1), "energy_cost[0][2]: -0.1 is negative"),
     (_set("emissions_grams", {"host": math.nan}), "emissions_grams['host']: nan is not a finite number"),
-    (_set("demand.peak_w", math.nan), "demand.peak_w: nan is not a number"),
+    (_set("demand.peak_w", math.nan), "demand.peak_w: nan is not a finite number"),
     (_set("demand.windows.0", [T]), "demand.windows[0]: expected [start, joules]"),
     (_set("demand.month", 202701), "demand.month: expected 'YYYY-MM' or null"),
     (_set("periods.cost.0.3", math.nan), "periods.cost[0][3]: nan is not a finite number"),

@@ -32,7 +32,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from .. import statecheck
 
 UNALLOCATED = "unallocated"
 #: Cost kinds (the same as agent.accounting's, which imports this module).
@@ -116,6 +118,9 @@ class WorkloadTotals:
         self.last_seen: dict[Key, float] = {}
         #: Workloads folded into ``other``, with when they were last seen.
         self.merged: dict[Key, float] = {}
+        #: Per-job records (agent/jobrecords.py): called as ``on_expire(self, keys)`` with the
+        #: workloads :meth:`expire` is about to drop, before they are dropped. Must not raise.
+        self.on_expire: Callable[["WorkloadTotals", list[Key]], None] | None = None
 
     def configure(self, max_workloads: int, retention_seconds: float) -> None:
         self.max_workloads = max_workloads
@@ -181,6 +186,8 @@ class WorkloadTotals:
         """Drop workloads (and merge records) not seen for ``retention_seconds``. Returns how many."""
         limit = now - self.retention_seconds
         gone = [k for k, seen in self.last_seen.items() if seen < limit]
+        if gone and self.on_expire is not None:
+            self.on_expire(self, gone)
         for k in gone:
             self._drop(k)
         for k in [k for k, seen in self.merged.items() if seen < limit]:
@@ -248,26 +255,24 @@ class WorkloadTotals:
 
         Raises ValueError naming the first bad value (``workloads.rows[3][2]: -1 is negative``).
         """
-        from ..accounting import _MAX_TIMESTAMP, MAX_STATE_JOULES, MAX_STATE_MONEY, _key, _kind, _number
-
         out = WorkloadTotals()
         if not isinstance(data, dict):
-            raise ValueError(f"workloads: expected an object, got {_kind(data)}")
+            raise ValueError(f"workloads: expected an object, got {statecheck.kind_of(data)}")
         for name in ("rows", "cost", "merged"):
             if not isinstance(data.get(name), list):
-                raise ValueError(f"workloads.{name}: expected a list, got {_kind(data.get(name))}")
+                raise ValueError(f"workloads.{name}: expected a list, got {statecheck.kind_of(data.get(name))}")
         for i, row in enumerate(data["rows"]):
             where = f"workloads.rows[{i}]"
             if not isinstance(row, list) or len(row) != 5:
                 raise ValueError(f"{where}: expected [gpu uuid, workload, joules, last seen, labels]")
-            k = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
+            k = (statecheck.name(row[0], f"{where}[0]"), statecheck.name(row[1], f"{where}[1]"))
             if k in out.energy:
                 raise ValueError(f"{where}: {list(k)} appears twice")
-            out.energy[k] = _number(row[2], f"{where}[2]", MAX_STATE_JOULES)
-            out.last_seen[k] = _number(row[3], f"{where}[3]", _MAX_TIMESTAMP)
+            out.energy[k] = statecheck.number(row[2], f"{where}[2]", statecheck.MAX_JOULES)
+            out.last_seen[k] = statecheck.number(row[3], f"{where}[3]", statecheck.MAX_TIMESTAMP)
             labels = row[4]
             if not isinstance(labels, dict):
-                raise ValueError(f"{where}[4]: expected an object of labels, got {_kind(labels)}")
+                raise ValueError(f"{where}[4]: expected an object of labels, got {statecheck.kind_of(labels)}")
             clean: dict[str, str] = {}
             for name in IDENTITY_LABELS:
                 v = labels.get(name, "")
@@ -282,26 +287,27 @@ class WorkloadTotals:
                 row = [row[0], row[1], ENERGY, row[2], row[3]]
             if not isinstance(row, list) or len(row) != 5:
                 raise ValueError(f"{where}: expected [gpu uuid, workload, cost kind, currency, number]")
-            ck = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"), row[2], _key(row[3], f"{where}[3]"))
+            ck = (statecheck.name(row[0], f"{where}[0]"), statecheck.name(row[1], f"{where}[1]"), row[2],
+                  statecheck.name(row[3], f"{where}[3]"))
             if ck[2] not in COST_KINDS:
                 raise ValueError(f"{where}[2]: expected a cost kind ({', '.join(COST_KINDS)}), got {row[2]!r:.40}")
             if (ck[0], ck[1]) not in out.energy:
                 raise ValueError(f"{where}: cost of {list(ck[:2])}, which has no energy row")
-            out.cost[ck] = _number(row[4], f"{where}[4]", MAX_STATE_MONEY)
+            out.cost[ck] = statecheck.number(row[4], f"{where}[4]", statecheck.MAX_MONEY)
         for i, row in enumerate(data.get("seconds", [])):  # absent before capacity was charged
             where = f"workloads.seconds[{i}]"
             if not isinstance(row, list) or len(row) != 3:
                 raise ValueError(f"{where}: expected [gpu uuid, workload, seconds]")
-            k = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
+            k = (statecheck.name(row[0], f"{where}[0]"), statecheck.name(row[1], f"{where}[1]"))
             if k not in out.energy:
                 raise ValueError(f"{where}: seconds of {list(k)}, which has no energy row")
-            out.seconds[k] = _number(row[2], f"{where}[2]", _MAX_TIMESTAMP)
+            out.seconds[k] = statecheck.number(row[2], f"{where}[2]", statecheck.MAX_TIMESTAMP)
         for i, row in enumerate(data["merged"]):
             where = f"workloads.merged[{i}]"
             if not isinstance(row, list) or len(row) != 3:
                 raise ValueError(f"{where}: expected [gpu uuid, workload, last seen]")
-            k = (_key(row[0], f"{where}[0]"), _key(row[1], f"{where}[1]"))
-            out.merged[k] = _number(row[2], f"{where}[2]", _MAX_TIMESTAMP)
+            k = (statecheck.name(row[0], f"{where}[0]"), statecheck.name(row[1], f"{where}[1]"))
+            out.merged[k] = statecheck.number(row[2], f"{where}[2]", statecheck.MAX_TIMESTAMP)
         return out
 
     def take(self, other: "WorkloadTotals") -> None:

@@ -18,7 +18,7 @@ tariffs are written (the day type of the calendar day decides the price).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import date, time
+from datetime import date, datetime, time
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
@@ -338,6 +338,19 @@ class TariffConfig(BaseModel):
         if self.holidays_priced_as == "holiday":
             return HOLIDAY_KEY
         return DAY_NAMES.index(self.holidays_priced_as)
+
+    def holidays_warning(self, now: float) -> str | None:
+        """One line when holidays are listed for a time-of-use tariff but none of the year after
+        ``now``'s (in the tariff's zone): after the last one, holidays are priced as ordinary
+        days. None otherwise (no list, a flat price, or the coming year covered)."""
+        if not self.holidays or self.bands is None:
+            return None
+        today = datetime.fromtimestamp(now, get_zone(self.timezone)).date()
+        last = max(self.holidays)
+        if last.year > today.year:
+            return None
+        return (f"tariff.holidays: the last listed holiday is {last.isoformat()}, none of {today.year + 1} is "
+                f"listed: holidays after {last.isoformat()} are priced as ordinary days; add the coming year's")
 
 
 # --------------------------------------------------------------------------- schedules

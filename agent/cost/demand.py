@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from .. import statecheck
 from .config import TariffConfig
 from .timeutil import get_zone, wall_to_utc
 
@@ -175,9 +176,10 @@ class DemandTracker:
         month = state.get("month")
         if month is not None and not (isinstance(month, str) and _MONTH.fullmatch(month)):
             raise ValueError(f"demand.month: expected 'YYYY-MM' or null, got {month!r:.40}")
-        peak_w = _checked(state.get("peak_w", 0.0), "demand.peak_w", _MAX_PEAK_W)
+        peak_w = statecheck.number(state.get("peak_w", 0.0), "demand.peak_w", _MAX_PEAK_W)
         pws = state.get("peak_window_start")
-        peak_start = None if pws is None else _checked(pws, "demand.peak_window_start", _MAX_TIMESTAMP)
+        peak_start = None if pws is None else statecheck.number(pws, "demand.peak_window_start",
+                                                                statecheck.MAX_TIMESTAMP)
         rows = state.get("windows", [])
         if not isinstance(rows, list):
             raise ValueError("demand.windows: expected a list")
@@ -185,8 +187,8 @@ class DemandTracker:
         for i, row in enumerate(rows):
             if not isinstance(row, list) or len(row) != 2:
                 raise ValueError(f"demand.windows[{i}]: expected [start, joules]")
-            ws = _checked(row[0], f"demand.windows[{i}][0]", _MAX_TIMESTAMP)
-            windows[ws] = _checked(row[1], f"demand.windows[{i}][1]", _MAX_PEAK_W * self.window_s)
+            ws = statecheck.number(row[0], f"demand.windows[{i}][0]", statecheck.MAX_TIMESTAMP)
+            windows[ws] = statecheck.number(row[1], f"demand.windows[{i}][1]", _MAX_PEAK_W * self.window_s)
         self._set_month(month)
         self.peak_w = peak_w
         self.peak_window_start = peak_start
@@ -194,19 +196,6 @@ class DemandTracker:
 
 
 _MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
-#: Sanity bounds of a persisted demand state: 1 GW for one node, and unix time in year 5138.
+#: Sanity bound of a persisted demand peak: 1 GW for one node. Units: W.
 _MAX_PEAK_W = 1e9
-_MAX_TIMESTAMP = 1e11
 
-
-def _checked(v: Any, where: str, limit: float) -> float:
-    """A finite number in [0, limit]. Raises ValueError."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{where}: expected a number")
-    try:
-        f = float(v)
-    except OverflowError:
-        f = math.inf
-    if not (math.isfinite(f) and 0 <= f <= limit):
-        raise ValueError(f"{where}: {f:g} is not a number in [0, {limit:g}]")
-    return f

@@ -391,7 +391,8 @@ class HostPowerSource:
     Injectable for tests: ``cpu_percent() -> percent 0..100`` (average since the
     previous call), ``virtual_memory() -> object with .total and .available``
     (bytes), ``cpu_count`` (int or callable), ``read_text(path) -> str`` for the
-    powercap files. ``powercap_root`` overrides ``cfg.powercap_root``.
+    powercap files. ``powercap_root`` overrides ``cfg.powercap_root``. ``model_reason``: why
+    ``mode = "model"`` (a replay sets it to model the recorded host), said where the mode is.
 
     Raises :class:`~.rapl.RaplUnavailable` at construction only in ``mode = "rapl"``
     when RAPL cannot be read, and ``ValueError`` when the resolved CPU idle
@@ -408,6 +409,7 @@ class HostPowerSource:
         cpu_count: int | Callable[[], int | None] | None = None,
         read_text: ReadText | None = None,
         logger: logging.Logger | None = None,
+        model_reason: str | None = None,
     ) -> None:
         self.cfg = cfg
         self._log = logger or log
@@ -436,7 +438,7 @@ class HostPowerSource:
         if not cfg.enabled:
             self.mode, self.reason = "disabled", "[host] enabled = false"
         elif cfg.mode == "model":
-            self.mode, self.reason = "model", 'mode = "model" in [host]'
+            self.mode, self.reason = "model", model_reason or 'mode = "model" in [host]'
         else:
             try:
                 self._rapl = RaplReader(self.powercap_root, read_text=read_text)

@@ -23,7 +23,9 @@ Units: power W, time s.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -58,6 +60,22 @@ class IpmiConfig(BaseModel):
         if not v or not v[0]:
             raise ValueError("command must name a program, e.g. [\"ipmitool\", \"dcmi\", \"power\", \"reading\"]")
         return v
+
+
+def command_problem(cfg: IpmiConfig, path: str | None = None) -> str | None:
+    """Why ``cfg.command`` cannot be run on this machine (its program is not on ``PATH``, does
+    not exist or is not executable), or None. Asked before the first poll, so ``check-config``
+    and the start say it at once instead of the poller counting ``dcmi`` errors."""
+    program = cfg.command[0]
+    if "/" in program:
+        if not os.path.isfile(program):
+            return f"{program} does not exist"
+        if not os.access(program, os.X_OK):
+            return f"{program} is not executable"
+        return None
+    if shutil.which(program, path=path) is None:
+        return f"{program} is not found on PATH"
+    return None
 
 
 class DcmiError(Exception):

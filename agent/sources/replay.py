@@ -352,12 +352,13 @@ class ReplaySource:
             total = max(mem_total, used)
             return SimpleNamespace(total=total, available=total - used)
 
-        model_cfg = cfg.model_copy(update={"mode": "model"})
-        host = HostPowerSource(
-            model_cfg, cpu_percent=cpu_percent, virtual_memory=virtual_memory, cpu_count=recorded.cpus
+        return HostPowerSource(
+            cfg.model_copy(update={"mode": "model"}),
+            cpu_percent=cpu_percent,
+            virtual_memory=virtual_memory,
+            cpu_count=recorded.cpus,
+            model_reason="replay: the trace's CPU and memory readings",
         )
-        host.reason = "replay: the trace's CPU and memory readings"
-        return host
 
     def close(self) -> None:
         pass

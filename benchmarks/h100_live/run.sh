@@ -1,5 +1,5 @@
 #!/bin/bash
-# The "Measured on a real H100" run of the README: `gpu-cost-agent run` + `record` + a probe
+# The live H100 run of docs/accuracy.md ("On a real H100, live"): `gpu-cost-agent run` + `record` + a probe
 # (scrape, direct counter read, nvidia-smi, the agent's CPU and RSS every 5 s) under a known
 # PyTorch load (load.py), then SIGTERM, summary.py and the test suite. Needs an NVIDIA GPU,
 # torch and the agent's dependencies (wheels in .whl/ are installed to /tmp/site if present).
