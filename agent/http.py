@@ -12,18 +12,28 @@ Nobody can take the scrapers' places (docs/endpoint.md has the figures):
 * **Connections.** The server accepts connections itself, so every limit applies
   before any TLS or HTTP work. One client address (an IPv4 address, an IPv6 /64)
   holds at most ``max_per_address`` connections; more are reset at once. When
-  ``max_connections`` are open, a new connection takes the place of the
-  longest-waiting connection that has not sent a complete request (in its TLS
-  handshake or between requests) from the address holding the most connections,
-  if that address holds more than the newcomer's would; otherwise it is reset.
+  ``max_connections`` are open, a new connection takes the place of one from the
+  address holding the most connections, if that address holds more than the
+  newcomer's would (otherwise it is reset): the one that has waited longest for
+  its client (in its TLS handshake, before a request head, reading a response),
+  else its oldest. A flood from any number of addresses cannot keep a scraper
+  out, nor make room at the expense of an address holding less than the flood.
 * **Passwords.** A password over 72 bytes, a wrong password already seen and a
-  missing or malformed header are answered 401 without bcrypt. Every client
-  address may cost at most ``AUTH_FAILURE_BURST`` failed checks, then one more
-  every ``AUTH_FAILURE_REFILL`` seconds; beyond that it is answered 429 without a
-  check. Checks wait in a queue of ``AUTH_QUEUE`` (addresses with fewer recent
-  failures first) for the one bcrypt thread, which pauses after each check so
-  that it uses at most ``AUTH_CPU_SHARE`` of one core. Failures are logged at
-  most once a minute, with a count of the rest.
+  missing or malformed header are answered 401 without bcrypt; credentials once
+  verified are let in without it. Every client address may cost at most
+  ``AUTH_FAILURE_BURST`` failed checks, then one more every
+  ``AUTH_FAILURE_REFILL`` seconds; beyond that it is answered 429 (Retry-After)
+  without a check, and each such answer costs it as much as a failure. Checks
+  wait in a queue of ``AUTH_QUEUE`` (in arrival order, addresses that never
+  failed a check first; 429 after ``AUTH_MAX_WAIT`` s) for the one bcrypt
+  thread, which rests after each check so that it uses at most
+  ``AUTH_CPU_SHARE`` of one core. Refused credentials are
+  answered after ``AUTH_REFUSAL_DELAY`` s, so a client that asks again at once
+  costs a few requests a second; refusals are logged at most once a minute, with
+  a count of the rest.
+* **File descriptors.** ``max_connections`` is at most half the process's limit
+  on open files; out of descriptors, accepting pauses 0.1 s (one log line a
+  minute) instead of asyncio's traceback per attempt.
 
 The exposition is rendered once per snapshot and content type, and gzipped once
 when a client accepts gzip: every scraper of the same tick is served the same
@@ -41,21 +51,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
-import heapq
-import ipaddress
 import itertools
 import json
 import logging
 import math
 import socket
-import ssl
 import struct
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable
@@ -78,19 +85,27 @@ BACKLOG = 1024
 WORKERS = 2
 #: Open connections, all addresses together: file descriptors stay for the agent's own work.
 MAX_CONNECTIONS = 512
-#: Open connections from one client address (IPv4 address, IPv6 /64).
-MAX_PER_ADDRESS = 64
+#: Open connections from one client address (IPv4 address, IPv6 /64): half the endpoint, so one
+#: address never holds every slot, and a 200-scraper storm from one Prometheus host still fits.
+MAX_PER_ADDRESS = 256
 #: bcrypt checks waiting for the password thread; more are answered 429.
 AUTH_QUEUE = 16
 #: The most of one core that bcrypt checks may use: the thread pauses after each check.
 AUTH_CPU_SHARE = 0.5
+#: Seconds a request waits for its check at most (then 429): well inside Prometheus' 10 s timeout.
+AUTH_MAX_WAIT = 5.0
 #: Failed bcrypt checks one client address may cost at once, and then one per this many seconds.
 AUTH_FAILURE_BURST = 5
 AUTH_FAILURE_REFILL = 2.0
+#: Seconds before refused credentials are answered (401 or 429; not a request without any).
+AUTH_REFUSAL_DELAY = 0.5
 #: Client addresses whose failures are remembered (the least recent are forgotten first).
 AUTH_CLIENTS = 4096
 #: Seconds between two log lines of one kind (refused connections, failed passwords).
 LOG_EVERY = 60.0
+#: Connections taken per wake-up of the listening socket: a flood of connections to refuse
+#: (about 30 µs each) holds up the requests of those already in for at most this many.
+ACCEPT_BATCH = 64
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 SERVER = f"gpu-cost-agent/{__version__}"
@@ -143,6 +158,17 @@ def bind(listen: str, backlog: int = BACKLOG) -> socket.socket:
         sock.close()
         raise ListenError(f"cannot listen on {listen}: {_reason(exc)}") from None
     return sock
+
+
+def _fd_limit() -> int:
+    """This process's soft limit on open files (a large number when there is none)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1 << 20
+    return soft if soft != resource.RLIM_INFINITY and soft > 0 else 1 << 20
 
 
 def _reason(exc: OSError) -> str:
@@ -252,6 +278,7 @@ def _version(value: str) -> str | None:
     return "2.0.0" if number >= (2,) else "1.0.0" if number >= (1,) else "0.0.4"
 
 
+@lru_cache(maxsize=64)  # a scraper sends the same Accept every time: parsed once
 def negotiate(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
     """prometheus_client's content negotiation, for any ``Accept`` a client sends.
 
@@ -342,6 +369,10 @@ def client_key(address: Any) -> str:
     """The client address the per-address limits count by: the IPv4 address (also when it
     comes as ``::ffff:a.b.c.d``), or the /64 of an IPv6 address (one host's usual share)."""
     host = address[0] if isinstance(address, tuple) else str(address)
+    if ":" not in host:
+        return host  # IPv4, as accept() gives it: dotted quad already (the common case, kept cheap)
+    import ipaddress  # IPv6 clients only: not held by every daemon
+
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -389,8 +420,8 @@ def _reset(sock: socket.socket) -> None:
 
 @dataclass(eq=False)
 class _Conn:
-    """One accepted connection. ``waiting``: it has not sent a complete request (TLS handshake,
-    a first request head or the next one), so it may make room for a newcomer."""
+    """One accepted connection. ``waiting`` (since ``since``): on its client, to finish the TLS
+    handshake, send a request head or read a response; the first to make room for a newcomer."""
 
     client: str
     sock: socket.socket | None  # until asyncio's transport owns it
@@ -400,8 +431,8 @@ class _Conn:
     released: bool = False
 
 
-#: The verdicts of :class:`_AuthGate`: let in, 401, 429.
-_OK, _DENIED, _BUSY = "ok", "denied", "busy"
+#: The verdicts of :class:`_AuthGate`: let in, 401 (no credentials: at once), 401, 429.
+_OK, _ANONYMOUS, _DENIED, _BUSY = "ok", "anonymous", "denied", "busy"
 
 
 @dataclass(eq=False)
@@ -413,21 +444,34 @@ class _Check:
     user: str
     password: bytes
     client: str
-    future: asyncio.Future[bool]
+    future: asyncio.Future[bool | None]  # None: never checked (made room for another), a 429
     key: tuple[int, str, bytes]
+    order: int
+
+
+@dataclass
+class _Client:
+    """What the password gate remembers of one client address."""
+
+    credit: float  # failed checks it may still cost now (throttled requests cost too)
+    at: float  # when credit was last set
+    failed: bool = False  # a check from it has failed: it queues behind addresses that never failed
 
 
 class _AuthGate:
     """Basic-auth verdicts, on the event loop. bcrypt runs on one thread of its own, at most
     ``AUTH_CPU_SHARE`` of a core, for at most ``AUTH_QUEUE`` waiting checks; a client address
-    that has failed ``AUTH_FAILURE_BURST`` checks gets one more per ``AUTH_FAILURE_REFILL`` s."""
+    has credit for ``AUTH_FAILURE_BURST`` failed checks, and one more every
+    ``AUTH_FAILURE_REFILL`` s. A request answered 429 costs credit too, so a client that keeps
+    asking faster than that is answered 429 until it slows down. Checks wait in arrival order,
+    except that those from addresses that never failed one go first."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
-        self._queue: list[tuple[float, int, _Check]] = []  # (-credit of its address, order, check)
+        self._queue: list[_Check] = []  # in arrival order; see _rank
         self._order = itertools.count()
         self._pending: dict[tuple[int, str, bytes], _Check] = {}
-        self._credit: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client: (credit, at)
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
         self._runner: asyncio.Task[None] | None = None
         self._log = _Every()
         self.checks = 0  # bcrypt checks run
@@ -438,18 +482,22 @@ class _AuthGate:
     # -- per-address credit: failed checks one client may still cost now --
 
     def credit(self, client: str) -> float:
-        got = self._credit.get(client)
+        got = self._clients.get(client)
         if got is None:
             return float(AUTH_FAILURE_BURST)
-        credit, at = got
-        return min(float(AUTH_FAILURE_BURST), credit + (time.monotonic() - at) / AUTH_FAILURE_REFILL)
+        return min(float(AUTH_FAILURE_BURST), got.credit + (time.monotonic() - got.at) / AUTH_FAILURE_REFILL)
 
-    def _add(self, client: str, amount: float) -> None:
-        credit = min(float(AUTH_FAILURE_BURST), self.credit(client) + amount)
-        self._credit[client] = (credit, time.monotonic())
-        self._credit.move_to_end(client)
-        while len(self._credit) > AUTH_CLIENTS:
-            self._credit.popitem(last=False)
+    def _add(self, client: str, amount: float, failed: bool = False) -> None:
+        credit = max(0.0, min(float(AUTH_FAILURE_BURST), self.credit(client) + amount))
+        got = self._clients.get(client)
+        if got is None:
+            got = self._clients[client] = _Client(credit, time.monotonic())
+            while len(self._clients) > AUTH_CLIENTS:  # the least recently seen are forgotten
+                self._clients.popitem(last=False)
+        else:
+            got.credit, got.at = credit, time.monotonic()
+            self._clients.move_to_end(client)
+        got.failed = got.failed or failed
 
     def _retry_after(self, client: str) -> int:
         return max(1, math.ceil((1.0 - self.credit(client)) * AUTH_FAILURE_REFILL))
@@ -457,11 +505,11 @@ class _AuthGate:
     # -- verdicts --
 
     async def verdict(self, auth: Any, header: str | None, client: str) -> tuple[str, int]:
-        """(``_OK`` | ``_DENIED`` | ``_BUSY``, seconds to retry after for ``_BUSY``)."""
-        from .webconfig import parse_basic  # loaded already: only a web config sets basic auth
+        """(``_OK`` | ``_ANONYMOUS`` | ``_DENIED`` | ``_BUSY``, seconds to retry after for ``_BUSY``)."""
+        from .webconfig import MAX_PASSWORD_BYTES, parse_basic  # loaded: only a web config sets basic auth
 
         if not header:
-            return _DENIED, 0  # a first request without credentials, as browsers send: not logged
+            return _ANONYMOUS, 0  # a first request without credentials, as browsers send: not logged
         creds = parse_basic(header)
         if creds is None:
             return self._deny(client, "malformed Authorization header")
@@ -470,36 +518,45 @@ class _AuthGate:
         if known is True:
             return _OK, 0
         if known is False:
-            return self._deny(client, "password over 72 bytes" if len(password) > 72 else "a wrong password again",
-                              user)
+            return self._deny(client, "password over 72 bytes" if len(password) > MAX_PASSWORD_BYTES
+                              else "a refused password again", user)
         key = (id(auth), user, password)
         check = self._pending.get(key)
         if check is None:
-            credit = self.credit(client)
-            if credit < 1.0:
+            if self.credit(client) < 1.0:
                 return self._throttle(client, "too many failed passwords from this address")
-            check = _Check(auth, user, password, client, asyncio.get_running_loop().create_future(), key)
-            if not self._enqueue(check, credit):
+            check = _Check(auth, user, password, client, asyncio.get_running_loop().create_future(), key,
+                           next(self._order))
+            if not self._enqueue(check):
                 return self._throttle(client, "password checks busy")
             self._add(client, -1.0)  # reserved; given back if the password is right or never checked
-        ok = await asyncio.shield(check.future)
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(check.future), AUTH_MAX_WAIT)
+        except TimeoutError:  # the thread is slower than the queue assumed (a starved CPU)
+            if check in self._queue:
+                self._queue.remove(check)
+                self._drop(check)
+            ok = None
         if ok is None:
             return self._throttle(client, "password checks busy")
         if ok:
             return _OK, 0
         return self._deny(client, "wrong password or unknown user", user)
 
-    def _enqueue(self, check: _Check, credit: float) -> bool:
-        entry = (-credit, next(self._order), check)
+    def _rank(self, check: _Check) -> tuple[bool, int]:
+        """Checks from addresses that never failed one go first, in arrival order: whether an
+        address has failed is read now, not when its check came (a flood's first checks)."""
+        got = self._clients.get(check.client)
+        return got is not None and got.failed, check.order
+
+    def _enqueue(self, check: _Check) -> bool:
         if len(self._queue) >= AUTH_QUEUE:
-            worst = max(self._queue)
-            if entry >= worst:
+            worst = max(self._queue, key=self._rank)
+            if self._rank(check) >= self._rank(worst):
                 return False
-            # A cleaner address goes first: the worst waiting check makes room.
-            self._queue.remove(worst)
-            heapq.heapify(self._queue)
-            self._drop(worst[2])
-        heapq.heappush(self._queue, entry)
+            self._queue.remove(worst)  # the last one from an address that has failed makes room
+            self._drop(worst)
+        self._queue.append(check)
         self._pending[check.key] = check
         if self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run())
@@ -516,7 +573,8 @@ class _AuthGate:
         loop = asyncio.get_running_loop()
         try:
             while self._queue:
-                _, _, check = heapq.heappop(self._queue)
+                check = min(self._queue, key=self._rank)
+                self._queue.remove(check)
                 start = time.monotonic()
                 try:
                     ok = bool(await loop.run_in_executor(self._pool, check.auth.verify, check.user, check.password))
@@ -527,8 +585,7 @@ class _AuthGate:
                 self.checks += 1
                 self.check_seconds += took
                 self._pending.pop(check.key, None)
-                if ok:
-                    self._add(check.client, 1.0)
+                self._add(check.client, 1.0 if ok else 0.0, failed=not ok)  # the reservation given back or kept
                 if not check.future.done():
                     check.future.set_result(ok)
                 # Rest so that bcrypt takes at most AUTH_CPU_SHARE of one core.
@@ -547,6 +604,7 @@ class _AuthGate:
 
     def _throttle(self, client: str, why: str) -> tuple[str, int]:
         self.throttled += 1
+        self._add(client, -1.0)  # asking again at once only puts the next check off
         held = self._log.due()
         if held is not None:
             log.warning("http: basic auth throttled for %s (429): %s%s", client, why,
@@ -554,7 +612,7 @@ class _AuthGate:
         return _BUSY, self._retry_after(client)
 
     def close(self) -> None:
-        for _, _, check in self._queue:
+        for check in self._queue:
             if not check.future.done():
                 check.future.cancel()
         self._queue.clear()
@@ -595,7 +653,9 @@ class MetricsServer:
         self.health = health
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout
-        self.max_connections = max_connections
+        # Half the file descriptors at most: an agent started with a low limit keeps the rest for
+        # its state file, /proc and the GPU library rather than failing to save.
+        self.max_connections = min(max_connections, max(8, _fd_limit() // 2))
         self.max_per_address = max_per_address
         self.workers = workers
         self._set_web(listener.web)
@@ -706,12 +766,12 @@ class MetricsServer:
     # -- accepting: every limit before any TLS or HTTP work -------------------
 
     def _accept(self) -> None:
-        """The listening socket is readable: take every connection waiting, as asyncio's own
-        servers do, so the kernel's queue never fills while the loop is busy."""
+        """The listening socket is readable: take up to ACCEPT_BATCH connections waiting; the
+        loop serves what else is ready before it takes more."""
         sock = self._accepting
         if sock is None:
             return
-        for _ in range(BACKLOG):
+        for _ in range(ACCEPT_BATCH):
             try:
                 conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -726,7 +786,6 @@ class MetricsServer:
                     self._pause_accepting(0.1)
                     return
                 continue  # one connection gone before it was accepted (ECONNABORTED): the next
-            conn.setblocking(False)
             self._admit(conn, client_key(address))
 
     def _pause_accepting(self, seconds: float) -> None:
@@ -747,11 +806,12 @@ class MetricsServer:
         mine = self._by_client.get(client)
         held = len(mine) if mine is not None else 0
         if held >= self.max_per_address:
-            return self._refuse(sock, client, f"{held} connections open from that address "
-                                              f"(the most one address may hold)")
+            return self._refuse(sock, client, "%d connections open from that address (the most one address may "
+                                              "hold)", held)
         if self.connections >= self.max_connections and not self._make_room(held):
-            return self._refuse(sock, client, f"{self.connections} connections open (the most the endpoint "
-                                              "holds), none waiting from an address holding more")
+            return self._refuse(sock, client, "%d connections open (the most the endpoint holds), none from an "
+                                              "address holding more", self.connections)
+        sock.setblocking(False)
         conn = _Conn(client, sock)
         if mine is None:
             mine = self._by_client[client] = {}
@@ -771,26 +831,22 @@ class MetricsServer:
             conn.sock.close()
             conn.sock = None
 
-    def _refuse(self, sock: socket.socket, client: str, why: str) -> None:
+    def _refuse(self, sock: socket.socket, client: str, why: str, count: int) -> None:
+        """Reset at once; one log line a minute at most (``why % count``: formatted only then)."""
         self.refused += 1
         _reset(sock)
         held = self._refusal_log.due()
         if held is not None:
-            log.warning("http: refused a connection from %s: %s%s", client, why, _since(held, "refused"))
+            log.warning("http: refused a connection from %s: %s%s", client, why % count, _since(held, "refused"))
 
     def _make_room(self, newcomer_holds: int) -> bool:
-        """Close the longest-waiting connection of the address holding the most connections,
-        if it holds more than the newcomer's address would. True if one was closed."""
-        victim: _Conn | None = None
-        most = newcomer_holds + 1
-        for conns in self._by_client.values():
-            if len(conns) <= most:
-                continue
-            waiting = [c for c in conns if c.waiting]
-            if waiting:
-                victim, most = min(waiting, key=lambda c: c.since), len(conns)
-        if victim is None:
+        """Close a connection of the address holding the most, if it holds more than the
+        newcomer's address would: the one waiting longest for its client (to send a request or
+        read a response), else its oldest. True if one was closed."""
+        most = max(self._by_client.values(), key=len, default=None)
+        if most is None or len(most) <= newcomer_holds + 1:
             return False
+        victim = min(most, key=lambda c: (not c.waiting, c.since))
         self.evicted += 1
         self._release(victim)
         if victim.task is not None:
@@ -817,7 +873,7 @@ class MetricsServer:
         reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         writer: asyncio.StreamWriter | None = None
-        abort = False
+        abort = failed = False
         try:
             tls = {"ssl": ctx, "ssl_handshake_timeout": self.idle_timeout, "ssl_shutdown_timeout": 2.0} if ctx else {}
             sock, conn.sock = conn.sock, None  # asyncio's from here: it closes it if the handshake fails
@@ -832,7 +888,7 @@ class MetricsServer:
         except (OSError, asyncio.IncompleteReadError):  # ConnectionError, TimeoutError, ssl.SSLError
             # A failed TLS handshake, or a client that does not read its response: close() would
             # keep the unsent bytes (and the connection) until it does.
-            abort = True
+            abort = failed = True
         except asyncio.CancelledError:
             # Shutting down, or making room for a newcomer.
             abort = True
@@ -843,10 +899,30 @@ class MetricsServer:
             # Without a writer there is no transport: asyncio has closed the socket (a failed
             # handshake), or _finished does.
             self._release(conn)
-            if writer is not None and abort:
-                writer.transport.abort()
-            elif writer is not None:
-                writer.close()
+            if writer is not None:
+                await self._close(writer, abort, failed)
+
+    async def _close(self, writer: asyncio.StreamWriter, abort: bool, failed: bool) -> None:
+        """Close (or reset). Where the stream's close waiter can hold an error (the connection
+        failed, or unsent bytes may yet fail), wait for it, at most ``write_timeout``: unsent
+        bytes do not keep the connection for ever, and the error (a reset by the client) is
+        retrieved here rather than logged by asyncio, with a traceback, whenever the garbage
+        collector happens to find it first. A clean close or reset has nothing to wait for."""
+        transport = writer.transport
+        pending = not abort and transport.get_write_buffer_size() > 0
+        if abort:
+            transport.abort()
+        else:
+            writer.close()
+        if not (failed or pending):
+            return
+        try:
+            async with asyncio.timeout(1.0 if abort else self.write_timeout):
+                await writer.wait_closed()
+        except TimeoutError:
+            transport.abort()
+        except Exception:
+            pass  # the error that ended the connection, handled above
 
     async def _one_request(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; True to keep the connection for another."""
@@ -870,7 +946,8 @@ class MetricsServer:
             await self._send(writer, exc.status, f"{exc}\n".encode(), False)
             return False
         keep = req.keep_alive
-        status, headers, body = await self._respond(req, conn.client)
+        status, headers, body = await self._respond(req, conn)
+        conn.waiting, conn.since = True, time.monotonic()  # on the client to read it
         await self._send(writer, status, body, keep, headers, head_only=req.method == "HEAD", version=req.version)
         if log.isEnabledFor(logging.DEBUG):
             log.debug('http: %s "%s %s" %d', writer.get_extra_info("peername"), req.method, req.target, status)
@@ -893,10 +970,17 @@ class MetricsServer:
             async with asyncio.timeout(self.idle_timeout):
                 await reader.readexactly(n)
 
-    async def _respond(self, req: _Request, client: str) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
+    async def _respond(self, req: _Request, conn: _Conn) -> tuple[HTTPStatus, list[tuple[str, str]], bytes]:
         auth = self._auth  # the one in force when the request came (SIGHUP may replace it)
         if auth is not None:
-            verdict, retry_after = await self.auth.verdict(auth, req.headers.get("authorization"), client)
+            verdict, retry_after = await self.auth.verdict(auth, req.headers.get("authorization"), conn.client)
+            if verdict in (_DENIED, _BUSY):
+                # Refused credentials are answered late: a client asking again as soon as it is
+                # answered costs the loop a request per AUTH_REFUSAL_DELAY, not thousands a second.
+                # Its connection counts as waiting meanwhile (the first to make room).
+                conn.waiting, conn.since = True, time.monotonic()
+                await asyncio.sleep(AUTH_REFUSAL_DELAY)
+                conn.waiting = False
             if verdict == _BUSY:
                 return (HTTPStatus.TOO_MANY_REQUESTS, [("Retry-After", str(retry_after)),
                                                        ("Content-Type", "text/plain; charset=utf-8")],

@@ -65,6 +65,9 @@ def test_inline_certificate_and_key(tmp_path, certs):
     ("http_server_config:\n  headers:\n    X-Frame-Options: allow\n", r"X-Frame-Options: Input should be"),
     ("http_server_config:\n  headers:\n    Set-Cookie: a\n", r"headers\.Set-Cookie: unknown setting$"),
     ("rate_limit:\n  interval: 1s\n  burst: 5\n", r"rate_limit: not supported by gpu-cost-agent"),
+    # Response heads are Latin-1 on the wire: a value that is not ASCII would fail every response.
+    ("http_server_config:\n  headers:\n    Content-Security-Policy: \"default-src ‘self’\"\n",
+     r"headers\.Content-Security-Policy: a header value must be ASCII text$"),
 ])
 def test_bad_files_are_refused_with_one_line(tmp_path, text, message):
     with pytest.raises(WebConfigError, match=message) as info:
@@ -103,6 +106,21 @@ def test_basic_auth_checks_and_caches():
     assert not auth.check("Basic YWxpY2U6d3Jvbmc=")  # alice:wrong
     assert not auth.check("Basic Ym9iOnMzY3JldA==")  # bob:s3cret
     assert not auth.check("Basic not-base64!") and not auth.check("Bearer x") and not auth.check(None)
+
+
+def test_over_long_passwords_and_repeated_failures_cost_no_bcrypt():
+    """bcrypt 5 raises on a password over 72 bytes (issue 15 item 4): refused without a check;
+    a wrong password is checked once, then answered from memory."""
+    import base64
+
+    auth = BasicAuth({"alice": bcrypt_hash("s3cret")})
+    header = lambda pw: "Basic " + base64.b64encode(b"alice:" + pw).decode()  # noqa: E731
+    assert not auth.check(header(b"s" * 73)) and not auth.check(header("é".encode() * 40)) and auth.checks == 0
+    assert auth.known("alice", b"s" * 73) is False
+    assert not auth.check(header(b"wrong")) and auth.checks == 1
+    assert not auth.check(header(b"wrong")) and auth.checks == 1
+    assert auth.known("alice", b"wrong") is False and auth.known("alice", b"other") is None
+    assert auth.check(header(b"s3cret")) and auth.checks == 2 and auth.known("alice", b"s3cret") is True
 
 
 def test_htpasswd_style_2y_hashes_verify():
