@@ -64,6 +64,11 @@ def settle(total: float, parts: dict, key: object) -> None:
     possible rest (about 1 % of random splits). Then the largest other part moves one ulp
     toward zero (a change of 1e-16 of it) and the rest is solved again.
     """
+    if len(parts) == 2:  # the usual split in two: the rest, and one check, settle nearly all
+        (other,) = (v for k, v in parts.items() if k != key)
+        rest = parts[key] = total - other
+        if math.fsum((other, rest)) == total:
+            return
     others = [k for k in parts if k != key]
     for _ in range(4):
         parts[key] = remainder(total, [parts[k] for k in others])

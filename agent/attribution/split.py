@@ -59,7 +59,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterable, Mapping, TypeVar
 
 from ..energy import EnergySlice
 from ..exact import settle
@@ -331,6 +331,31 @@ def _split_changing(s: EnergySlice, held: list[_Listing], samples: Iterable[tupl
     if nobody > 0:
         return _active_and_idle(s.joules, s.joules * nobody / dt, active, {UNALLOCATED: 1.0})
     return _active_and_idle(s.joules, 0.0, active, weights)
+
+
+class _Shares(Generic[K]):
+    """:func:`apportion` for many totals by the same weights: the order and fractions worked out
+    once, each total then split in one pass (a tick splits a GPU's every cost kind and its
+    seconds by the same holders)."""
+
+    __slots__ = ("order", "fractions")
+
+    def __init__(self, weights: Mapping[K, float]) -> None:
+        s = math.fsum(weights.values())
+        if not s > 0:
+            raise ValueError("weights must have a positive sum")
+        self.order = sorted(weights, key=lambda k: -weights[k])
+        self.fractions = [weights[k] / s for k in self.order[1:]]
+
+    def split(self, total: float) -> dict[K, float]:
+        """``total`` by the weights, the parts adding up to it exactly (the rest on the largest)."""
+        first, rest = self.order[0], self.order[1:]
+        if not rest:
+            return {first: total}
+        parts = {k: total * f for k, f in zip(rest, self.fractions)}
+        parts[first] = 0.0
+        settle(total, parts, first)
+        return parts
 
 
 # -- identities -----------------------------------------------------------------------
@@ -853,21 +878,21 @@ class Attributor:
         node = capacity.get("", {})
         per_gpu: dict[str, dict[tuple[str, str], float]] = {g.uuid: dict(capacity.get(g.uuid, {})) for g in gpus}
         if node:
-            even = {g.uuid: 1.0 for g in gpus}
+            even = _Shares({g.uuid: 1.0 for g in gpus})
             for kc, amount in node.items():
-                for uuid, share in apportion(amount, even).items():
+                for uuid, share in even.split(amount).items():
                     mine = per_gpu[uuid]
                     mine[kc] = mine.get(kc, 0.0) + share
         for g in gpus:
             amounts = per_gpu[g.uuid]
             if not amounts and seconds <= 0:
                 continue
-            weights = self.holders(g.index, t)
-            parts: dict[str, dict[tuple[str, str], float]] = {k: {} for k in weights}
+            shares = _Shares(self.holders(g.index, t))  # one set of weights for every amount of the GPU
+            held = shares.split(seconds)
+            parts: dict[str, dict[tuple[str, str], float]] = {k: {} for k in held}
             for kc, amount in amounts.items():
-                for key, part in apportion(amount, weights).items():
+                for key, part in shares.split(amount).items():
                     parts[key][kc] = part
-            held = apportion(seconds, weights) if seconds > 0 else dict.fromkeys(weights, 0.0)
             for key, mine in parts.items():
                 self.totals.charge_capacity(g.uuid, key, self._labels_of(key), held[key], mine, t)
             busy[g.uuid] = math.fsum(v for k, v in held.items() if split_key(k)[0] not in (UNALLOCATED, KIND_UNKNOWN))
