@@ -561,7 +561,7 @@ class Ledger:
         energy_cost = _pairs(state, "energy_cost", MAX_STATE_MONEY)
         idle_cost = _pairs(state, "idle_cost", MAX_STATE_MONEY)
         hardware_cost = _pairs(state, "hardware_cost", MAX_STATE_MONEY)
-        running_cost = _triples(state.get("running_cost", []), "running_cost", MAX_STATE_MONEY)  # absent before 0.3
+        running_cost = _keyed(state.get("running_cost", []), "running_cost", 3, MAX_STATE_MONEY)  # absent before 0.3
         it = _map(state, "it_energy_joules", MAX_STATE_JOULES)
         facility = _map(state, "facility_energy_joules", MAX_STATE_JOULES)
         emissions = _map(state, "emissions_grams", MAX_STATE_GRAMS)
@@ -613,37 +613,25 @@ _STATE_KEYS = (
     "emissions_grams",
     "demand",
 )
-def _pairs(state: dict[str, Any], name: str, limit: float) -> dict[tuple[str, str], float]:
-    """``[[key, key, number], ...]`` → {(key, key): number}."""
-    rows = state[name]
+def _keyed(rows: Any, name: str, width: int, limit: float) -> dict[tuple[str, ...], float]:
+    """``[[key, ..., number], ...]`` with ``width`` keys a row → {(key, ...): number}."""
     if not isinstance(rows, list):
         raise ValueError(f"{name}: expected a list, got {statecheck.kind_of(rows)}")
-    out: dict[tuple[str, str], float] = {}
+    out: dict[tuple[str, ...], float] = {}
     for i, row in enumerate(rows):
         where = f"{name}[{i}]"
-        if not isinstance(row, list) or len(row) != 3:
-            raise ValueError(f"{where}: expected [name, name, number]")
-        key = (statecheck.name(row[0], f"{where}[0]"), statecheck.name(row[1], f"{where}[1]"))
+        if not isinstance(row, list) or len(row) != width + 1:
+            raise ValueError(f"{where}: expected [{', '.join(['name'] * width)}, number]")
+        key = tuple(statecheck.name(row[j], f"{where}[{j}]") for j in range(width))
         if key in out:
             raise ValueError(f"{where}: {list(key)} appears twice")
-        out[key] = statecheck.number(row[2], f"{where}[2]", limit)
+        out[key] = statecheck.number(row[width], f"{where}[{width}]", limit)
     return out
 
 
-def _triples(rows: Any, name: str, limit: float) -> dict[tuple[str, str, str], float]:
-    """``[[key, key, key, number], ...]`` → {(key, key, key): number}."""
-    if not isinstance(rows, list):
-        raise ValueError(f"{name}: expected a list, got {statecheck.kind_of(rows)}")
-    out: dict[tuple[str, str, str], float] = {}
-    for i, row in enumerate(rows):
-        where = f"{name}[{i}]"
-        if not isinstance(row, list) or len(row) != 4:
-            raise ValueError(f"{where}: expected [name, name, name, number]")
-        key = tuple(statecheck.name(row[j], f"{where}[{j}]") for j in range(3))
-        if key in out:
-            raise ValueError(f"{where}: {list(key)} appears twice")
-        out[key] = statecheck.number(row[3], f"{where}[3]", limit)
-    return out
+def _pairs(state: dict[str, Any], name: str, limit: float) -> dict[tuple[str, ...], float]:
+    """``state[name]``: ``[[key, key, number], ...]`` → {(key, key): number}."""
+    return _keyed(state[name], name, 2, limit)
 
 
 def _periods(periods: Any) -> tuple[dict[str, str], dict[tuple[str, str, str], float]]:
