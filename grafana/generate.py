@@ -418,7 +418,7 @@ def node_dashboard() -> dict:
                "running.", MONEY, [
         target(f"sum by (currency) (instance_currency:gpucost_cost_month_to_date:sum{{{n}}})", "{{currency}}"),
     ]), 4, 4)
-    b.add(stat("Month projected", "Month to date + the current cost per hour until the month ends (UTC).", MONEY, [
+    b.add(stat("Month projected", "Month to date + the current cost per hour until the tariff's month ends.", MONEY, [
         target(f"sum by (currency) (instance_currency:gpucost_cost_month_projected:sum{{{n}}})", "{{currency}}"),
     ]), 4, 4)
     b.add(stat("Price in force", "Energy price per kWh of facility energy now, and its tariff band.", MONEY, [

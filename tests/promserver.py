@@ -54,7 +54,8 @@ def with_group_interval(text: str, interval: str) -> str:
 
 
 class PrometheusServer:
-    """A Prometheus scraping ``target`` (``host:port``) every ``scrape_interval``.
+    """A Prometheus scraping ``target`` (``host:port``) every ``scrape_interval``, sending its
+    alerts to ``alertmanager`` (``host:port``) when given.
 
     ``rule_files`` are copied into the server's directory with their group interval
     set to ``evaluation_interval``, so rules written for a 1 m production cadence
@@ -69,6 +70,7 @@ class PrometheusServer:
         scrape_interval: str = "1s",
         evaluation_interval: str = "1s",
         binary: str | None = None,
+        alertmanager: str | None = None,
     ) -> None:
         self.binary = binary or PROMETHEUS
         if self.binary is None:
@@ -90,6 +92,8 @@ class PrometheusServer:
                 "static_configs": [{"targets": [target], "labels": TARGET_LABELS}],
             }],
         }
+        if alertmanager is not None:  # host:port of an Alertmanager to send the alerts to
+            config["alerting"] = {"alertmanagers": [{"api_version": "v2", "static_configs": [{"targets": [alertmanager]}]}]}
         self.config = self.dir / "prometheus.yml"
         self.config.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.log = self.dir / "prometheus.log"

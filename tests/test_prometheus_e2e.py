@@ -78,10 +78,14 @@ EXPECTED_AT_FIRST_SCRAPE = {
     ("gpucost_agent_errors_total", "kind"): ERROR_KINDS,
 }
 
-# Recording rules allowed to have no data in the demo, each with the reason: none. The demo's
-# trace carries process lists and who each process was, so the workload rules have data too
-# (the budget file ships an example gpucost:monthly_budget).
-NO_DATA_ALLOWED: dict[str, str] = {}
+# Recording rules allowed to have no data in the demo, each with the reason: only the spike
+# baseline, which looks a day and a week back. The demo's trace carries process lists and who
+# each process was, so the workload rules have data too (the budget file ships an example
+# gpucost:monthly_budget).
+NO_DATA_ALLOWED: dict[str, str] = {
+    "instance_currency:gpucost_energy_cost_per_hour:baseline":
+        "what the node spent around this time yesterday and a week ago: needs 22.5 h of history (issue 18)",
+}
 # The same for dashboards: none; every panel of the workload dashboard is checked here as well.
 NO_DATA_DASHBOARDS: dict[str, str] = {}
 # A workload's series are born when its first energy is split to it (the idle seconds before any
