@@ -167,6 +167,20 @@ def test_exposition_is_rendered_once_per_snapshot_and_gzipped_when_accepted(endp
     assert exp.renders == 3
 
 
+def test_gzip_follows_every_new_rendering(endpoint):
+    """Issue 16 item 6: the gzipped body is the current rendering's, never one kept from an earlier
+    snapshot (before, only the real-Prometheus test would have noticed)."""
+    e = endpoint()
+    for tick in range(1, 4):
+        _, headers, body = e.get(headers={"Accept-Encoding": "gzip"})
+        plain = e.get()[2]
+        assert headers["Content-Encoding"] == "gzip" and gzip.decompress(body) == plain
+        ticks = [s.value for f in text_string_to_metric_families(plain.decode()) for s in f.samples
+                 if s.name == "gpucost_agent_ticks_total"]
+        assert ticks == [float(tick)]
+        e.tick()
+
+
 def test_cache_expires_without_a_new_snapshot(endpoint):
     e = endpoint()
     e.server.exposition.max_age = 0.2  # a finished replay: no new snapshot, process_* must still move
