@@ -13,18 +13,14 @@ and measures each process from the outside, in the same windows:
   exited ones included: ``clock_gettime`` on the process's CPU clock, the precise
   ``sum_exec_runtime`` behind ``/proc/<pid>/stat``), cross-checked against
   ``utime + stime`` from ``/proc/<pid>/stat`` (10 ms ticks, so ±0.3 ms/s on 60 s).
-<<<<<<< HEAD
 * Resident memory (``VmRSS``, its ``RssAnon`` / ``RssFile`` parts, and the peak ``VmHWM``) and
   threads from ``/proc/<pid>/status``. The agent's and the fake's bytecode is compiled first, as
   ``pip install`` does: a module compiled from source at start leaves the compiler's memory in
   the process (about 1 MiB for the agent's modules).
-=======
-* Resident memory (``VmRSS``, and the peak ``VmHWM``) and threads from ``/proc/<pid>/status``.
 * CPU per thread of the agent over the same windows, from ``/proc/<pid>/task/*/schedstat``
   (ns on the CPU): a ``sitecustomize`` put on the agent's ``PYTHONPATH`` gives each Python
   thread its name as the OS thread name (``prctl(PR_SET_NAME)``), so the kernel can tell
   ``sample`` (the tick), ``gpu-calls-N`` (NVML), ``http``, ``pacer``, ``APScheduler`` apart.
->>>>>>> perf
 * Scrape latency: p50 / p99 of ``--latency-scrapes`` scrapes, one new connection
   each, with Prometheus' request headers (gzip, OpenMetrics preferred), spaced
   ``--latency-spacing`` seconds apart so every scrape sees a new tick (the agent
