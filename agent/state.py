@@ -8,13 +8,21 @@ used (not UTF-8, not JSON, nested too deep, or content the ledger rejects) is
 set aside under a name of its own (``state.json.corrupt-<time>[-n]``) with one
 clear log line, and the agent starts from zero; a directory it cannot write is
 an error at start, never a silent loss.
+
+The directory is untrusted as far as its entries go: the state file is opened without
+following links and without blocking, and is used only when it is a regular file of this
+user's, at most :data:`MAX_STATE_BYTES` (a link, a FIFO, a device, someone else's file or a
+file past the bound is set aside with one line); the temporary file of a write is created
+afresh (``O_EXCL | O_NOFOLLOW``: a link planted under its name is removed, never followed).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,10 @@ log = logging.getLogger(__name__)
 FILENAME = "state.json"
 #: A write takes milliseconds: a temporary file older than this is a leftover, whoever wrote it. Units: s.
 _TEMP_FILE_MAX_AGE = 60.0
+#: Largest state file read. A node's real state is kilobytes to a few hundred (thousands of
+#: workload rows); parsing takes about ten times the file's size in memory, so this keeps a
+#: load under the unit's MemoryMax. Units: bytes.
+MAX_STATE_BYTES = 8 * 1024 * 1024
 
 
 class StateError(Exception):
@@ -90,14 +102,19 @@ class StateStore:
     def load(self) -> dict[str, Any] | None:
         """The persisted state, or None when there is none or it was unusable (then set aside)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self._read_regular()
         except FileNotFoundError:
             return None
-        except UnicodeDecodeError as exc:
-            self._set_aside(f"not UTF-8: byte {exc.object[exc.start]:#04x} at offset {exc.start}")
+        except _Refused as exc:
+            self._set_aside(str(exc))
             return None
         except OSError as exc:
             self._set_aside(f"cannot be read: {exc.strerror or exc}")
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._set_aside(f"not UTF-8: byte {exc.object[exc.start]:#04x} at offset {exc.start}")
             return None
         try:
             state = json.loads(text)
@@ -111,6 +128,37 @@ class StateStore:
             self._set_aside("not a JSON object")
             return None
         return state
+
+    def _read_regular(self) -> bytes:
+        """The state file's bytes: opened without following a link or blocking on a FIFO, and
+        read only if it is a regular file of this user's of at most MAX_STATE_BYTES."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Refused("a symbolic link, not a file: not followed") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _Refused("not a regular file (a FIFO, device or directory)")
+            if st.st_uid != os.geteuid():
+                raise _Refused(f"owned by uid {st.st_uid}, not this agent's ({os.geteuid()})")
+            if st.st_size > MAX_STATE_BYTES:
+                raise _Refused(f"{st.st_size} bytes, beyond the {MAX_STATE_BYTES} a state file can be")
+            chunks = []
+            left = MAX_STATE_BYTES + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            if left <= 0:
+                raise _Refused(f"grew beyond the {MAX_STATE_BYTES} bytes a state file can be")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def reject(self, reason: str) -> None:
         """The caller found the content unusable: set the file aside."""
@@ -136,7 +184,11 @@ class StateStore:
         non-finite value (never written: it would poison the totals for good)."""
         data = json.dumps({**state, "saved_at": time.time()}, separators=(",", ":"), allow_nan=False).encode()
         tmp = self.path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.unlink(tmp)  # whatever is under that name (a planted link included: unlink never follows)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -166,3 +218,7 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # exists, but another user's
     return True
+
+
+class _Refused(Exception):
+    """The state file is not one to read; ``str()`` says why, in one line."""

@@ -320,3 +320,62 @@ def test_host_counters_are_saved_for_rapl_only_and_resumed_from_this_boot(monkey
     assert sampler.resume_point(saved["rapl"]) == ({}, None, None)
     with pytest.raises(ValueError, match=r"host_counters.zones\[0\]"):
         sampler.resume_point({**saved["rapl"], "host_counters": {**mark, "zones": [["intel-rapl:0", -5, 1]]}})
+
+
+# -- the state directory's entries are untrusted (issue 15, item 9) ---------------------------
+
+
+def test_a_link_planted_as_the_temporary_file_is_removed_never_followed(tmp_path):
+    """Before: the root agent wrote its state through a planted `.state.json.<pid>.tmp` link into
+    the link's target, and state.json became that link."""
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    store = StateStore(tmp_path / "state")
+    store.check_writable()
+    planted = store.path.with_name(f".state.json.{os.getpid()}.tmp")
+    os.symlink(target, planted)
+    store.save({"version": 1})
+    assert target.read_text() == "precious"
+    assert store.path.is_file() and not store.path.is_symlink()
+    assert json.loads(store.path.read_text())["version"] == 1
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "large"])
+def test_a_state_file_that_is_no_regular_file_of_ours_is_set_aside_without_blocking(tmp_path, caplog, kind):
+    store = StateStore(tmp_path)
+    if kind == "symlink":
+        real = tmp_path / "real.json"
+        real.write_text('{"version": 1}')
+        os.symlink(real, store.path)
+        why = "a symbolic link"
+    elif kind == "fifo":
+        os.mkfifo(store.path)  # before: the start blocked on it for good, with no log line
+        why = "not a regular file"
+    else:
+        from agent.state import MAX_STATE_BYTES
+
+        with open(store.path, "w") as fh:  # a 40 MB state of made-up rows took 386 MiB to load
+            fh.write('{"version": 1, "pad": "' + "x" * (MAX_STATE_BYTES + 10) + '"}')
+        why = "beyond the"
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="agent.state"):
+        assert store.load() is None
+    assert time.monotonic() - started < 2.0
+    assert why in caplog.text and len(caplog.records) == 1
+    assert not os.path.lexists(store.path) and list(tmp_path.glob("state.json.corrupt-*"))
+    if kind == "symlink":
+        assert (tmp_path / "real.json").read_text() == '{"version": 1}'  # the target is untouched
+
+
+def test_a_fifo_as_the_state_file_does_not_hang_the_real_process(tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    os.mkfifo(state_dir / "state.json")
+    agent = AgentProcess("replay", "fixtures/h100_trace_a.jsonl", "--speed", "50", "--state-dir", str(state_dir))
+    try:
+        agent.wait_ready(timeout=15)
+        assert value(agent.metrics(), "gpucost_agent_ticks_total") is not None
+    finally:
+        assert agent.stop() == 0
+    assert "not a regular file" in agent.output
+    assert (state_dir / "state.json").is_file()  # a good state written in its place
