@@ -76,19 +76,50 @@ def _open_text(path: Path, mode: str) -> IO[str]:
     return open(path, mode, encoding="utf-8")
 
 
+#: Longest line of a trace (a row of 8 GPUs with their sample buffers is tens of kB). Units: bytes.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+#: Most bytes a trace may hold, decompressed: hours of 0.1 s rows; a gzip bomb stops here. Units: bytes.
+MAX_TRACE_BYTES = 256 * 1024 * 1024
+
+
+def _lines(fh: IO[bytes], path: Path) -> Iterable[tuple[int, str]]:
+    """(line number, text) of a binary stream, each line read with a bound, the whole with another:
+    a 2 GiB line or a gzip bomb is refused after reading at most the bound, not held."""
+    total = 0
+    lineno = 0
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        total += len(raw)
+        if len(raw) > MAX_LINE_BYTES:
+            raise TraceError(f"{path}:{lineno}: a line longer than {MAX_LINE_BYTES} bytes: not a trace row")
+        if total > MAX_TRACE_BYTES:
+            raise TraceError(f"{path}: more than {MAX_TRACE_BYTES} bytes (decompressed): too large to replay")
+        yield lineno, raw.decode("utf-8")
+
+
 def load(path: str | Path) -> Trace:
-    """Read and validate a whole trace. Raises :class:`TraceError` naming the line."""
+    """Read and validate a whole trace. Raises :class:`TraceError` naming the line.
+
+    Read with bounded memory: lines of at most :data:`MAX_LINE_BYTES`, at most
+    :data:`MAX_TRACE_BYTES` in all (decompressed), and rows only for the header's GPUs."""
     path = Path(path)
     try:
-        fh = _open_text(path, "r")
+        if path.suffix == ".gz":
+            fh: IO[bytes] = gzip.open(path, "rb")  # type: ignore[assignment]
+        else:
+            fh = open(path, "rb")
     except OSError as exc:
         raise TraceError(f"{path}: cannot open: {exc.strerror or exc}") from exc
     header: dict[str, Any] | None = None
+    gpu_keys: set[str] = set()
     rows: list[dict[str, Any]] = []
     last_t = float("-inf")
     with fh:
         try:
-            for lineno, line in enumerate(fh, 1):
+            for lineno, line in _lines(fh, path):
                 if not line.strip():
                     continue
                 try:
@@ -99,6 +130,7 @@ def load(path: str | Path) -> Trace:
                     raise TraceError(f"{path}:{lineno}: expected a JSON object")
                 if header is None:
                     header = _check_header(path, lineno, obj)
+                    gpu_keys = {str(g.get("index")) for g in header.get("gpus", []) if isinstance(g, dict)}
                     continue
                 t = obj.get("t")
                 if not isinstance(t, (int, float)):
@@ -107,6 +139,9 @@ def load(path: str | Path) -> Trace:
                     raise TraceError(f"{path}:{lineno}: 't' goes backwards ({t} < {last_t})")
                 if not isinstance(obj.get("gpus", {}), dict):
                     raise TraceError(f"{path}:{lineno}: 'gpus' must be an object keyed by GPU index")
+                strangers = set(obj.get("gpus", {})) - gpu_keys
+                if strangers:
+                    raise TraceError(f"{path}:{lineno}: GPU {sorted(strangers)[0]!r:.40} is not in the header")
                 for key, g in obj.get("gpus", {}).items():
                     if isinstance(g, dict) and g.get("mig") is not None:
                         try:
