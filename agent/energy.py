@@ -100,7 +100,11 @@ class GpuEnergy:
     _retry_delay: float = 0.0
     #: The counter reading the persisted totals end at, from the state of an earlier run on
     #: this boot: (mJ, monotonic s). The first read bridges the time the agent was not running.
-    _resume: tuple[int, float] | None = None
+    _resume: tuple[int, float, float] | None = None
+    #: Energy counted from polled power past the last counter reading by :meth:`flush` (a
+    #: shutdown without an answer from the GPU). The counter reading stays the mark: the next
+    #: read, or the next start's bridge, counts the counter's delta less this. Units: J.
+    _flushed_j: float = 0.0
     _pending: list[_Tick] = field(default_factory=list)
     #: Newest power sample integrated: the left edge of the next sample's stretch.
     _anchor: tuple[int, int] | None = None
@@ -241,11 +245,17 @@ class GpuEnergy:
             return None
         return self._counter_mj, self._counter_mono
 
-    def resume(self, counter_mj: int, mono: float) -> None:
+    @property
+    def counted_past_mark(self) -> float:
+        """Energy the totals hold past :attr:`counter_mark`, from polled power (see :meth:`flush`). Units: J."""
+        return self._flushed_j
+
+    def resume(self, counter_mj: int, mono: float, counted_j: float = 0.0) -> None:
         """Continue from the reading an earlier run's totals ended at (same boot: the monotonic
         clock and the counter go on across processes). The first read then counts the energy
-        used while no agent ran, exact from the counter, if it is plausibly the same count."""
-        self._resume = (int(counter_mj), float(mono))
+        used while no agent ran, exact from the counter, if it is plausibly the same count, less
+        ``counted_j`` the earlier run counted past that reading from polled power."""
+        self._resume = (int(counter_mj), float(mono), max(0.0, float(counted_j)))
 
     def _bridge(self, wall: float, mono: float, counter_mj: int) -> list[EnergySlice]:
         """The energy between an earlier run's last reading and this first one, as one slice.
@@ -256,7 +266,7 @@ class GpuEnergy:
         resume, self._resume = self._resume, None
         if resume is None:
             return []
-        mj0, mono0 = resume
+        mj0, mono0, counted = resume
         gap = mono - mono0
         delta_j = (counter_mj - mj0) / 1000.0
         bound = None if self.max_watts is None else self.max_watts * gap * 1.1 + 1.0
@@ -265,9 +275,15 @@ class GpuEnergy:
                      "the counter cannot bridge it (%.3f J -> %.3f J)", self.gpu, gap, mj0 / 1000.0,
                      counter_mj / 1000.0)
             return []
-        log.info("GPU %d: %.3f J used in the %.1f s the agent was not running, from the energy counter",
-                 self.gpu, delta_j, gap)
-        return [EnergySlice(self.gpu, wall - gap, wall, delta_j, "counter")]
+        if counted:
+            log.info("GPU %d: %.3f J since its last counter reading %.1f s ago, %.3f J of it counted from polled "
+                     "power at the last stop (the GPU did not answer then): the rest, %.3f J, from the counter",
+                     self.gpu, delta_j, gap, counted, max(0.0, delta_j - counted))
+            delta_j = max(0.0, delta_j - counted)
+        else:
+            log.info("GPU %d: %.3f J used in the %.1f s the agent was not running, from the energy counter",
+                     self.gpu, delta_j, gap)
+        return [EnergySlice(self.gpu, wall - gap, wall, delta_j, "counter")] if delta_j > 0 else []
 
     def _tick_counter(self, first: bool, mono: float, tick: _Tick, counter_mj: int | None) -> list[EnergySlice]:
         if not first:
@@ -329,6 +345,8 @@ class GpuEnergy:
             )
             self.on_event("counter_reset")
             return self._settle_polled()
+        if self._flushed_j:
+            delta_j, self._flushed_j = max(0.0, delta_j - self._flushed_j), 0.0
         return self._settle_exact(delta_j)
 
     def _settle_exact(self, delta_j: float) -> list[EnergySlice]:
@@ -350,13 +368,13 @@ class GpuEnergy:
     def flush(self) -> list[EnergySlice]:
         """Settle pending ticks from polled power (a final tick without an answer from the GPU).
 
-        The counter interval is closed with them: the next read is a new baseline,
-        so the flushed stretch is never counted again from the counter's delta.
+        The counter reading stays the mark, with what was settled noted past it
+        (:attr:`counted_past_mark`): saved with the totals, the next start's bridge counts the
+        counter's delta less that, so a GPU hung at shutdown loses nothing and counts nothing twice.
         """
-        self._counter_mj = None
-        self._counter_mono = None
-        self._counter_since = None
-        return self._settle_polled()
+        out = self._settle_polled()
+        self._flushed_j += sum(s.joules for s in out)
+        return out
 
     def _tick_samples(
         self,

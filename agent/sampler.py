@@ -124,7 +124,7 @@ class Sampler:
         self.last_save_timestamp: float | None = None
         self.devices: list[GpuInfo] = []
         #: GPU UUID -> (counter mJ, monotonic s) the loaded totals end at (see resume_counters).
-        self._resume_marks: dict[str, tuple[int, float]] = {}
+        self._resume_marks: dict[str, tuple[int, float, float]] = {}
         #: Monotonic time the loaded hardware amortisation ends at (same boot), or None.
         self._resume_mono: float | None = None
         self._up: dict[int, bool] = {}
@@ -334,7 +334,7 @@ class Sampler:
             state = self.ledger.state()
             boot = boot_id() if self.source_kind == "nvml" else None
             if boot is not None:
-                marks = [[d.uuid, m[0], m[1]] for d in self.devices
+                marks = [[d.uuid, m[0], m[1], self._energy[d.index].counted_past_mark] for d in self.devices
                          if (m := self._energy[d.index].counter_mark) is not None]
                 state["gpu_counters"] = {"boot_id": boot, "readings": marks, "mono": self._prev_mono}
                 host = self.host.counter_mark() if self.host is not None else None
@@ -342,7 +342,7 @@ class Sampler:
                     state["host_counters"] = host.to_state(boot)
             return state
 
-    def resume_counters(self, marks: dict[str, tuple[int, float]], mono: float | None = None,
+    def resume_counters(self, marks: dict[str, tuple[int, float, float]], mono: float | None = None,
                         host: RaplMark | None = None) -> None:
         """The counter readings the loaded totals end at, the monotonic time the loaded
         amortisation ends at and the host's RAPL mark (:func:`resume_point`), before the first tick."""
@@ -630,11 +630,12 @@ def _gpu_counters(state: Any) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("readings"), list):
         raise ValueError("gpu_counters: expected an object with a list of readings")
     for i, row in enumerate(data["readings"]):
-        ok = (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and 0 < len(row[0]) <= 256
+        ok = (isinstance(row, list) and len(row) in (3, 4) and isinstance(row[0], str) and 0 < len(row[0]) <= 256
               and isinstance(row[1], int) and not isinstance(row[1], bool) and 0 <= row[1] < 2**63
-              and isinstance(row[2], (int, float)) and not isinstance(row[2], bool) and 0 <= row[2] < 1e10)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e10 for v in row[2:]))
         if not ok:
-            raise ValueError(f"gpu_counters.readings[{i}]: expected [gpu uuid, counter mJ, monotonic s]")
+            raise ValueError(f"gpu_counters.readings[{i}]: expected [gpu uuid, counter mJ, monotonic s, "
+                             "J counted past it]")
     mono = data.get("mono")
     if mono is not None and (isinstance(mono, bool) or not isinstance(mono, (int, float)) or not 0 <= mono < 1e10):
         raise ValueError("gpu_counters.mono: expected monotonic seconds")
@@ -642,9 +643,9 @@ def _gpu_counters(state: Any) -> dict[str, Any] | None:
     return data if boot is not None and data.get("boot_id") == boot else None
 
 
-def resume_point(state: Any) -> tuple[dict[str, tuple[int, float]], float | None, RaplMark | None]:
+def resume_point(state: Any) -> tuple[dict[str, tuple[int, float, float]], float | None, RaplMark | None]:
     """Where a persisted state's totals end, when it was saved on this boot: GPU UUID ->
-    (counter mJ, monotonic s), the monotonic time its amortisation ends at, and the host's RAPL
+    (counter mJ, monotonic s, J counted past it), the monotonic time its amortisation ends at, and the host's RAPL
     counters (:class:`~agent.sources.host.RaplMark`). Else ({}, None, None). Raises ValueError
     for a malformed ``gpu_counters`` or ``host_counters`` (see :func:`_gpu_counters`)."""
     host = RaplMark.from_state(state.get("host_counters") if isinstance(state, dict) else None, boot_id())
@@ -652,11 +653,11 @@ def resume_point(state: Any) -> tuple[dict[str, tuple[int, float]], float | None
     if data is None:
         return {}, None, host
     mono = data.get("mono")
-    marks = {row[0]: (row[1], float(row[2])) for row in data["readings"]}
+    marks = {row[0]: (row[1], float(row[2]), float(row[3]) if len(row) > 3 else 0.0) for row in data["readings"]}
     return marks, None if mono is None else float(mono), host
 
 
-def counter_marks(state: Any) -> dict[str, tuple[int, float]]:
+def counter_marks(state: Any) -> dict[str, tuple[int, float, float]]:
     """The counter readings of :func:`resume_point`."""
     return resume_point(state)[0]
 

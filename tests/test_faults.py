@@ -358,3 +358,33 @@ def test_a_counter_that_stays_broken_keeps_the_energy_moving_backs_off_and_re_an
         assert energy(m, 0) - start_e == pytest.approx(300.0 * took, abs=300.0 * 3), (energy(m, 0) - start_e, took)
     finally:
         assert agent.stop() == 0
+
+
+def test_a_gpu_hung_at_sigterm_loses_nothing_and_counts_nothing_twice_at_the_next_start(tmp_path):
+    """Issue 15, item 7. GPU 1 hangs for 8 s and the agent is stopped (SIGTERM) while it hangs:
+    the final save keeps its last counter reading, with what was settled past it from polled
+    power, so the next start's first read bridges the hang exactly. Before: no counter reading
+    was saved for it, and the hang's energy (300 W x its length) was gone, without a log line."""
+    node = Node(tmp_path)
+    first = node.agent()
+    started = time.monotonic()
+    until(first, lambda m: energy(m, 0) >= 900.0 and energy(m, 1) >= 900.0, 8, "both GPUs counted")
+    node.script(node.with_gpu(1, hang=True))
+    until(first, lambda m: up(m, 1) == 0, 5, "GPU 1 marked down")
+    time.sleep(6.0)
+    assert first.stop() == 0  # SIGTERM with GPU 1 still hung
+    node.script(node.with_gpu(1))  # the hang ends while no agent runs
+    time.sleep(1.0)
+    second = node.agent()
+    try:
+        m = until(second, lambda m: energy(m, 1) > 0 and up(m, 1) == 1, 8, "GPU 1 counted again")
+        time.sleep(2.5)
+        m = second.metrics()
+        took = time.monotonic() - started
+        # Both GPUs drew 300 W all along and both totals began within a tick of each other: the
+        # hung one's total is the other's within a couple of ticks, and both the truth.
+        assert energy(m, 1) == pytest.approx(energy(m, 0), abs=300.0 * 2), (energy(m, 0), energy(m, 1))
+        assert energy(m, 1) == pytest.approx(300.0 * took, abs=300.0 * 3), (energy(m, 1), took)
+    finally:
+        assert second.stop() == 0
+    assert "counted from polled power at the last stop" in second.output or "from the energy counter" in second.output

@@ -279,10 +279,13 @@ def test_counter_marks_only_from_this_boot_and_malformed_ones_refused(monkeypatc
 
     monkeypatch.setattr(sampler, "boot_id", lambda: "boot-a")
     good = {"gpu_counters": {"boot_id": "boot-a", "readings": [["GPU-1", 50_000_000, 1234.5]]}}
-    assert sampler.counter_marks(good) == {"GPU-1": (50_000_000, 1234.5)}
+    assert sampler.counter_marks(good) == {"GPU-1": (50_000_000, 1234.5, 0.0)}  # saved before the 4th field
+    counted = {"gpu_counters": {"boot_id": "boot-a", "readings": [["GPU-1", 50_000_000, 1234.5, 900.0]]}}
+    assert sampler.counter_marks(counted) == {"GPU-1": (50_000_000, 1234.5, 900.0)}
     assert sampler.counter_marks({**good, "gpu_counters": {**good["gpu_counters"], "boot_id": "boot-b"}}) == {}
     assert sampler.counter_marks({}) == {}  # states saved before this existed
-    for bad in ([["GPU-1", -1, 1.0]], [["GPU-1", 1.5, 1.0]], [["GPU-1", 1, float("nan")]], [["", 1, 1.0]], "x"):
+    for bad in ([["GPU-1", -1, 1.0]], [["GPU-1", 1.5, 1.0]], [["GPU-1", 1, float("nan")]], [["", 1, 1.0]], "x",
+                [["GPU-1", 1, 1.0, -3.0]], [["GPU-1", 1, 1.0, 0.0, 0.0]]):
         with pytest.raises(ValueError, match="gpu_counters"):
             sampler.counter_marks({"gpu_counters": {"boot_id": "boot-a", "readings": bad}})
     assert sampler.resume_mono({"gpu_counters": {"boot_id": "boot-a", "readings": [], "mono": 99.5}}) == 99.5
