@@ -408,11 +408,14 @@ class Ledger:
                 total += part
             self._add_to_periods(mid, HARDWARE, cur, total)
         if self.running is not None:
+            by_currency: dict[str, float] = {}
             for who, key, item, cur, rate in self._running_rates(self.running):
                 part = rate * dt
                 self.running_cost[(key, item, cur)] += part
                 self._hold(who, RUNNING, cur, part)
-                self._add_to_periods(mid, RUNNING, cur, part)
+                by_currency[cur] = by_currency.get(cur, 0.0) + part
+            for cur, total in by_currency.items():  # the periods once a currency, as for hardware
+                self._add_to_periods(mid, RUNNING, cur, total)
 
     def _hardware_rates(self, a: Amortization, cur: str) -> list[tuple[tuple[str, str], str, float]]:
         """Each GPU's (hardware_cost key, uuid, currency per second), in ``gpu_uuids`` order;

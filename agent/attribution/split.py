@@ -112,21 +112,9 @@ def apportion(total: float, weights: Mapping[K, float]) -> dict[K, float]:
     """``total`` split in proportion to ``weights`` (not negative, sum > 0), adding up to ``total``.
 
     The largest weight's part is ``total`` minus the sum of the others, so the rounding
-    remainder goes there.
+    remainder goes there (:class:`_Shares`, which splits many totals by one set of weights).
     """
-    if len(weights) == 1:  # one workload on the GPU (or unallocated): the whole of it
-        ((k, w),) = weights.items()
-        if not w > 0:
-            raise ValueError("weights must have a positive sum")
-        return {k: total - 0.0}  # what the general case gives: total minus the sum of no others
-    s = math.fsum(weights.values())
-    if not s > 0:
-        raise ValueError("weights must have a positive sum")
-    order = sorted(weights, key=lambda k: -weights[k])
-    parts = {k: total * (weights[k] / s) for k in order[1:]}
-    parts[order[0]] = 0.0
-    settle(total, parts, order[0])
-    return parts
+    return _Shares(weights).split(total)
 
 
 def split_slice(
