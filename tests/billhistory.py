@@ -445,25 +445,14 @@ def backfill(om: Path, data: Path) -> str:
 def backfilled_server(om: Path) -> Any:
     """A :class:`promserver.PrometheusServer` serving the history in ``om`` (backfilled first),
     with a retention long enough to keep it (the harness's 1 h would delete it at start)."""
-    import subprocess
-
-    from promserver import PrometheusServer, _die_with_parent
+    from promserver import PrometheusServer
 
     class Backfilled(PrometheusServer):
+        retention = "100y"
+
         def start(self, timeout: float = 30.0) -> "Backfilled":
-            data = self.dir / "data"
-            self.backfill_table = backfill(om, data)
-            args = [self.binary, f"--config.file={self.config}", f"--storage.tsdb.path={data}",
-                    f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=100y",
-                    "--log.level=warn"]
-            with open(self.log, "wb") as log:
-                self.proc = subprocess.Popen(args, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-            try:
-                self._wait_ready(timeout)
-            except BaseException:
-                self.stop()
-                raise
+            self.backfill_table = backfill(om, self.dir / "data")
+            super().start(timeout)
             return self
 
     # scrapes nothing that answers (port 9: discard): the TSDB holds only the backfilled history

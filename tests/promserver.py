@@ -101,13 +101,16 @@ class PrometheusServer:
 
     # -- life cycle --------------------------------------------------------
 
+    #: How long the TSDB keeps samples (a subclass serving backfilled history keeps more).
+    retention = "1h"
+
     def start(self, timeout: float = 20.0) -> "PrometheusServer":
         args = [
             self.binary,
             f"--config.file={self.config}",
             f"--storage.tsdb.path={self.dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
-            "--storage.tsdb.retention.time=1h",
+            f"--storage.tsdb.retention.time={self.retention}",
             "--log.level=warn",
         ]
         with open(self.log, "wb") as log:
