@@ -15,6 +15,17 @@ Environment:
 ``FAKE_NVML_SCRIPT``
     Path of a JSON scenario file, re-read when it changes (checked at most
     every 50 ms, on calls). Absent or empty file: no faults.
+``FAKE_NVML_COST``
+    ``1``: every simulated call spends, on the calling thread, the CPU the call
+    spent on a real H100 (``_COST_US`` below, from the project's probe readings:
+    the energy counter 3.8 ms, the sample buffer 0.39 ms, a cheap read 1 to
+    6 µs), this module's own Python included, busy (hashing, the GIL released as
+    a driver call releases it), so a CPU-time measurement charges it; calls the driver spends wall time in without
+    a measured CPU cost (PCIe throughput samples for 20 ms) also wait that long.
+    Unset or ``0``: calls are free (only this module's Python).
+``FAKE_NVML_COST_SCALE``
+    Multiplies every CPU cost (default 1; e.g. 2.4 for the counter's 9.2 ms
+    read under load, ``probe2.json``'s ``energy_under_load``).
 ``FAKE_NVML_STATS``
     Path of a JSON file the module writes (at most every 0.2 s, and at exit)
     with per-GPU call counts and the most calls ever in flight at once.
@@ -62,6 +73,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -337,6 +349,70 @@ if _STATS is not None:
     atexit.register(_write_stats, True)
 
 
+# -- what each call costs on a real H100 ---------------------------------------------
+
+#: CPU of one call on the H100 of ``shared/reference/h100`` (driver 580.159.04), µs: where
+#: ``probe2.json`` measured CPU time (``process_time``) that figure, else ``probe.json``'s median
+#: wall time, which is CPU for these calls (probe2.json: wall and CPU agree within 1 %). Summed
+#: over a tick's eight cheap reads this is 29 µs against probe2's measured 33.5 µs
+#: ("cheap_tick"); this module's own Python adds ~0.7 µs a call. Absent: ``_COST_DEFAULT_US``.
+_COST_US: dict[str, float] = {
+    "nvmlDeviceGetTotalEnergyConsumption": 3816.6,  # probe2 energy.cpu_us (under load: 9179.7)
+    "nvmlDeviceGetSamples": 386.5,  # probe2 samples.cpu_us
+    "nvmlDeviceGetPowerManagementLimit": 148.8,  # probe2 limit.cpu_us
+    "nvmlDeviceGetPowerUsage": 3.8,  # probe2 power.cpu_us
+    "nvmlDeviceGetUtilizationRates": 3.37,  # probe2 util.cpu_us
+    "nvmlDeviceGetComputeRunningProcesses": 10.48,  # probe2 procs.cpu_us
+    "nvmlDeviceGetComputeRunningProcesses_v3": 10.48,
+    "nvmlDeviceGetGraphicsRunningProcesses": 6.8,  # probe.json medians from here on
+    "nvmlDeviceGetGraphicsRunningProcesses_v3": 6.8,
+    "nvmlDeviceGetMemoryInfo": 5.57,
+    "nvmlDeviceGetBAR1MemoryInfo": 135.6,
+    "nvmlDeviceGetTemperature": 1.17,
+    "nvmlDeviceGetClockInfo": 1.19,
+    "nvmlDeviceGetMaxClockInfo": 1232.1,
+    "nvmlDeviceGetPerformanceState": 1.43,
+    "nvmlDeviceGetCurrentClocksEventReasons": 1.94,
+    "nvmlDeviceGetCurrentClocksThrottleReasons": 1.48,
+    "nvmlDeviceGetEnforcedPowerLimit": 1.0,
+    "nvmlDeviceGetPowerManagementDefaultLimit": 0.93,
+    "nvmlDeviceGetPowerManagementLimitConstraints": 1.21,
+    "nvmlDeviceGetName": 1.73,
+    "nvmlDeviceGetUUID": 2.13,
+    "nvmlDeviceGetSerial": 1.64,
+    "nvmlDeviceGetMinorNumber": 0.86,
+    "nvmlDeviceGetBrand": 0.88,
+    "nvmlDeviceGetArchitecture": 0.89,
+    "nvmlDeviceGetCudaComputeCapability": 1.14,
+    "nvmlDeviceGetPersistenceMode": 3.83,
+    "nvmlDeviceGetComputeMode": 3.4,
+    "nvmlDeviceGetMigMode": 136.0,
+    "nvmlDeviceGetPcieThroughput": 1.2,  # CPU not measured: charged as a cheap read, see _WAIT_US
+}
+_COST_DEFAULT_US = 1.2
+#: Wall time a call spends in the driver beyond its CPU, µs (probe.json medians): slept.
+_WAIT_US: dict[str, float] = {"nvmlDeviceGetPcieThroughput": 20937.0}
+_COSTED = os.environ.get("FAKE_NVML_COST", "0") not in ("", "0")
+_COST_SCALE = float(os.environ.get("FAKE_NVML_COST_SCALE") or 1.0)
+_thread_ns = time.thread_time_ns
+_BURN = bytes(4096)  # sha1 of 4 KiB: ~3-6 µs of CPU, the GIL released (CPython does for > 2 KiB)
+
+
+def _spend(name: str, start_ns: int) -> None:
+    """Bring the CPU this thread spent on the call since ``start_ns`` (this module's Python
+    included) up to what the H100 spent on it, busy; then wait as the driver waits."""
+    end = start_ns + int(_COST_US.get(name, _COST_DEFAULT_US) * _COST_SCALE * 1000.0)
+    if end - _thread_ns() > 20_000:
+        sha1 = hashlib.sha1
+        while end - _thread_ns() > 10_000:
+            sha1(_BURN).digest()
+    while _thread_ns() < end:
+        pass
+    wait = _WAIT_US.get(name)
+    if wait:
+        time.sleep(wait / 1e6)
+
+
 def _api(fn: Any) -> Any:
     """A simulated function: listed as implemented (see _nvmlGetFunctionPointer)."""
     _IMPLEMENTED.add(fn.__name__)
@@ -374,6 +450,16 @@ def _device(fn: Any) -> Any:
         finally:
             with _state_lock:
                 g.inflight -= 1
+
+    if _COSTED:
+        plain = call
+
+        def call(handle: Any, *args: Any, **kwargs: Any) -> Any:
+            start = _thread_ns()
+            try:
+                return plain(handle, *args, **kwargs)
+            finally:
+                _spend(name, start)
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = fn.__doc__
@@ -571,6 +657,12 @@ def nvmlDeviceGetPersistenceMode(g: _Gpu) -> int:
 @_device
 def nvmlDeviceGetComputeMode(g: _Gpu) -> int:
     return _real.NVML_COMPUTEMODE_DEFAULT
+
+
+@_device
+def nvmlDeviceGetMigMode(g: _Gpu) -> list[int]:
+    """MIG off (current, pending), as on the probed H100."""
+    return [_real.NVML_DEVICE_MIG_DISABLE, _real.NVML_DEVICE_MIG_DISABLE]
 
 
 @_device
