@@ -448,7 +448,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if not at.enabled:
         print("attribution: off ([attribution] enabled = false): no workload series")
     else:
-        idle = ("lowest power seen at 0 % utilisation" if at.idle_watts is None else
+        idle = ("lowest power seen on two 0 % utilisation ticks in a row (H100 80GB HBM3: 70 W until then)"
+                if at.idle_watts is None else
                 f"{at.idle_watts:g} W" if isinstance(at.idle_watts, (int, float)) else
                 ", ".join(f"{k} {v:g} W" for k, v in sorted(at.idle_watts.items())))
         pods = "off"

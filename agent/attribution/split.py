@@ -23,9 +23,10 @@ The split of one slice (``t0``, ``t1``, ``joules``) of a GPU goes by who used th
    at each moment among the workloads there, by their share of GPU memory (their figures from
    the latest list naming them; evenly where a figure is unknown or all are 0), and the time
    nobody was there to ``unallocated``. ``idle_watts`` is ``[attribution] idle_watts`` for the
-   GPU when set, else the lowest polled power seen so far on a tick whose GPU utilisation was
-   0 (unknown until such a tick: then there is no idle part, and ``unallocated`` gets the
-   slice's mean power over the time nobody was there).
+   GPU when set, else the lowest polled power seen so far on a settled idle tick (utilisation 0
+   on it and on the tick before), until then the lower of the model's measured idle power
+   (:data:`IDLE_PRIOR_WATTS`) and the lowest power at 0 % (neither known: there is no idle part,
+   and ``unallocated`` gets the slice's mean power over the time nobody was there).
 3. **The active part**, the rest, is split by SM activity. Per-process SM % samples are placed
    by their own NVML timestamp (a replay served at another wall time has them moved onto the
    tick's clock). A workload's weight is the sum of its samples in the window, as a rate over
@@ -486,13 +487,28 @@ class _ProcessRead:
     source_now: float | None = None
 
 
+#: Idle power of a GPU model measured without a CUDA context, used until the GPU itself has shown
+#: a settled idle reading (see ``_Gpu.idle_watts``): only models measured for this project.
+#: H100 80GB HBM3: 70 W (shared/reference/h100: 70 W with no context, ~116-122 W with one open).
+#: Units: W.
+IDLE_PRIOR_WATTS: dict[str, float] = {"NVIDIA H100 80GB HBM3": 70.0}
+
+
 @dataclass
 class _Gpu:
     index: int
     uuid: str
     idle_override: float | None = None
-    #: Lowest polled power seen on a tick with GPU utilisation 0. Units: W.
+    #: The model's idle power from :data:`IDLE_PRIOR_WATTS`, if it has one. Units: W.
+    idle_prior: float | None = None
+    #: Lowest polled power on a tick with GPU utilisation 0 whose previous tick also read 0
+    #: (the reading, an average over the last second, lies wholly in an idle stretch). Units: W.
     idle_seen: float | None = None
+    #: Lowest polled power on any tick with GPU utilisation 0, settled or not: after a load the
+    #: average lags (130-165 W for seconds on the reference H100). Units: W.
+    idle_unsettled: float | None = None
+    #: Whether the previous tick's reading had GPU utilisation 0.
+    was_idle: bool = False
     listings: deque[_Listing] = field(default_factory=lambda: deque(maxlen=_MAX_HISTORY))
     #: (the sample's own NVML timestamp in s since the epoch, pid, SM %), in reading order (which is
     #: timestamp order: each read returns only samples newer than the newest one before).
@@ -507,7 +523,24 @@ class _Gpu:
 
     @property
     def idle_watts(self) -> float | None:
-        return self.idle_override if self.idle_override is not None else self.idle_seen
+        """``[attribution] idle_watts`` when set; else the lowest settled idle reading; else the
+        lower of the model's prior and the lowest unsettled one (either when only one is known)."""
+        if self.idle_override is not None:
+            return self.idle_override
+        if self.idle_seen is not None:
+            return self.idle_seen
+        known = [w for w in (self.idle_prior, self.idle_unsettled) if w is not None]
+        return min(known) if known else None
+
+    def observe_power(self, watts: float | None, util: float | None) -> None:
+        """One tick's polled power and GPU utilisation, for the idle estimate."""
+        idle = watts is not None and util == 0
+        if idle:
+            if self.was_idle and (self.idle_seen is None or watts < self.idle_seen):
+                self.idle_seen = watts
+            if self.idle_unsettled is None or watts < self.idle_unsettled:
+                self.idle_unsettled = watts
+        self.was_idle = idle
 
     def listing_at(self, t: float) -> _Listing | None:
         """The process list of the latest tick not after ``t``."""
@@ -601,7 +634,8 @@ class Attributor:
         if on_error is not None:
             self.on_error = on_error
         for d in devices:
-            self._gpus[d.index] = _Gpu(d.index, d.uuid, self._idle_override(d.index, d.uuid))
+            self._gpus[d.index] = _Gpu(d.index, d.uuid, self._idle_override(d.index, d.uuid),
+                                       IDLE_PRIOR_WATTS.get(getattr(d, "name", "") or ""))
 
     def _idle_override(self, index: int, uuid: str) -> float | None:
         w = self.idle_watts
@@ -660,9 +694,8 @@ class Attributor:
         g = self._gpus.get(index)
         if g is None:
             return
-        if reading is not None and reading.power_watts is not None and reading.utilization_gpu_ratio == 0:
-            if g.idle_seen is None or reading.power_watts < g.idle_seen:
-                g.idle_seen = reading.power_watts
+        if reading is not None:
+            g.observe_power(reading.power_watts, reading.utilization_gpu_ratio)
         if read is None:
             return
         if isinstance(read.mig_error, GpuNotSupported):
