@@ -121,8 +121,10 @@ class GpuSection(BaseModel):
     enabled: bool = True
     #: ``auto`` picks the best the GPU supports: counter, then samples, then polled.
     energy_method: Literal["auto", "counter", "samples", "polled"] = "auto"
-    #: How often the hardware energy counter is read (3.8 ms CPU per read on H100). Units: s.
-    energy_counter_interval_seconds: float = Field(5.0, gt=0, le=600, allow_inf_nan=False)
+    #: How often the hardware energy counter is read (3.8 ms CPU per read on H100), besides the reads
+    #: at every tariff band, PUE or carbon edge and at shutdown, which keep each priced stretch
+    #: exact (docs/accuracy.md). Units: s.
+    energy_counter_interval_seconds: float = Field(60.0, gt=0, le=600, allow_inf_nan=False)
 
 
 class Settings(BaseSettings):

@@ -11,7 +11,10 @@ Methods, best first:
 ``counter``
     ``nvmlDeviceGetTotalEnergyConsumption``. Exact between two reads, but one
     read costs ~3.8 ms of CPU on H100, so it is read every
-    ``counter_interval`` seconds, not every tick. The exact delta of each
+    ``counter_interval`` seconds (60 s by default), not every tick, and besides
+    at the ends of every stretch priced differently: the sampler forces a read on
+    the tick that crosses a tariff band, PUE or carbon edge, and at shutdown or
+    reload. Polled power only shapes the energy between two exact reads. The exact delta of each
     counter interval is apportioned across the ticks inside it in proportion
     to the polled power of each tick. Totals therefore advance when a counter
     interval closes: they lag by at most one interval and never go backwards.
@@ -126,6 +129,12 @@ class GpuEnergy:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown energy method {self.method!r}")
+
+    @property
+    def _stale_after(self) -> float:
+        """Seconds since the last good read after which the counter is stale: at least two
+        intervals, so a long interval is not judged stale before a read was even due. Units: s."""
+        return max(self.counter_stale_after, 2.0 * self.counter_interval)
 
     # -- what the sampler should read this tick ---------------------------
 
@@ -305,7 +314,7 @@ class GpuEnergy:
                 self._retry_at = mono + self.counter_interval  # asked and failed: once an interval, not each tick
             # No counter this tick. If reads have failed for too long, stop
             # holding energy back: settle what is pending from polled power.
-            if mono - self._counter_since > self.counter_stale_after:
+            if mono - self._counter_since > self._stale_after:
                 self.on_event("energy_counter_stale")
                 log.warning("GPU %d: the energy counter has not answered for %.0f s: energy is estimated from "
                             "polled power (source=\"polled\") until it does; asked again with back-off",

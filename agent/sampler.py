@@ -274,7 +274,11 @@ class Sampler:
                 if abs(step) > 1.0:
                     log.warning("wall clock stepped by %+.1f s; durations and amortisation keep the monotonic "
                                 "clock, energy is priced at the new wall time", step)
-            boundary = t0 is not None and self.ledger.crosses_boundary(t0, wall)
+            # And on the tick before it (the next tick is due to cross one): the crossing tick is then
+            # bracketed by two reads, so its energy is exact and each band's energy ends at a read
+            # whatever the counter interval (one read more per edge; tests/test_counter_cadence.py).
+            boundary = t0 is not None and (self.ledger.crosses_boundary(t0, wall)
+                                           or self.ledger.crosses_boundary(wall, wall + self.tick_seconds))
             self.ledger.roll_periods(wall)
             if self.devices:
                 self._tick_gpus(wall, mono, final or boundary, final)

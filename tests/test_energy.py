@@ -123,13 +123,15 @@ def test_counter_is_read_on_the_tick_that_crosses_a_tariff_boundary():
     s = make_sampler(src, counter_interval=60.0, ledger=Ledger(cost=CostModel(tariff)))
     reads = src.calls["energy_mj"]
     run(src, s, 3.0, final=False)  # ticks at 58.5, 59.5, 00.5: the last crosses 08:00
-    assert src.calls["energy_mj"] == reads + 1  # read at the crossing, long before 60 s
-    # 2.5 s at 100 W before 08:00 at 0.1, 0.5 s at 600 W after at 0.3: split by the counter.
+    # Read on the tick before the crossing (59.5: the next tick is due to cross) and on the
+    # crossing (00.5), long before 60 s: the straddling tick is bracketed by two reads.
+    assert src.calls["energy_mj"] == reads + 2
     cost = s.ledger.energy_cost[("gpu:GPU-fake-0", "EUR")]
-    # Exact delta over 57.5 → 00.5: 2.5 s × 100 W + 0.5 s × 600 W = 550 J, shared by the
-    # power read at each tick's end: 100, 100, 600 (of 800) → 68.75, 68.75, 412.5 J.
-    # Only the straddling tick (59.5 → 00.5) is split by time: 206.25 J on each side.
-    night, day = 68.75 + 68.75 + 206.25, 206.25
+    # 57.5 → 59.5: exactly 200 J (2 s × 100 W). 59.5 → 00.5: exactly 0.5 s × 100 W + 0.5 s ×
+    # 600 W = 350 J, the straddling tick's own delta, split by time: 175 J on each side. (With a
+    # read only at the crossing, the 550 J of 57.5 → 00.5 were shared by the power read at each
+    # tick's end, 100, 100, 600 of 800, and the straddling tick had 412.5 J, 206.25 J a side.)
+    night, day = 200.0 + 175.0, 175.0
     assert cost == pytest.approx((night * 0.1 + day * 0.3) / 3.6e6, rel=1e-4)
     # With a 60 s counter interval and no boundary read, the same 550 J would have been
     # spread over the whole interval's ticks; here the counter cut it at the crossing.
