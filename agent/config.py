@@ -123,8 +123,9 @@ class GpuSection(BaseModel):
     energy_method: Literal["auto", "counter", "samples", "polled"] = "auto"
     #: How often the hardware energy counter is read (3.8 ms CPU per read on H100), besides the reads
     #: at every tariff band, PUE or carbon edge and at shutdown, which keep each priced stretch
-    #: exact (docs/accuracy.md). Units: s.
-    energy_counter_interval_seconds: float = Field(60.0, gt=0, le=600, allow_inf_nan=False)
+    #: exact (docs/accuracy.md). The default is the scrape interval of deploy/prometheus, so every
+    #: scrape sees whole counter steps. Units: s.
+    energy_counter_interval_seconds: float = Field(15.0, gt=0, le=600, allow_inf_nan=False)
 
 
 class Settings(BaseSettings):

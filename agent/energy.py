@@ -11,7 +11,7 @@ Methods, best first:
 ``counter``
     ``nvmlDeviceGetTotalEnergyConsumption``. Exact between two reads, but one
     read costs ~3.8 ms of CPU on H100, so it is read every
-    ``counter_interval`` seconds (60 s by default), not every tick, and besides
+    ``counter_interval`` seconds (15 s by default), not every tick, and besides
     at the ends of every stretch priced differently: the sampler forces a read on
     the tick that crosses a tariff band, PUE or carbon edge, and at shutdown or
     reload. Polled power only shapes the energy between two exact reads. The exact delta of each
@@ -74,7 +74,7 @@ class GpuEnergy:
 
     gpu: int
     method: str
-    counter_interval: float = 5.0
+    counter_interval: float = 15.0
     #: The nominal tick (s). The counter is read on the tick due within half a tick
     #: of the interval's end, so tick jitter never pushes a read one tick late.
     tick_seconds: float = 1.0

@@ -78,7 +78,7 @@ class Sampler:
         *,
         clock: Clock = system_clock,
         energy_method: str = "auto",
-        counter_interval: float = 5.0,
+        counter_interval: float = 15.0,
         tick_seconds: float = 1.0,
         ledger: Ledger | None = None,
         host: Any = None,

@@ -21,7 +21,7 @@ def test_defaults_without_a_file():
     s = load(None)
     assert s.agent.listen == "0.0.0.0:9842"
     assert s.agent.tick_seconds == 1.0
-    assert s.gpu.energy_counter_interval_seconds == 60.0
+    assert s.gpu.energy_counter_interval_seconds == 15.0
     assert s.gpu.energy_method == "auto"
 
 

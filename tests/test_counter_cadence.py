@@ -1,7 +1,7 @@
 """Exact energy for fewer counter reads (issue 21), on the real H100 recordings.
 
 The energy counter costs 3.8 ms of CPU per read on an H100 (probe2.json), so it is read every
-``energy_counter_interval_seconds`` (60 s by default, 5 s before) and, besides, on the tick that
+``energy_counter_interval_seconds`` (15 s by default, 5 s before; the sparser 60 s is tested here) and, besides, on the tick that
 crosses a tariff band (or PUE, or carbon) edge, on the tick before it, and at the final tick. Between two reads the
 counter's exact delta is shaped over the ticks by their polled power; each read corrects the
 shares, so totals equal the counter and every stretch priced on its own starts and ends at a
