@@ -17,7 +17,7 @@ from .accounting import Ledger
 from .config import ConfigError, Refused, Settings, clip_line, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
 from .sampler import Sampler, resume_point
-from .service import POD_RESOURCES_INTERVAL_SECONDS, Service, defer_sighup_until_serving
+from .service import POD_RESOURCES_INTERVAL_SECONDS, Service, defer_sighup_until_serving, restore_agent_counters
 from .state import StateError, StateStore, default_state_dir
 
 log = logging.getLogger("agent")
@@ -160,13 +160,14 @@ _NO_RESUME: tuple[dict[str, tuple[int, float]], float | None, Any] = ({}, None, 
 
 def _open_state(
     settings: Settings, ledger: Ledger, *, replay: bool
-) -> tuple[StateStore | None, tuple[dict[str, tuple[int, float]], float | None, Any]]:
-    """The state store, with its totals loaded into ``ledger``, and where those totals end on
-    this boot (for the sampler to bridge the time no agent ran). Raises StateError."""
+) -> tuple[StateStore | None, tuple[dict[str, tuple[int, float]], float | None, Any], Any]:
+    """The state store, with its totals loaded into ``ledger``, where those totals end on this
+    boot (for the sampler to bridge the time no agent ran), and the state loaded (None: none
+    or set aside; its ``agent_counters`` go to the sampler). Raises StateError."""
     directory = settings.agent.state_dir
     if directory is None:
         if replay:
-            return None, _NO_RESUME  # a replay's totals are not the node's: kept only when asked
+            return None, _NO_RESUME, None  # a replay's totals are not the node's: kept only when asked
         directory = default_state_dir()
     store = StateStore(directory)
     store.check_writable()
@@ -180,9 +181,10 @@ def _open_state(
             resume = found
         except Exception as exc:  # whatever is wrong with the file, the agent starts
             store.reject(str(exc) or type(exc).__name__)
+            state = None
         else:
             log.info("totals continue from %s (saved at %s)", store.path, state.get("saved_at"))
-    return store, resume
+    return store, resume, state
 
 
 #: Loads the configuration again for SIGHUP (set by main for the serving commands).
@@ -285,7 +287,7 @@ def _serve_replay(
     # The configuration was checked against the trace's host (load's cpu_host), so this holds.
     host = source.host_source(settings.host) if settings.host.enabled else None
     ledger = _make_ledger(settings)
-    store, _ = _open_state(settings, ledger, replay=True)
+    store, _, loaded = _open_state(settings, ledger, replay=True)
     if loop:
         # A looping demo runs forever: price it at today's wall time (today's
         # tariff band), anchored now and advancing with the trace. A single
@@ -304,6 +306,7 @@ def _serve_replay(
         ledger=ledger,
         attribution=_attribution(settings, ledger, replay=True, identities=source.identities),
     )
+    restore_agent_counters(sampler, loaded)
     return _serve(settings, sampler, store, listener, replay=source, speed=args.speed)
 
 
@@ -348,7 +351,7 @@ def _serve_nvml(settings: Settings, host: Any, listener: Listener) -> int:
     else:
         error = "GPU sampling disabled in the configuration ([gpu] enabled = false)"
     ledger = _make_ledger(settings)
-    store, resume = _open_state(settings, ledger, replay=False)
+    store, resume, loaded = _open_state(settings, ledger, replay=False)
     sampler = Sampler(
         source,
         host=host,
@@ -363,6 +366,7 @@ def _serve_nvml(settings: Settings, host: Any, listener: Listener) -> int:
         methods=methods,
     )
     sampler.resume_counters(*resume)
+    restore_agent_counters(sampler, loaded)
     retry = open_source if settings.gpu.enabled and source is None else None
     # An open still hanging is waited for, not joined by a second one (which would hang too).
     hanging = first if retry is not None and outcome is None else None

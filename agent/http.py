@@ -215,9 +215,13 @@ class Exposition:
         registry: CollectorRegistry,
         snapshot: Callable[[], Any] | None = None,
         max_age: float = 1.0,
+        latest: Callable[[], Any] | None = None,
     ) -> None:
         self.registry = registry
         self.snapshot = snapshot or (lambda: None)
+        #: The newest snapshot, read without side effects (the event loop's fast path); default:
+        #: ``snapshot``. ``snapshot`` itself may do work first (the service saves the totals).
+        self.latest = latest or self.snapshot
         self.max_age = max_age
         self.renders = 0
         self._entries: dict[str, _Rendered] = {}
@@ -253,7 +257,7 @@ class Exposition:
     def fresh(self, accept: str, want_gzip: bool) -> tuple[str, bytes, bool] | None:
         """The cached body if it is still current, without rendering: the event loop's fast path."""
         _, content_type = negotiate(accept)
-        entry = self._current(content_type, self.snapshot(), time.monotonic())
+        entry = self._current(content_type, self.latest(), time.monotonic())
         if entry is None:
             return None
         if want_gzip:
@@ -625,8 +629,9 @@ class _AuthGate:
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/`` on an asyncio loop in its own thread.
 
-    ``snapshot`` (optional) returns the sampler's current snapshot, so renders
-    are cached per tick. ``listener`` is a socket bound earlier by
+    ``snapshot`` (optional) returns the snapshot to serve (called on a render worker, so
+    renders are cached per tick), ``latest`` the newest one without side effects (the event
+    loop's check of the cache). ``listener`` is a socket bound earlier by
     :func:`open_listener`; without one the server binds ``host:port`` itself.
     """
 
@@ -638,6 +643,7 @@ class MetricsServer:
         health: Callable[[], tuple[bool, dict[str, Any]]],
         *,
         snapshot: Callable[[], Any] | None = None,
+        latest: Callable[[], Any] | None = None,
         listener: Listener | None = None,
         idle_timeout: float = 5.0,
         write_timeout: float = 10.0,
@@ -649,7 +655,7 @@ class MetricsServer:
             listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             listener = Listener(bind(listen), listen)
         self.listener = listener
-        self.exposition = Exposition(registry, snapshot)
+        self.exposition = Exposition(registry, snapshot, latest=latest)
         self.health = health
         self.idle_timeout = idle_timeout
         self.write_timeout = write_timeout

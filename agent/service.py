@@ -21,7 +21,8 @@ from apscheduler.triggers.base import BaseTrigger
 from .config import Settings, parse_listen
 from .exporter import health_of, make_registry
 from .http import Listener, MetricsServer
-from .sampler import Sampler
+from .sampler import ERROR_KINDS, Sampler
+from .statecheck import number
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,35 @@ def defer_sighup_until_serving() -> None:
         signal.signal(signal.SIGHUP, on_hup)
     except ValueError:  # not the main thread (tests calling main): nothing to defer there
         pass
+
+
+def agent_counters_state(sampler: Sampler) -> dict[str, Any]:
+    """The agent's own counters (ticks, energy-counter reads, errors by kind) for the state file:
+    a restart continues them, so no ``gpucost_*_total`` series starts again from 0."""
+    return {"ticks": sampler.ticks, "energy_reads": sampler.counter_reads, "errors": sampler.errors_now()}
+
+
+def restore_agent_counters(sampler: Sampler, state: Any) -> None:
+    """Continue the agent's own counters from a loaded state (before the first tick). A missing
+    or malformed ``agent_counters`` leaves them at 0 with one log line; it never touches totals."""
+    data = state.get("agent_counters") if isinstance(state, dict) else None
+    if data is None:
+        return
+    try:
+        if not isinstance(data, dict) or not isinstance(data.get("errors", {}), dict):
+            raise ValueError("expected an object with an object of errors")
+        ticks = int(number(data.get("ticks", 0), "agent_counters.ticks", 1e15))
+        reads = int(number(data.get("energy_reads", 0), "agent_counters.energy_reads", 1e15))
+        errors = {k: int(number(v, f"agent_counters.errors.{k}", 1e15))
+                  for k, v in data.get("errors", {}).items() if k in ERROR_KINDS}
+    except ValueError as exc:
+        log.warning("state file: the agent's own counters start from 0: %s", exc)
+        return
+    sampler.ticks += ticks
+    sampler.counter_reads += reads
+    for kind, n in errors.items():
+        if n:
+            sampler.count(kind, n)
 
 
 #: The notify socket, connected once (WATCHDOG=1 goes out every tick): (address, socket).
@@ -228,6 +258,9 @@ class Ticker:
 
 #: How often the kubelet is asked which pods hold which GPUs. Units: s.
 POD_RESOURCES_INTERVAL_SECONDS = 30.0
+#: How long a scrape waits for a save already under way (a slow disk) before it is served the
+#: totals of the last save instead of the newest tick's. Units: s.
+SERVE_SAVE_WAIT_SECONDS = 1.0
 
 
 class Service:
@@ -282,10 +315,18 @@ class Service:
         #: The first open, still hanging at start (an ``agent.gpucalls.Pending``): its outcome
         #: is waited for before any new attempt, so attempts never pile onto a stuck driver.
         self._open_pending = open_pending
+        #: Saves, and what changes the snapshot besides a tick (a reload, a GPU source attached),
+        #: one at a time: a save knows which snapshot its totals cover.
+        self._persist_lock = threading.Lock()
+        #: The newest snapshot whose totals are all on disk (None before the first save).
+        self._durable: Any = None
+        #: The snapshot the scrape being rendered gets (see :meth:`_served_snapshot`).
+        self._serving: Any = sampler.snapshot
         host, port = parse_listen(settings.agent.listen)
-        registry = make_registry(lambda: self.sampler.snapshot)
+        registry = make_registry(lambda: self._serving)
         self.server = MetricsServer(
-            host, port, registry, self._health, snapshot=lambda: self.sampler.snapshot, listener=listener
+            host, port, registry, self._health, snapshot=self._served_snapshot,
+            latest=lambda: self.sampler.snapshot, listener=listener
         )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_listener(self._on_event, EVENT_JOB_ERROR)
@@ -383,7 +424,8 @@ class Service:
             return
 
     def _attach_source(self, source: Any, methods: dict[int, str]) -> None:
-        self.sampler.attach(source, methods)
+        with self._persist_lock:
+            self.sampler.attach(source, methods)
         log.info("GPU source opened: %d GPU(s) are sampled from now on", len(source.devices()))
         self._add_samples_job()
 
@@ -399,8 +441,16 @@ class Service:
         (degraded) until a write succeeds; the next one retries. Returns whether it was written."""
         if self.store is None:
             return True
+        with self._persist_lock:
+            return self._persist(sync=True)
+
+    def _persist(self, *, sync: bool) -> bool:
+        """:meth:`persist` under the lock; ``sync=False`` leaves the flush to disk to the kernel."""
+        covered = self.sampler.snapshot  # the totals written next are at least this snapshot's
         try:
-            self.store.save(self.sampler.state())
+            state = self.sampler.state()
+            state["agent_counters"] = agent_counters_state(self.sampler)
+            self.store.save(state, sync=sync)
         except (OSError, ValueError) as exc:
             self.sampler.count("state_write")
             self.persist_error = f"could not write state file {self.store.path}: {exc}"
@@ -408,7 +458,33 @@ class Service:
             return False
         self.persist_error = None
         self.sampler.saved(time.time())
+        dated = self.sampler.snapshot  # ``covered`` with the save's time, unless a tick came between
+        same = (dated.agent.ticks_total == covered.agent.ticks_total and dated.t_wall == covered.t_wall)
+        self._durable = dated if same else covered
         return True
+
+    def _served_snapshot(self) -> Any:
+        """The snapshot a scrape is served (on a render worker, never the event loop).
+
+        With a state file, one whose totals are on disk: a scrape that finds a tick newer than the
+        last save writes the totals first (at most one write per tick, however many scrapers;
+        without fsync: a process killed with SIGKILL leaves what it wrote in the page cache), so
+        whatever Prometheus has read, the next process starts from at least that and no counter
+        goes back after ``kill -9``. A save that takes longer than :data:`SERVE_SAVE_WAIT_SECONDS`
+        (one under way on a slow disk) serves the last saved totals; while saves fail
+        (``/healthz`` degraded) the newest tick is served, as without a state file."""
+        latest = self.sampler.snapshot
+        if self.store is None or self._durable is None or self.persist_error is not None:
+            self._serving = latest
+            return latest
+        if latest is not self._durable and self._persist_lock.acquire(timeout=SERVE_SAVE_WAIT_SECONDS):
+            try:
+                if self.sampler.snapshot is not self._durable:
+                    self._persist(sync=False)
+            finally:
+                self._persist_lock.release()
+        self._serving = self._durable if self.persist_error is None else self.sampler.snapshot
+        return self._serving
 
     def start(self) -> None:
         self.sampler.tick()  # first snapshot before the endpoint opens
@@ -492,7 +568,8 @@ class Service:
                       clip_line(f"{type(exc).__name__}: {exc}"))
             return False
         new = checked.settings
-        self.sampler.reconfigure(new)
+        with self._persist_lock:
+            self.sampler.reconfigure(new)
         # The web-config file is read again, as at start: TLS, basic auth and headers apply now.
         if checked.web is not None or self.server.listener.web is not None:
             try:

@@ -179,9 +179,11 @@ class StateStore:
             where = f"could not be moved aside: {exc.strerror or exc}"
         log.error("state file %s is unusable (%s); %s; totals start from zero", self.path, reason, where)
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: dict[str, Any], *, sync: bool = True) -> None:
         """Atomically replace the state file. Raises OSError on failure, ValueError for a
-        non-finite value (never written: it would poison the totals for good)."""
+        non-finite value (never written: it would poison the totals for good). ``sync=False``
+        skips the two fsyncs: the new file survives the process being killed (it is in the page
+        cache), not a power cut; the periodic and final saves sync."""
         data = json.dumps({**state, "saved_at": time.time()}, separators=(",", ":"), allow_nan=False).encode()
         tmp = self.path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
         try:
@@ -193,7 +195,8 @@ class StateStore:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if sync:
+                    os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             try:
@@ -201,11 +204,12 @@ class StateStore:
             except OSError:
                 pass
             raise
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if sync:
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         self.saves += 1
         self.last_save = time.time()
 

@@ -256,7 +256,7 @@ def test_final_tick_at_the_same_instant_settles_what_is_pending():
 
 def test_gpu_lost_marks_it_down_and_keeps_sampling_the_others():
     src = FakeSource([FakeGpu(lambda t: 100.0), FakeGpu(lambda t: 200.0)])
-    s = make_sampler(src)
+    s = make_sampler(src, counter_interval=5.0)  # GPU 1's counter read at 5 and 10 s
     run(src, s, 5.0, final=False)
     before = total(s, 0)
     src.gpus[0].lost = True

@@ -127,17 +127,19 @@ def test_after_kill_9_the_rapl_counters_bridge_the_downtime_and_host_energy_neve
     deadline = time.monotonic() + 10
     while cpu_joules(first) != pytest.approx(20.32885, abs=1e-6) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert cpu_joules(first) == pytest.approx(20.32885, abs=1e-6)
+    assert cpu_joules(first) == pytest.approx(20.32885, abs=1e-6)  # served, so saved first
+    energy_uj.write_text("50000000\n")  # +30 J the agent reads but nobody scrapes
+    time.sleep(1.5)
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     state = json.loads((state_dir / "state.json").read_text())
     saved = {(c, s): j for c, s, j in state["host_energy_joules"]}
-    assert saved[("cpu", "rapl")] == 0.0  # saved at start: without the bridge the total would go back
-    assert state["host_counters"]["zones"] == [["intel-rapl:0", 262_143_000_000, 262_143_328_850]]
-    energy_uj.write_text("95000000\n")  # +75 J while no agent runs
+    assert saved[("cpu", "rapl")] == pytest.approx(20.32885, abs=1e-6)  # what was served, no less
+    assert state["host_counters"]["zones"] == [["intel-rapl:0", 20_000_000, 262_143_328_850]]  # counter at the save, range
+    energy_uj.write_text("95000000\n")  # +45 J while no agent runs
     second = AgentProcess("run", "--config", str(cfg), env=env)
     try:
         second.wait_ready()
-        assert cpu_joules(second) == pytest.approx(95.32885, abs=1e-6)  # 20.32885 + 75, not 0
+        assert cpu_joules(second) == pytest.approx(95.32885, abs=1e-6)  # 20.32885 + 30 + 45, not 20.33
     finally:
         assert second.stop() == 0
-    assert "host: 95.329 J used in the" in second.output and "from the RAPL counters" in second.output
+    assert "host: 75.000 J used in the" in second.output and "from the RAPL counters" in second.output

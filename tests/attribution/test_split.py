@@ -88,7 +88,7 @@ def node(watts=lambda t: 300.0, *, gpus: int = 1, cost: bool = True, max_workloa
     led = Ledger(cost=CostModel(TARIFF, PueConfig(value=1.5))) if cost else Ledger()
     led.workloads.configure(max_workloads, retention)
     stage = Attributor(led.workloads, key_of, idle_watts=idle_watts)
-    sampler = Sampler(src, clock=src.clock, ledger=led, attribution=stage)
+    sampler = Sampler(src, clock=src.clock, ledger=led, attribution=stage, counter_interval=5.0)
     sampler.tick()
     return src, sampler
 
@@ -448,7 +448,7 @@ def test_the_sm_window_reaches_back_before_a_short_slice(window):
                             key=lambda s: s[1])
     led = Ledger(cost=CostModel(TARIFF, PueConfig(value=1.5)))
     stage = Attributor(led.workloads, replay_keys, window_seconds=window, idle_watts=100.0)
-    sampler = Sampler(src, clock=src.clock, ledger=led, attribution=stage)
+    sampler = Sampler(src, clock=src.clock, ledger=led, attribution=stage, counter_interval=5.0)
     sampler.tick()
     run(src, sampler, 40)
     sampler.tick(final=True)

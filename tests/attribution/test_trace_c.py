@@ -43,7 +43,8 @@ def test_nothing_after_the_first_listing_goes_to_unallocated():
 
     src = ReplaySource(trace)
     led = Ledger()
-    sampler = Sampler(src, clock=lambda: (src.t, src.t), ledger=led, attribution=Attributor(led.workloads, replay_keys))
+    sampler = Sampler(src, clock=lambda: (src.t, src.t), ledger=led,
+                      attribution=Attributor(led.workloads, replay_keys), counter_interval=5.0)
     sampler.tick()
     seen = {}
     while not src.finished:
