@@ -224,9 +224,15 @@ def test_a_lost_gpu_is_reacquired_with_its_totals_after_a_counter_reset(tmp_path
     m = until(agent, lambda m: errors(m, "counter_reset") >= 1 and energy(m, 1) > lost_at + 300.0, 4,
               "counting again past the reset")
     assert errors(m, "gpu_lost") == 1
+    node.script(STEADY)  # the counter counts on from its restart
+    time.sleep(2.0)
     assert agent.stop() == 0
     assert "GPU 1 is back; its totals continue" in agent.output
-    assert node.saved_energy()[UUID.format(1)] >= energy(m, 1)
+    saved = node.saved_energy()
+    assert saved[UUID.format(1)] >= energy(m, 1)
+    # Both GPUs drew 300 W all along: the lost stretch, filled from polled power across the
+    # reset, is neither dropped nor counted twice (within one 0.5 s tick, 150 J).
+    assert saved[UUID.format(1)] == pytest.approx(saved[UUID.format(0)], abs=150.0)
 
 
 def test_a_counter_reset_is_counted_and_energy_never_goes_backwards(tmp_path):
