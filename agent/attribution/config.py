@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .identity import DEFAULT_PROC_ROOT
 from .podresources import DEFAULT_SOCKET
 from .split import DEFAULT_WINDOW_SECONDS
 from .workloads import DEFAULT_MAX_WORKLOADS, DEFAULT_RETENTION_SECONDS
@@ -34,12 +35,22 @@ class AttributionConfig(BaseModel):
     #: Ask the kubelet's pod-resources socket for pod names and namespaces.
     pod_resources: bool = False
     pod_resources_socket: Path = DEFAULT_SOCKET
+    #: Where the GPU processes' /proc is: the host's, mounted elsewhere (e.g. /host/proc) when the
+    #: agent runs in a container that does not share the host's PID namespace.
+    proc_root: Path = DEFAULT_PROC_ROOT
 
     @field_validator("pod_resources_socket")
     @classmethod
     def _socket(cls, v: Path) -> Path:
         if str(v) in ("", "."):
             raise ValueError("the kubelet's pod-resources socket needs a path, e.g. " + str(DEFAULT_SOCKET))
+        return v
+
+    @field_validator("proc_root")
+    @classmethod
+    def _proc(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"the processes' /proc needs an absolute path, e.g. /host/proc, got {str(v)!r}")
         return v
 
     @field_validator("idle_watts")

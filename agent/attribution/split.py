@@ -981,7 +981,7 @@ def from_settings(
     if replay:
         key_of: KeyOf = recorded_keys(identities) if identities else replay_keys
     else:
-        key_of = resolver_keys(IdentityResolver(user_names=a.user_names, cmdline=a.cmdline))
+        key_of = resolver_keys(IdentityResolver(a.proc_root, user_names=a.user_names, cmdline=a.cmdline))
     stage = Attributor(totals, key_of, window_seconds=a.window_seconds, idle_watts=a.idle_watts)
     stage.replay = replay
     if a.pod_resources and not replay:

@@ -90,3 +90,44 @@ def test_a_workload_row_the_loader_refuses_costs_only_the_workloads(caplog):
     fresh.load_state(state)
     assert dict(fresh.gpu_energy) == dict(sampler.ledger.gpu_energy) and len(fresh.workloads) == 0
     assert "workloads' totals were set aside" in caplog.text
+
+
+def test_hostile_identities_through_the_real_process_keep_the_node_totals_across_a_restart(tmp_path):
+    """The same hostile /proc tree read by the real daemon (``[attribution] proc_root``), its
+    PIDs listed by the fake NVML on GPU 0: bounded labels on /metrics, three jobs stay three,
+    and after a SIGTERM the next process loads the whole state (node and workloads) and counts on."""
+    from test_faults import STEADY, Node, energy, until
+
+    tree = hostile_tree(tmp_path)
+    script = json.loads(json.dumps(STEADY))
+    script["gpus"]["0"]["processes"] = [[pid, GIB] for pid in (1500, 1501, 1502, 1503, 1100)]
+    node = Node(tmp_path, script)
+    node.config.write_text(node.config.read_text() + f'[attribution]\nproc_root = "{tree}"\nuser_names = false\n')
+    agent = node.agent()
+
+    def jobs(m):
+        return {s.labels["slurm_job"] for s in m.get("gpucost_workload_gpu_energy_joules", [])
+                if s.labels.get("kind") == "slurm"}
+
+    until(agent, lambda m: len(jobs(m)) == 3 and energy(m, 0) > 0, 10, "three Slurm jobs on GPU 0")
+    status, text = agent.get("/metrics")
+    assert status == 200
+    workload_lines = [line for line in text.splitlines() if line.startswith("gpucost_workload_")]
+    assert workload_lines and max(len(line) for line in text.splitlines()) < 1000
+    assert not any("\\n" in line for line in workload_lines)  # no escaped newline in any label
+    m = agent.metrics()
+    assert "12_34" in jobs(m) and all(len(j) <= MAX_LABEL_CHARS for j in jobs(m))
+    units = {s.labels["unit"] for s in m["gpucost_workload_gpu_energy_joules"]}
+    assert max(len(u) for u in units) == MAX_LABEL_CHARS  # the 10 kB unit, shortened
+    assert agent.stop() == 0
+    saved = node.saved_energy()
+    state = json.loads((node.state_dir / "state.json").read_text())
+    assert len(state["workloads"]["rows"]) >= 5
+
+    again = node.agent()
+    try:
+        m = until(again, lambda m: energy(m, 0) > saved[next(iter(sorted(saved)))], 10, "GPU 0 counting on")
+        assert len(jobs(m)) == 3
+    finally:
+        assert again.stop() == 0
+    assert "set aside" not in again.output, again.output[-2000:]
