@@ -174,16 +174,19 @@ def _open_state(
     store.remove_stale_temp_files()
     state = store.load()
     resume = _NO_RESUME
-    if state is not None:
+    while state is not None:
         try:
             found = resume_point(state)  # checked first: all or nothing
             ledger.load_state(state)  # all or nothing: on error the ledger stays at zero
             resume = found
         except Exception as exc:  # whatever is wrong with the file, the agent starts
+            rejected = store.loaded_path
             store.reject(str(exc) or type(exc).__name__)
-            state = None
+            # A recent (unsynced) file set aside: the synced one, if any, is tried next.
+            state = store.load() if rejected == store.recent_path else None
         else:
-            log.info("totals continue from %s (saved at %s)", store.path, state.get("saved_at"))
+            log.info("totals continue from %s (saved at %s)", store.loaded_path, state.get("saved_at"))
+            break
     return store, resume, state
 
 

@@ -453,7 +453,7 @@ class Service:
             self.store.save(state, sync=sync)
         except (OSError, ValueError) as exc:
             self.sampler.count("state_write")
-            self.persist_error = f"could not write state file {self.store.path}: {exc}"
+            self.persist_error = f"could not write state file {self.store.path if sync else self.store.recent_path}: {exc}"
             log.error("%s", self.persist_error)
             return False
         self.persist_error = None

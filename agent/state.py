@@ -3,7 +3,12 @@
 A write goes to a temporary file in the same directory, is fsync'd, renamed
 over the old file and the directory is fsync'd: a crash at any moment leaves
 either the old or the new state, never a torn one; a temporary file left by a
-write that was interrupted is removed at start. A state file that cannot be
+write that was interrupted is removed at start. The saves a scrape triggers
+skip the fsyncs and go to a second file, ``state-recent.json``: it survives the
+process being killed (the page cache), and should a power cut leave it empty or
+torn, the last synced ``state.json`` is still whole and is used instead. A
+synced save removes the recent file first, so a recent file is always newer
+than ``state.json``. A state file that cannot be
 used (not UTF-8, not JSON, nested too deep, or content the ledger rejects) is
 set aside under a name of its own (``state.json.corrupt-<time>[-n]``) with one
 clear log line, and the agent starts from zero; a directory it cannot write is
@@ -30,6 +35,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FILENAME = "state.json"
+#: The unsynced saves' file (see the module's docstring).
+RECENT_FILENAME = "state-recent.json"
 #: A write takes milliseconds: a temporary file older than this is a leftover, whoever wrote it. Units: s.
 _TEMP_FILE_MAX_AGE = 60.0
 #: Largest state file read. A node's real state is kilobytes to a few hundred (thousands of
@@ -57,6 +64,9 @@ class StateStore:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
         self.path = self.dir / FILENAME
+        self.recent_path = self.dir / RECENT_FILENAME
+        #: The file the last :meth:`load` returned (what :meth:`reject` sets aside).
+        self.loaded_path = self.path
         self.saves = 0
         self.last_save: float | None = None
 
@@ -81,8 +91,9 @@ class StateStore:
         rename). A fresh one whose writer is alive (another agent on the same directory)
         is left alone. Returns what was removed."""
         removed = []
-        for tmp in self.dir.glob(f".{FILENAME}.*.tmp"):
-            pid = tmp.name[len(FILENAME) + 2 : -len(".tmp")]
+        leftovers = [(name, tmp) for name in (FILENAME, RECENT_FILENAME) for tmp in self.dir.glob(f".{name}.*.tmp")]
+        for name, tmp in leftovers:
+            pid = tmp.name[len(name) + 2 : -len(".tmp")]
             try:
                 fresh = time.time() - tmp.stat().st_mtime < _TEMP_FILE_MAX_AGE
             except OSError:
@@ -100,40 +111,50 @@ class StateStore:
         return removed
 
     def load(self) -> dict[str, Any] | None:
-        """The persisted state, or None when there is none or it was unusable (then set aside)."""
+        """The persisted state, or None when there is none or it was unusable (then set aside):
+        the recent (unsynced) file where there is one and it reads, else ``state.json``."""
+        if os.path.lexists(self.recent_path):
+            self.loaded_path = self.recent_path
+            state = self._load(self.recent_path)
+            if state is not None:
+                return state
+        self.loaded_path = self.path
+        return self._load(self.path)
+
+    def _load(self, path: Path) -> dict[str, Any] | None:
         try:
-            raw = self._read_regular()
+            raw = self._read_regular(path)
         except FileNotFoundError:
             return None
         except _Refused as exc:
-            self._set_aside(str(exc))
+            self._set_aside(path, str(exc))
             return None
         except OSError as exc:
-            self._set_aside(f"cannot be read: {exc.strerror or exc}")
+            self._set_aside(path, f"cannot be read: {exc.strerror or exc}")
             return None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            self._set_aside(f"not UTF-8: byte {exc.object[exc.start]:#04x} at offset {exc.start}")
+            self._set_aside(path, f"not UTF-8: byte {exc.object[exc.start]:#04x} at offset {exc.start}")
             return None
         try:
             state = json.loads(text)
         except json.JSONDecodeError as exc:
-            self._set_aside(f"line {exc.lineno}: {exc.msg}")
+            self._set_aside(path, f"line {exc.lineno}: {exc.msg}")
             return None
         except RecursionError:
-            self._set_aside("JSON nested too deep")
+            self._set_aside(path, "JSON nested too deep")
             return None
         if not isinstance(state, dict):
-            self._set_aside("not a JSON object")
+            self._set_aside(path, "not a JSON object")
             return None
         return state
 
-    def _read_regular(self) -> bytes:
+    def _read_regular(self, path: Path) -> bytes:
         """The state file's bytes: opened without following a link or blocking on a FIFO, and
         read only if it is a regular file of this user's of at most MAX_STATE_BYTES."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise _Refused("a symbolic link, not a file: not followed") from None
@@ -161,31 +182,41 @@ class StateStore:
             os.close(fd)
 
     def reject(self, reason: str) -> None:
-        """The caller found the content unusable: set the file aside."""
-        self._set_aside(reason)
+        """The caller found the content of the file :meth:`load` returned unusable: set it aside
+        (after a recent file, :meth:`load` then returns ``state.json``)."""
+        self._set_aside(self.loaded_path, reason)
 
-    def _set_aside(self, reason: str) -> None:
+    def _set_aside(self, path: Path, reason: str) -> None:
         # Never over an earlier one: each bad file is kept for a post-mortem.
-        stem = f"{FILENAME}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
-        aside = self.path.with_name(stem)
+        stem = f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        aside = path.with_name(stem)
         n = 1
         while aside.exists():
-            aside = self.path.with_name(f"{stem}-{n}")
+            aside = path.with_name(f"{stem}-{n}")
             n += 1
         try:
-            os.replace(self.path, aside)
+            os.replace(path, aside)
             where = f"moved to {aside}"
         except OSError as exc:
             where = f"could not be moved aside: {exc.strerror or exc}"
-        log.error("state file %s is unusable (%s); %s; totals start from zero", self.path, reason, where)
+        then = ("the last synced state is used" if path == self.recent_path and os.path.lexists(self.path)
+                else "totals start from zero")
+        log.error("state file %s is unusable (%s); %s; %s", path, reason, where, then)
 
     def save(self, state: dict[str, Any], *, sync: bool = True) -> None:
         """Atomically replace the state file. Raises OSError on failure, ValueError for a
         non-finite value (never written: it would poison the totals for good). ``sync=False``
-        skips the two fsyncs: the new file survives the process being killed (it is in the page
-        cache), not a power cut; the periodic and final saves sync."""
+        writes the recent file without fsync: it survives the process being killed (it is in
+        the page cache), and a power cut that tears it leaves the last synced ``state.json``;
+        the periodic and final saves sync, and remove the recent file first."""
         data = json.dumps({**state, "saved_at": time.time()}, separators=(",", ":"), allow_nan=False).encode()
-        tmp = self.path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
+        target = self.path if sync else self.recent_path
+        if sync:
+            try:
+                os.unlink(self.recent_path)  # made durable by the directory's fsync below
+            except FileNotFoundError:
+                pass
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             os.unlink(tmp)  # whatever is under that name (a planted link included: unlink never follows)
         except FileNotFoundError:
@@ -197,7 +228,7 @@ class StateStore:
                 fh.flush()
                 if sync:
                     os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, target)
         except BaseException:
             try:
                 tmp.unlink()

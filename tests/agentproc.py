@@ -120,3 +120,13 @@ def past_first_loop(agent: AgentProcess, timeout: float = 20.0) -> dict[str, lis
         if time.monotonic() > deadline:
             raise AssertionError(f"the demo did not finish a loop in {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def saved_state(state_dir) -> dict:
+    """The state the next start loads: the unsynced ``state-recent.json`` (scrape-time saves)
+    where there is one, else ``state.json``."""
+    from pathlib import Path
+
+    d = Path(state_dir)
+    recent = d / "state-recent.json"
+    return json.loads((recent if recent.exists() else d / "state.json").read_text())

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from agentproc import AgentProcess, value
+from agentproc import AgentProcess, saved_state, value
 from helpers import counter_delta_joules
 
 from agent.cli import main
@@ -100,7 +100,7 @@ value = 1.2
 
 
 def state_file(d):
-    return json.loads((d / "state.json").read_text())
+    return saved_state(d)
 
 
 def gpu_energy_in_state(state) -> float:

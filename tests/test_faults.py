@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from agentproc import ROOT, AgentProcess, value
+from agentproc import ROOT, AgentProcess, saved_state, value
 
 FAKE = ROOT / "tests" / "fakenvml"
 UUID = "GPU-fa4e0000-0000-4000-8000-{:012x}"
@@ -67,7 +67,7 @@ class Node:
 
     def saved_energy(self) -> dict[str, float]:
         """GPU totals in the state file, all sources together, by UUID. Units: J."""
-        state = json.loads((self.state_dir / "state.json").read_text())
+        state = saved_state(self.state_dir)
         out: dict[str, float] = {}
         for uuid, _source, joules in state["gpu_energy_joules"]:
             out[uuid] = out.get(uuid, 0.0) + joules

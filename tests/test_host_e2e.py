@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, value
+from agentproc import AgentProcess, saved_state, value
 
 IPMI = Path(__file__).resolve().parents[1] / "fixtures" / "ipmi"
 POWERCAP = Path(__file__).resolve().parents[1] / "fixtures" / "powercap"
@@ -131,7 +131,7 @@ def test_after_kill_9_the_rapl_counters_bridge_the_downtime_and_host_energy_neve
     energy_uj.write_text("50000000\n")  # +30 J the agent reads but nobody scrapes
     time.sleep(1.5)
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
-    state = json.loads((state_dir / "state.json").read_text())
+    state = saved_state(state_dir)
     saved = {(c, s): j for c, s, j in state["host_energy_joules"]}
     assert saved[("cpu", "rapl")] == pytest.approx(20.32885, abs=1e-6)  # what was served, no less
     assert state["host_counters"]["zones"] == [["intel-rapl:0", 20_000_000, 262_143_328_850]]  # counter at the save, range

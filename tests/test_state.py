@@ -382,3 +382,66 @@ def test_a_fifo_as_the_state_file_does_not_hang_the_real_process(tmp_path):
         assert agent.stop() == 0
     assert "not a regular file" in agent.output
     assert (state_dir / "state.json").is_file()  # a good state written in its place
+
+
+# -- scrape-time saves: unsynced, in a file of their own -----------------------------------
+
+
+def test_unsynced_saves_go_to_the_recent_file_and_a_synced_save_removes_it(tmp_path):
+    store = StateStore(tmp_path)
+    store.check_writable()
+    store.save({"version": 1, "n": 1})
+    store.save({"version": 1, "n": 2}, sync=False)
+    assert json.loads((tmp_path / "state.json").read_text())["n"] == 1  # the synced file untouched
+    assert json.loads((tmp_path / "state-recent.json").read_text())["n"] == 2
+    assert store.load()["n"] == 2 and store.loaded_path == tmp_path / "state-recent.json"
+    store.save({"version": 1, "n": 3})
+    assert not (tmp_path / "state-recent.json").exists()
+    assert store.load()["n"] == 3 and store.loaded_path == tmp_path / "state.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"version": 1, "gpu_energy', b"\0" * 4096],
+                         ids=["empty", "truncated", "zeros"])
+def test_a_recent_file_torn_by_a_power_cut_falls_back_to_the_synced_state(tmp_path, caplog, torn):
+    """What a power cut can leave of a file written without fsync: the synced state is used."""
+    store = StateStore(tmp_path)
+    store.check_writable()
+    store.save({"version": 1, "n": 1})
+    (tmp_path / "state-recent.json").write_bytes(torn)
+    with caplog.at_level(logging.ERROR):
+        assert store.load() == {"version": 1, "n": 1, "saved_at": pytest.approx(time.time(), abs=60)}
+    assert store.loaded_path == tmp_path / "state.json"
+    assert "state-recent.json is unusable" in caplog.text and "the last synced state is used" in caplog.text
+    assert list(tmp_path.glob("state-recent.json.corrupt-*")) and not (tmp_path / "state-recent.json").exists()
+
+
+def test_a_recent_file_the_ledger_refuses_falls_back_to_the_synced_totals_in_the_real_process(tmp_path):
+    """kill -9 after a scrape-time save, then the recent file damaged in a way only the ledger
+    sees (a negative total): the next start takes the synced state's totals, not zero."""
+    state_dir = tmp_path / "state"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\npersist_interval_seconds = 2\n[tariff]\ncurrency = "EUR"\nflat_price_per_kwh = 0.30\n')
+    args = ("replay", "fixtures/h100_trace_a.jsonl", "--speed", "5", "--config", str(cfg), "--state-dir", str(state_dir))
+    first = AgentProcess(*args)
+    first.wait_ready()
+    time.sleep(5)  # synced saves at 2 and 4 s; the counter (every 15 s of trace, 3 s here) read by then
+    served = value(first.metrics(), "gpucost_gpu_energy_joules_total", gpu="0", source="counter")
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    synced = json.loads((state_dir / "state.json").read_text())  # the periodic save
+    assert sum(v for u, _, v in synced["gpu_energy_joules"] if u == UUID) > 0
+    recent = json.loads((state_dir / "state-recent.json").read_text())  # the save the scrape made
+    assert sum(v for u, _, v in recent["gpu_energy_joules"] if u == UUID) == pytest.approx(served)
+    recent["gpu_energy_joules"][0][2] = -1.0
+    (state_dir / "state-recent.json").write_text(json.dumps(recent))
+    again = AgentProcess(*args)
+    try:
+        again.wait_ready()
+        m = again.metrics()
+    finally:
+        assert again.stop() == 0
+    assert value(m, "gpucost_gpu_energy_joules_total", gpu="0", source="counter") >= sum(
+        v for u, _, v in synced["gpu_energy_joules"] if u == UUID)
+    lines = [line for line in again.output.splitlines() if "state file" in line]
+    assert len(lines) == 1 and "state-recent.json is unusable" in lines[0] and "last synced state" in lines[0], lines
+    assert "totals continue from" in again.output and str(state_dir / "state.json") in again.output
