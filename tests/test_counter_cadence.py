@@ -1,14 +1,14 @@
 """Exact energy for fewer counter reads (issue 21), on the real H100 recordings.
 
 The energy counter costs 3.8 ms of CPU per read on an H100 (probe2.json), so it is read every
-``energy_counter_interval_seconds`` (15 s by default, 5 s before; the sparser 60 s is tested here) and, besides, on the tick that
+``energy_counter_interval_seconds`` (15 s by default, 5 s before; 60 s is tested too) and, besides, on the tick that
 crosses a tariff band (or PUE, or carbon) edge, on the tick before it, and at the final tick. Between two reads the
 counter's exact delta is shaped over the ticks by their polled power; each read corrects the
 shares, so totals equal the counter and every stretch priced on its own starts and ends at a
 read. Here both cadences replay the same recordings through the real sampler and ledger, with a
 time-of-use tariff whose bands change every minute inside the recording: totals must equal the
 counter to the millijoule, each band's cost must be within 0.1 % of the every-5-s design's, and
-the 60 s cadence must read the counter several times less often.
+the sparser cadences must read the counter less often (60 s: several times less).
 """
 
 from __future__ import annotations
