@@ -17,7 +17,7 @@ from .accounting import Ledger
 from .config import ConfigError, Refused, Settings, clip_line, load, unknown_env_vars
 from .http import Listener, ListenError, open_listener
 from .sampler import Sampler, resume_point
-from .service import POD_RESOURCES_INTERVAL_SECONDS, Service, defer_sighup_until_serving, restore_agent_counters
+from .service import POD_RESOURCES_INTERVAL_SECONDS, Service, defer_sighup_until_serving
 from .state import StateError, StateStore, default_state_dir
 
 log = logging.getLogger("agent")
@@ -309,7 +309,7 @@ def _serve_replay(
         ledger=ledger,
         attribution=_attribution(settings, ledger, replay=True, identities=source.identities),
     )
-    restore_agent_counters(sampler, loaded)
+    sampler.continue_agent_counters(loaded)
     return _serve(settings, sampler, store, listener, replay=source, speed=args.speed)
 
 
@@ -369,7 +369,7 @@ def _serve_nvml(settings: Settings, host: Any, listener: Listener) -> int:
         methods=methods,
     )
     sampler.resume_counters(*resume)
-    restore_agent_counters(sampler, loaded)
+    sampler.continue_agent_counters(loaded)
     retry = open_source if settings.gpu.enabled and source is None else None
     # An open still hanging is waited for, not joined by a second one (which would hang too).
     hanging = first if retry is not None and outcome is None else None

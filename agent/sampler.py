@@ -29,6 +29,7 @@ from .gpucalls import GpuCalls
 from .snapshot import AgentStats, CostView, GpuState, ReplayProgress, Snapshot
 from .sources.gpu import GpuError, GpuInfo, GpuLost, GpuNotSupported, GpuReading, GpuSource, PowerSample
 from .sources.host import RaplMark
+from .statecheck import number
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,34 @@ class Sampler:
                 host = self.host.counter_mark() if self.host is not None else None
                 if host is not None:
                     state["host_counters"] = host.to_state(boot)
+            # The agent's own counters, so that a restart continues them too.
+            state["agent_counters"] = {"ticks": self.ticks, "energy_reads": self.counter_reads,
+                                       "errors": self.errors_now()}
             return state
+
+    def continue_agent_counters(self, state: Any) -> None:
+        """Continue the agent's own counters (ticks, energy-counter reads, errors by kind) from a
+        loaded state, before the first tick. A missing or malformed ``agent_counters`` leaves them
+        at 0 with one log line; it never touches the totals."""
+        data = state.get("agent_counters") if isinstance(state, dict) else None
+        if data is None:
+            return
+        try:
+            if not isinstance(data, dict) or not isinstance(data.get("errors", {}), dict):
+                raise ValueError("expected an object with an object of errors")
+            ticks = int(number(data.get("ticks", 0), "agent_counters.ticks", 1e15))
+            reads = int(number(data.get("energy_reads", 0), "agent_counters.energy_reads", 1e15))
+            errors = {k: int(number(v, f"agent_counters.errors.{k}", 1e15))
+                      for k, v in data.get("errors", {}).items() if k in ERROR_KINDS}
+        except ValueError as exc:
+            log.warning("state file: the agent's own counters start from 0: %s", exc)
+            return
+        with self._lock:
+            self.ticks += ticks
+            self.counter_reads += reads
+        for kind, n in errors.items():
+            if n:
+                self.count(kind, n)
 
     def resume_counters(self, marks: dict[str, tuple[int, float, float]], mono: float | None = None,
                         host: RaplMark | None = None) -> None:

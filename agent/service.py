@@ -21,8 +21,7 @@ from apscheduler.triggers.base import BaseTrigger
 from .config import Settings, parse_listen
 from .exporter import health_of, make_registry
 from .http import Listener, MetricsServer
-from .sampler import ERROR_KINDS, Sampler
-from .statecheck import number
+from .sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +44,6 @@ def defer_sighup_until_serving() -> None:
         signal.signal(signal.SIGHUP, on_hup)
     except ValueError:  # not the main thread (tests calling main): nothing to defer there
         pass
-
-
-def agent_counters_state(sampler: Sampler) -> dict[str, Any]:
-    """The agent's own counters (ticks, energy-counter reads, errors by kind) for the state file:
-    a restart continues them, so no ``gpucost_*_total`` series starts again from 0."""
-    return {"ticks": sampler.ticks, "energy_reads": sampler.counter_reads, "errors": sampler.errors_now()}
-
-
-def restore_agent_counters(sampler: Sampler, state: Any) -> None:
-    """Continue the agent's own counters from a loaded state (before the first tick). A missing
-    or malformed ``agent_counters`` leaves them at 0 with one log line; it never touches totals."""
-    data = state.get("agent_counters") if isinstance(state, dict) else None
-    if data is None:
-        return
-    try:
-        if not isinstance(data, dict) or not isinstance(data.get("errors", {}), dict):
-            raise ValueError("expected an object with an object of errors")
-        ticks = int(number(data.get("ticks", 0), "agent_counters.ticks", 1e15))
-        reads = int(number(data.get("energy_reads", 0), "agent_counters.energy_reads", 1e15))
-        errors = {k: int(number(v, f"agent_counters.errors.{k}", 1e15))
-                  for k, v in data.get("errors", {}).items() if k in ERROR_KINDS}
-    except ValueError as exc:
-        log.warning("state file: the agent's own counters start from 0: %s", exc)
-        return
-    sampler.ticks += ticks
-    sampler.counter_reads += reads
-    for kind, n in errors.items():
-        if n:
-            sampler.count(kind, n)
 
 
 #: The notify socket, connected once (WATCHDOG=1 goes out every tick): (address, socket).
@@ -448,9 +418,7 @@ class Service:
         """:meth:`persist` under the lock; ``sync=False`` leaves the flush to disk to the kernel."""
         covered = self.sampler.snapshot  # the totals written next are at least this snapshot's
         try:
-            state = self.sampler.state()
-            state["agent_counters"] = agent_counters_state(self.sampler)
-            self.store.save(state, sync=sync)
+            self.store.save(self.sampler.state(), sync=sync)
         except (OSError, ValueError) as exc:
             self.sampler.count("state_write")
             self.persist_error = f"could not write state file {self.store.path if sync else self.store.recent_path}: {exc}"
