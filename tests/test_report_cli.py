@@ -77,9 +77,18 @@ class FakeAPI:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+                self.answer(body)
+
+            def do_GET(self):  # the label values endpoint: Prometheus answers it to GET only
+                self.answer(self.path.partition("?")[2])
+
+            def answer(self, form):
                 headers = {k.lower(): v for k, v in self.headers.items()}  # names are case-insensitive
-                api.requests.append({"path": self.path, "headers": headers, "form": parse_qs(body)})
-                data = json.dumps(api.answer).encode()
+                api.requests.append({"path": self.path, "headers": headers, "form": parse_qs(form)})
+                answer = api.answer
+                if "/label/" in self.path and api.status == 200:
+                    answer = {"status": "success", "data": []}
+                data = json.dumps(answer).encode()
                 self.send_response(api.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -146,7 +155,7 @@ def test_a_failed_query_is_an_error_naming_it():
     finally:
         api.close()
     assert proc.returncode == 1 and "HTTP 503: execution: query timed out" in proc.stderr
-    assert "query_range 'count_over_time(gpucost_node_it_energy_joules_total" in proc.stderr
+    assert "label values of 'instance' for gpucost_node_it_energy_joules_total" in proc.stderr  # the first question
     proc = report("--prometheus", "http://127.0.0.1:9", "--month", "2026-10", "--by", "team")
     assert proc.returncode == 1 and "cannot ask http://127.0.0.1:9" in proc.stderr
 

@@ -17,7 +17,7 @@ import pytest
 import billhistory as bh
 from tools import need
 
-from agent.report.bill import ALLOCATED, IDLE, UNALLOCATED, bill_of, fetch
+from agent.report.bill import ALLOCATED, IDLE, UNALLOCATED, bill_of, fetch, from_prometheus
 from agent.report.period import between
 from agent.report.promapi import PrometheusAPI
 
@@ -55,6 +55,8 @@ def scrapes(a: float, b: float) -> list[float]:
 def node(h: History, inst: str, times: list[float]) -> None:
     """A node's GPU energy counter (the reference scrapes) and its energy cost, 1 per scrape."""
     gpu = {"instance": inst, "job": "gpu-cost-agent", "component": "gpu", "gpu": "0", "uuid": f"GPU-{inst}"}
+    if not inst:  # a target without an instance label (relabelled away)
+        del gpu["instance"]
     h.add("gpucost_node_it_energy_joules", gpu, [(t, 1000.0 * k) for k, t in enumerate(times)])
     h.add("gpucost_energy_cost", {**gpu, "currency": "EUR"}, [(t, 0.5 * k) for k, t in enumerate(times)])
 
@@ -62,6 +64,8 @@ def node(h: History, inst: str, times: list[float]) -> None:
 def workload(h: History, inst: str, key: str, samples: list[tuple[float, float]], user: str = "ann") -> None:
     labels = {"instance": inst, "job": "gpu-cost-agent", "gpu": "0", "uuid": f"GPU-{inst}", "workload": key,
               "kind": key.split(":")[0], "user": user, "cost_kind": "energy", "currency": "EUR"}
+    if not inst:
+        del labels["instance"]
     h.add("gpucost_workload_cost", labels, samples)
 
 
@@ -110,6 +114,10 @@ def history() -> History:
     node(h, "f:1", all_times)
     workload(h, "f:1", "slurm:6", rising(scrapes(at(-3), at(-2)), 0.0) + rising(scrapes(at(3), at(3) + 600), 70.0))
     EXPECTED["f:1"] = 70.0 + 10
+    # g: a target whose instance label was relabelled away (billed in a node set of its own)
+    node(h, "", all_times)
+    workload(h, "", "slurm:7", rising(all_times, 0.0, 0.5), user="ann")
+    EXPECTED[""] = 0.5 * (len(scrapes(at(0), at(24))) - 1)
     return h
 
 
@@ -123,17 +131,17 @@ def fetched(tmp_path_factory):
     try:
         period = between("2026-11-10", "2026-11-11", "UTC")
         f = fetch(PrometheusAPI(server.url), period, progress=None)
-        increase = {r["metric"]["instance"]: float(r["value"][1]) for r in server.query(
+        increase = {r["metric"].get("instance", ""): float(r["value"][1]) for r in server.query(
             "sum by (instance) (increase(gpucost_workload_cost_total[1d]))", time=period.end)}
         yield f, increase
     finally:
         server.stop()
 
 
-@pytest.mark.parametrize("inst", ["a:1", "b:1", "c:1", "d:1", "e:1", "f:1"])
+@pytest.mark.parametrize("inst", ["a:1", "b:1", "c:1", "d:1", "e:1", "f:1", ""])
 def test_each_case_is_exact(fetched, inst):
     f, increase = fetched
-    got = sum(s.total for s in f.cost if s.labels["instance"] == inst)
+    got = sum(s.total for s in f.cost if s.labels.get("instance", "") == inst)
     assert got == pytest.approx(EXPECTED[inst], abs=1e-9), (inst, got, EXPECTED[inst])
     print(f"\n{inst}: report {got:g}, by hand {EXPECTED[inst]:g}, PromQL increase() {increase.get(inst, 0):g}")
 
@@ -146,9 +154,9 @@ def test_promql_increase_would_be_wrong_where_the_report_is_right(fetched):
 
 def test_resets_are_counted_and_steps_read_sample_by_sample(fetched):
     f, _ = fetched
-    e = [s for s in f.cost if s.labels["instance"] == "e:1"]
+    e = [s for s in f.cost if s.labels.get("instance") == "e:1"]
     assert e[0].resets == 1
-    node_e = [s for s in f.it if s.labels["instance"] == "e:1"]
+    node_e = [s for s in f.it if s.labels.get("instance") == "e:1"]
     assert node_e[0].resets == 1
     assert f.stats["queries"] > 0
 
@@ -180,3 +188,38 @@ def test_bill_of_by_user(fetched):
     assert rows["ben"].cost["energy"] == pytest.approx(EXPECTED["c:1"])
     check = next(c for c in eur.checks if c.what == "energy cost")
     assert check.metered > 0  # the nodes' meter is there (these made-up workloads do not add up to it)
+
+
+@pytest.mark.parametrize("per_query", [1, 2, 6, 7, 0])
+def test_a_fleet_billed_node_set_by_node_set_is_the_bill_of_all_at_once(fetched, per_query):
+    """``report --nodes-per-query``: the series of a few nodes at a time, added up, give the
+    bill all series at once give — rows (ann's jobs run on six nodes in different sets),
+    daily costs, the reconciliation, the counts of series and resets."""
+    f, _ = fetched
+    whole = bill_of(f, ["user"])
+    api = PrometheusAPI(f.source.split(" ", 1)[1])
+    parts = from_prometheus(api, f.period, ["user"], nodes_per_query=per_query, progress=None)
+    # 6 instances + the target without one: sets of per_query, and one for series without instance
+    sets = 1 if per_query in (0, 6, 7) else -(-6 // per_query) + 1
+    assert parts.stats["node_sets"] == sets
+    for k in ("series", "workload_series", "resets", "born_in_period"):
+        assert parts.stats[k] == whole.stats[k], k
+    assert [s.currency for s in parts.sections] == [s.currency for s in whole.sections]
+    for a, b in zip(parts.sections, whole.sections):
+        assert [(r.allocation, r.group) for r in a.rows] == [(r.allocation, r.group) for r in b.rows]
+        for ra, rb in zip(a.rows, b.rows):
+            assert ra.workloads == rb.workloads
+            for kind in ra.cost:
+                assert ra.cost[kind] == pytest.approx(rb.cost[kind], rel=1e-12, abs=1e-12), (ra.group, kind)
+            assert ra.gpu_hours == pytest.approx(rb.gpu_hours, rel=1e-12)
+        assert [(r.node, r.group) for r in a.detail] == [(r.node, r.group) for r in b.detail]
+        assert [(c.what, c.info) for c in a.checks] == [(c.what, c.info) for c in b.checks]
+        for ca, cb in zip(a.checks, b.checks):
+            assert ca.report == pytest.approx(cb.report, rel=1e-12, abs=1e-12), ca.what
+            assert ca.metered == cb.metered, ca.what  # math.fsum of the same increases
+        assert a.daily.keys() == b.daily.keys()
+        for day in a.daily:
+            assert a.daily[day] == pytest.approx(b.daily[day], rel=1e-12), day
+    ann = next(r for r in parts.sections[0].rows if r.group == ("ann",))
+    assert ann.workloads == 6 and ann.cost["energy"] == pytest.approx(
+        sum(v for k, v in EXPECTED.items() if k != "c:1"))  # ben's is c's

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .period import Period
-from .series import AGENT_LABELS, Grid, Series, choose_step, increments, latest, workload_increments
+from .series import (AGENT_LABELS, NODES_PER_QUERY, Grid, Series, choose_step, increments, join_matchers, latest,
+                     node_selections, workload_increments)
 
 COST_KINDS = ("energy", "hardware", "running")
 #: Workload identity labels (agent.attribution.workloads.IDENTITY_LABELS, not imported: that
@@ -197,15 +198,18 @@ class Fetched:
     source: str
     notes: list[str]
     stats: dict[str, Any]
+    #: some counter grew in the period
+    grew: bool = False
+    #: some series has a sample before the period's start
+    history: bool = True
 
 
 def fetch(api: Any, period: Period, *, matchers: str = "", step: float | None = None,
-          lookback: float = 62 * 86400.0, progress: Callable[[str], None] | None = None) -> Fetched:
-    """Ask the query API for everything a bill of ``period`` needs (any grouping)."""
-    step = step or choose_step(period.seconds)
-    if abs(period.seconds / step - round(period.seconds / step)) > 1e-9:
-        raise ReportError(f"--step {step:g} s does not divide the period ({period.seconds:g} s)")
-    grid = Grid(period.start, period.end, step)
+          lookback: float = 62 * 86400.0, progress: Callable[[str], None] | None = None,
+          require_data: bool = True) -> Fetched:
+    """Ask the query API for everything a bill of ``period`` needs (any grouping), for the
+    series ``matchers`` select (all of them at once: see :func:`from_prometheus` for a fleet)."""
+    grid = _grid(period, step)
     kw: dict[str, Any] = {"matchers": matchers, "lookback": lookback, "progress": progress}
     queries0 = api.queries
     names = ["gpucost_workload_cost_total", "gpucost_workload_gpu_seconds_total",
@@ -220,182 +224,251 @@ def fetch(api: Any, period: Period, *, matchers: str = "", step: float | None = 
     info = latest(api, "gpucost_gpu_info", period.end, window, matchers)
     cloud = latest(api, "gpucost_cloud_price_per_gpu_hour", period.end, window, matchers)
     allseries = cost + seconds + joules + it + fac + em + [x for v in node_cost.values() for x in v]
-    if not any(s.steps for s in allseries):
+    stats = {"step_seconds": grid.step, "steps": grid.n, "queries": api.queries - queries0,
+             "series": len(allseries), "workload_series": len(cost) + len(seconds) + len(joules),
+             "resets": sum(s.resets for s in allseries),
+             "born_in_period": sum(1 for s in cost + seconds + joules if s.born)}
+    f = Fetched(period, grid, cost, seconds, joules, node_cost, it, fac, em, info, cloud,
+                f"prometheus {api.url}", [], stats)
+    f.grew = any(s.steps for s in allseries)
+    f.history = any(not s.born for s in it + seconds)
+    if require_data:
+        f.notes = _data_notes(period, matchers, f.grew, f.history)
+    return f
+
+
+def _grid(period: Period, step: float | None) -> Grid:
+    step = step or choose_step(period.seconds)
+    if abs(period.seconds / step - round(period.seconds / step)) > 1e-9:
+        raise ReportError(f"--step {step:g} s does not divide the period ({period.seconds:g} s)")
+    return Grid(period.start, period.end, step)
+
+
+def _data_notes(period: Period, matchers: str, grew: bool, history: bool) -> list[str]:
+    """Refuse a bill of nothing; the note for a bill whose series all began inside the period."""
+    if not grew:
         raise ReportError(
             f"no data for {period.label} ({period.utc_iso(period.start)} to {period.utc_iso(period.end)}): "
             f"no gpucost_* counter{' matching ' + matchers if matchers else ''} grew in it — did Prometheus "
             "scrape gpu-cost-agent then?")
-    notes = []
-    if not any(not s.born for s in it + seconds):
-        notes.append("no series has a sample before the period's start: the agents began inside it, or "
-                     "Prometheus keeps less history than the period (then the bill is too small)")
-    stats = {"step_seconds": step, "steps": grid.n, "queries": api.queries - queries0,
-             "series": len(allseries), "workload_series": len(cost) + len(seconds) + len(joules),
-             "resets": sum(s.resets for s in allseries),
-             "born_in_period": sum(1 for s in cost + seconds + joules if s.born)}
-    return Fetched(period, grid, cost, seconds, joules, node_cost, it, fac, em, info, cloud,
-                   f"prometheus {api.url}", notes, stats)
+    if not history:
+        return ["no series has a sample before the period's start: the agents began inside it, or "
+                "Prometheus keeps less history than the period (then the bill is too small)"]
+    return []
 
 
-def from_prometheus(api: Any, period: Period, by: list[str], **kw: Any) -> Bill:
-    return bill_of(fetch(api, period, **kw), by)
+def from_prometheus(api: Any, period: Period, by: list[str], *, matchers: str = "", step: float | None = None,
+                    lookback: float = 62 * 86400.0, progress: Callable[[str], None] | None = None,
+                    nodes_per_query: int = NODES_PER_QUERY) -> Bill:
+    """The bill of ``period`` from the query API, ``nodes_per_query`` nodes at a time.
+
+    A fleet's series are asked for node set by node set (:func:`node_selections`) and each
+    set's figures added to the bill before the next is asked for, so neither the store nor
+    this process holds more than one set's series: the bill is the same as one made from all
+    series at once (each node's figures depend on its own series only; tests/test_report_month.py
+    compares the two)."""
+    grid = _grid(period, step)
+    sets = node_selections(api, grid, matchers, nodes_per_query)
+    tally = Tally(period, grid, by)
+    stats: dict[str, Any] = {}
+    grew = history = False
+    for n, extra in enumerate(sets, 1):
+        if progress is not None and len(sets) > 1:
+            progress(f"node set {n} of {len(sets)}")
+        f = fetch(api, period, matchers=join_matchers(matchers, extra), step=grid.step, lookback=lookback,
+                  progress=progress, require_data=False)
+        tally.add(f)
+        grew, history = grew or f.grew, history or f.history
+        for k, v in f.stats.items():
+            stats[k] = v if k in ("step_seconds", "steps") else stats.get(k, 0) + v
+        del f
+    bill = tally.bill(f"prometheus {api.url}", _data_notes(period, matchers, grew, history))
+    bill.stats = {**stats, "node_sets": len(sets)}
+    return bill
 
 
 def bill_of(f: Fetched, by: list[str]) -> Bill:
-    bill = assemble(f.period, f.grid, by, f.cost, f.seconds, f.joules, f.node_cost, f.it, f.fac, f.em, f.info,
-                    f.cloud, source=f.source, notes=f.notes)
+    tally = Tally(f.period, f.grid, by)
+    tally.add(f)
+    bill = tally.bill(f.source, f.notes)
     bill.stats = dict(f.stats)
     return bill
 
 
-def assemble(period: Period, grid: Grid, by: list[str], cost: list[Series], seconds: list[Series], joules: list[Series],
-             node_cost: dict[str, list[Series]], it: list[Series], fac: list[Series], em: list[Series],
-             info: list[dict], cloud: list[dict], *, source: str, notes: list[str] | None = None) -> Bill:
-    seen_labels: set[str] = set()
-    for s in cost + seconds + joules:
-        seen_labels.update(s.labels)
-    for b in by:
-        if b not in DERIVED and b not in seen_labels:
-            raise ReportError(f"--by {b}: no workload series has that label (they have: "
-                              f"{', '.join(sorted(seen_labels)) or 'none'})")
-    model = {(target_key(r), r.get("uuid", "")): str(r.get("name", "")) for r in info}
+class Tally:
+    """A bill's rows, daily costs and reconciliation, added up from one or more node sets.
 
-    def value(b: str, labels: dict[str, str]) -> str:
-        if b == "node" and "node" not in labels:
-            return node_of(labels)
-        if b == "gpu_model":
-            return model.get((target_key(labels), labels.get("uuid", "")), "")
-        return labels.get(b, "")
+    Everything :meth:`add` takes from a node set is that set's own (per GPU ratios, prices,
+    the currencies of a node), so adding sets one by one gives the figures of all at once."""
 
-    # per GPU: facility/IT and grams/J ratios per step
-    def by_gpu(series: list[Series]) -> dict[tuple, Series]:
-        return {(target_key(s.labels), s.labels.get("uuid", "")): s for s in series
-                if s.labels.get("component") == "gpu"}
+    def __init__(self, period: Period, grid: Grid, by: list[str]) -> None:
+        self.period, self.grid, self.by = period, grid, list(by)
+        self.seen_labels: set[str] = set()
+        self.rows: dict[tuple, Row] = {}
+        self.detail: dict[tuple, Row] = {}
+        self.daily: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
+        #: (currency, cost kind) → the node counters' increases
+        self.metered: dict[tuple[str, str], list[float]] = defaultdict(list)
+        #: (currency, family, component) → node energy counters' increases (family: it, fac, em)
+        self.energy: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+        self.currencies: set[str] = set()
+        #: currency → (provider, offering) → each GPU's price
+        self.prices: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.has_fac = self.has_em = False
+        self.day_of = _days(period, grid)
 
-    gpu_it, gpu_fac, gpu_em = by_gpu(it), by_gpu(fac), by_gpu(em)
+    def add(self, f: Fetched) -> None:
+        by = self.by
+        for s in f.cost + f.seconds + f.joules:
+            self.seen_labels.update(s.labels)
+        model = {(target_key(r), r.get("uuid", "")): str(r.get("name", "")) for r in f.info}
 
-    def scaled(j: Series | None, gk: tuple, num: dict[tuple, Series]) -> float | None:
-        if j is None:
-            return 0.0
-        d, n = gpu_it.get(gk), num.get(gk)
-        if n is None or d is None:
-            return None
-        overall = n.total / d.total if d.total else None
-        acc = 0.0
-        for i, v in j.steps.items():
-            di, ni = d.steps.get(i), n.steps.get(i)
-            r = ni / di if di and ni is not None else overall
-            if r is None:
+        def value(b: str, labels: dict[str, str]) -> str:
+            if b == "node" and "node" not in labels:
+                return node_of(labels)
+            if b == "gpu_model":
+                return model.get((target_key(labels), labels.get("uuid", "")), "")
+            return labels.get(b, "")
+
+        # per GPU: facility/IT and grams/J ratios per step
+        def by_gpu(series: list[Series]) -> dict[tuple, Series]:
+            return {(target_key(s.labels), s.labels.get("uuid", "")): s for s in series
+                    if s.labels.get("component") == "gpu"}
+
+        gpu_it, gpu_fac, gpu_em = by_gpu(f.it), by_gpu(f.fac), by_gpu(f.em)
+
+        def scaled(j: Series | None, gk: tuple, num: dict[tuple, Series]) -> float | None:
+            if j is None:
+                return 0.0
+            d, n = gpu_it.get(gk), num.get(gk)
+            if n is None or d is None:
                 return None
-            acc += v * r
-        return acc
+            overall = n.total / d.total if d.total else None
+            acc = 0.0
+            for i, v in j.steps.items():
+                di, ni = d.steps.get(i), n.steps.get(i)
+                r = ni / di if di and ni is not None else overall
+                if r is None:
+                    return None
+                acc += v * r
+            return acc
 
-    # workloads: identity → its series
-    @dataclass
-    class W:
-        labels: dict[str, str]
-        cost: dict[tuple[str, str], Series] = field(default_factory=dict)
-        sec: Series | None = None
-        j: Series | None = None
+        # workloads: identity → its series
+        @dataclass
+        class W:
+            labels: dict[str, str]
+            cost: dict[tuple[str, str], Series] = field(default_factory=dict)
+            sec: Series | None = None
+            j: Series | None = None
 
-    ws: dict[tuple, W] = {}
+        ws: dict[tuple, W] = {}
 
-    def w(labels: dict[str, str]) -> W:
-        ident = {k: v for k, v in labels.items() if k not in ("cost_kind", "currency")}
-        key = tuple(sorted(ident.items()))
-        if key not in ws:
-            ws[key] = W(ident)
-        return ws[key]
+        def w(labels: dict[str, str]) -> W:
+            ident = {k: v for k, v in labels.items() if k not in ("cost_kind", "currency")}
+            key = tuple(sorted(ident.items()))
+            if key not in ws:
+                ws[key] = W(ident)
+            return ws[key]
 
-    for s in cost:
-        w(s.labels).cost[(s.labels.get("cost_kind", "energy"), s.labels.get("currency", ""))] = s
-    for s in seconds:
-        w(s.labels).sec = s
-    for s in joules:
-        w(s.labels).j = s
-    prices: dict[tuple, list[tuple[str, str, str, float]]] = defaultdict(list)
-    for r in cloud:
-        prices[(target_key(r), str(r.get("uuid", "")))].append(
-            (str(r.get("provider", "")), str(r.get("offering", "")), str(r.get("currency", "")), float(r["__value__"])))
+        for s in f.cost:
+            w(s.labels).cost[(s.labels.get("cost_kind", "energy"), s.labels.get("currency", ""))] = s
+        for s in f.seconds:
+            w(s.labels).sec = s
+        for s in f.joules:
+            w(s.labels).j = s
+        prices: dict[tuple, list[tuple[str, str, str, float]]] = defaultdict(list)
+        for r in f.cloud:
+            prices[(target_key(r), str(r.get("uuid", "")))].append(
+                (str(r.get("provider", "")), str(r.get("offering", "")), str(r.get("currency", "")), float(r["__value__"])))
 
-    day_of = _days(period, grid)
-    rows: dict[tuple, Row] = {}
-    detail: dict[tuple, Row] = {}
-    daily: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
-    for item in ws.values():
-        labels = item.labels
-        currencies = sorted({c for _, c in item.cost}) or [""]
-        allocation, group = classify(by, tuple(value(b, labels) for b in by), labels.get("workload", ""))
-        gk = (target_key(labels), labels.get("uuid", ""))
-        held = item.sec.total / 3600.0 if item.sec else 0.0
-        busy = 0.0 if labels.get("workload") in NOT_BUSY else held
-        energy_j = item.j.total if item.j else 0.0
-        facility = scaled(item.j, gk, gpu_fac)
-        grams = scaled(item.j, gk, gpu_em)
-        node = node_of(labels)
-        for cur in currencies:
-            part = Row(cur, allocation, group, node, held, busy, energy_j / J_PER_KWH,
-                       None if facility is None else facility / J_PER_KWH, grams, workloads=1)
-            for (kind, c), s in item.cost.items():
-                if c == cur:
-                    part.cost[kind] = part.cost.get(kind, 0.0) + s.total
-            for prov, off, pc, price in prices.get(gk, ()):
-                if pc == cur:
-                    part.cloud[(prov, off)] = part.cloud.get((prov, off), 0.0) + busy * price
-            rows.setdefault((cur, allocation, group), Row(cur, allocation, group)).add(part)
-            detail.setdefault((cur, allocation, group, node), Row(cur, allocation, group, node)).add(part)
-            label = row_label(by, part)
-            for (kind, c), s in item.cost.items():
-                if c == cur:
-                    for i, v in s.steps.items():
-                        daily[cur][day_of(i)][label] += v
+        rows, detail, daily, day_of = self.rows, self.detail, self.daily, self.day_of
+        for item in ws.values():
+            labels = item.labels
+            currencies = sorted({c for _, c in item.cost}) or [""]
+            allocation, group = classify(by, tuple(value(b, labels) for b in by), labels.get("workload", ""))
+            gk = (target_key(labels), labels.get("uuid", ""))
+            held = item.sec.total / 3600.0 if item.sec else 0.0
+            busy = 0.0 if labels.get("workload") in NOT_BUSY else held
+            energy_j = item.j.total if item.j else 0.0
+            facility = scaled(item.j, gk, gpu_fac)
+            grams = scaled(item.j, gk, gpu_em)
+            node = node_of(labels)
+            for cur in currencies:
+                self.currencies.add(cur)
+                part = Row(cur, allocation, group, node, held, busy, energy_j / J_PER_KWH,
+                           None if facility is None else facility / J_PER_KWH, grams, workloads=1)
+                for (kind, c), s in item.cost.items():
+                    if c == cur:
+                        part.cost[kind] = part.cost.get(kind, 0.0) + s.total
+                for prov, off, pc, price in prices.get(gk, ()):
+                    if pc == cur:
+                        part.cloud[(prov, off)] = part.cloud.get((prov, off), 0.0) + busy * price
+                rows.setdefault((cur, allocation, group), Row(cur, allocation, group)).add(part)
+                detail.setdefault((cur, allocation, group, node), Row(cur, allocation, group, node)).add(part)
+                label = row_label(by, part)
+                for (kind, c), s in item.cost.items():
+                    if c == cur:
+                        for i, v in s.steps.items():
+                            daily[cur][day_of(i)][label] += v
 
-    # the meter, per currency (a node's energy goes to the currencies its costs are in)
-    node_currencies: dict[tuple, set[str]] = defaultdict(set)
-    for series in node_cost.values():
-        for s in series:
-            node_currencies[target_key(s.labels)].add(s.labels.get("currency", ""))
-    currencies = sorted({k[0] for k in rows} | {c for cs in node_currencies.values() for c in cs})
-    sections = []
-    for cur in currencies:
-        mine = [r for k, r in rows.items() if k[0] == cur]
-        mine.sort(key=lambda r: ({ALLOCATED: 0, UNALLOCATED: 1, IDLE: 2}[r.allocation], -r.total, r.group))
-        det = sorted((r for k, r in detail.items() if k[0] == cur),
-                     key=lambda r: (r.node, {ALLOCATED: 0, UNALLOCATED: 1, IDLE: 2}[r.allocation], -r.total, r.group))
-        total = Row(cur, "total", ())
-        for r in mine:
-            total.add(r)
-        checks = []
-        for kind in COST_KINDS:
-            metered = math.fsum(s.total for s in node_cost.get(kind, []) if s.labels.get("currency", "") == cur)
-            checks.append(Check(f"{kind} cost", cur, total.cost.get(kind, 0.0), metered))
-        checks.append(Check("total cost", cur, total.total, math.fsum(c.metered for c in checks)))
-
-        def energy(series: list[Series], component: str) -> float:
-            return math.fsum(s.total for s in series if s.labels.get("component") == component
-                             and (cur in node_currencies.get(target_key(s.labels), {""}) or
-                                  (not cur and not node_currencies.get(target_key(s.labels)))))
-
-        checks.append(Check("GPU energy (IT)", "kWh", total.it_kwh, energy(it, "gpu") / J_PER_KWH))
-        if total.facility_kwh is not None and fac:
-            checks.append(Check("GPU energy (facility)", "kWh", total.facility_kwh, energy(fac, "gpu") / J_PER_KWH))
-        if total.emissions_g is not None and em:
-            checks.append(Check("GPU emissions", "kg CO2e", total.emissions_g / 1000, energy(em, "gpu") / 1000))
-        for comp in ("host", "other"):
-            e = energy(it, comp)
-            if e:
-                checks.append(Check(f"{comp} energy (IT; in the energy cost, not in the rows' kWh)", "kWh", 0.0,
-                                    e / J_PER_KWH, info=True))
-        cloud_prices: dict[tuple[str, str], list[float]] = defaultdict(list)
+        # the meter, per currency (a node's energy goes to the currencies its costs are in)
+        node_currencies: dict[tuple, set[str]] = defaultdict(set)
+        for kind, series in f.node_cost.items():
+            for s in series:
+                cur = s.labels.get("currency", "")
+                node_currencies[target_key(s.labels)].add(cur)
+                self.metered[(cur, kind)].append(s.total)
+        self.currencies.update(c for cs in node_currencies.values() for c in cs)
+        for family, series in (("it", f.it), ("fac", f.fac), ("em", f.em)):
+            for s in series:
+                for cur in node_currencies.get(target_key(s.labels)) or {""}:
+                    self.energy[(cur, family, s.labels.get("component", ""))].append(s.total)
+        self.has_fac = self.has_fac or bool(f.fac)
+        self.has_em = self.has_em or bool(f.em)
         for lst in prices.values():
             for prov, off, pc, price in lst:
-                if pc == cur:
-                    cloud_prices[(prov, off)].append(price)
-        sections.append(Section(
-            cur, mine, det,
-            {d: dict(v) for d, v in sorted(daily.get(cur, {}).items())}, checks,
-            {k: sum(v) / len(v) for k, v in cloud_prices.items()}))
-    return Bill(period, list(by), sections, source, list(notes or []))
+                self.prices[pc][(prov, off)].append(price)
+
+    def bill(self, source: str, notes: list[str] | None = None) -> Bill:
+        by = self.by
+        for b in by:
+            if b not in DERIVED and b not in self.seen_labels:
+                raise ReportError(f"--by {b}: no workload series has that label (they have: "
+                                  f"{', '.join(sorted(self.seen_labels)) or 'none'})")
+        order = {ALLOCATED: 0, UNALLOCATED: 1, IDLE: 2}
+        sections = []
+        for cur in sorted(self.currencies):
+            mine = [r for k, r in self.rows.items() if k[0] == cur]
+            mine.sort(key=lambda r: (order[r.allocation], -r.total, r.group))
+            det = sorted((r for k, r in self.detail.items() if k[0] == cur),
+                         key=lambda r: (r.node, order[r.allocation], -r.total, r.group))
+            total = Row(cur, "total", ())
+            for r in mine:
+                total.add(r)
+            checks = []
+            for kind in COST_KINDS:
+                checks.append(Check(f"{kind} cost", cur, total.cost.get(kind, 0.0),
+                                    math.fsum(self.metered.get((cur, kind), ()))))
+            checks.append(Check("total cost", cur, total.total, math.fsum(c.metered for c in checks)))
+
+            def energy(family: str, component: str) -> float:
+                return math.fsum(self.energy.get((cur, family, component), ()))
+
+            checks.append(Check("GPU energy (IT)", "kWh", total.it_kwh, energy("it", "gpu") / J_PER_KWH))
+            if total.facility_kwh is not None and self.has_fac:
+                checks.append(Check("GPU energy (facility)", "kWh", total.facility_kwh, energy("fac", "gpu") / J_PER_KWH))
+            if total.emissions_g is not None and self.has_em:
+                checks.append(Check("GPU emissions", "kg CO2e", total.emissions_g / 1000, energy("em", "gpu") / 1000))
+            for comp in ("host", "other"):
+                e = energy("it", comp)
+                if e:
+                    checks.append(Check(f"{comp} energy (IT; in the energy cost, not in the rows' kWh)", "kWh", 0.0,
+                                        e / J_PER_KWH, info=True))
+            sections.append(Section(
+                cur, mine, det,
+                {d: dict(v) for d, v in sorted(self.daily.get(cur, {}).items())}, checks,
+                {k: sum(v) / len(v) for k, v in self.prices.get(cur, {}).items()}))
+        return Bill(self.period, list(by), sections, source, list(notes or []))
 
 
 def _days(period: Period, grid: Grid) -> Callable[[int], str]:

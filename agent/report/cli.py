@@ -21,6 +21,8 @@ PROG = "gpu-cost-agent report"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .series import NODES_PER_QUERY
+
     p = argparse.ArgumentParser(prog=PROG, description="Write the bill of a period: CSV, FOCUS, JSON, HTML.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prometheus", metavar="URL",
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--insecure-skip-verify", action="store_true")
     a.add_argument("--timeout", type=float, default=120.0, help="seconds per query (default %(default)s)")
     a.add_argument("--step", type=float, default=None, help="seconds per step (default 3600 where it divides the period)")
+    a.add_argument("--nodes-per-query", type=int, default=NODES_PER_QUERY, metavar="N",
+                   help="ask for the series of at most N nodes (instance) at a time and add the parts up: "
+                        "the same bill, in store memory a fleet needs (default %(default)s; 0: all at once)")
     a.add_argument("--lookback", type=float, default=62.0,
                    help="days searched before the start for a series' value there (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -157,7 +162,8 @@ def _from_prometheus(args: argparse.Namespace, period: Any, by: list[str], progr
                  f"{p.hours:g} h), by {', '.join(by)}, from {args.prometheus}")
     try:
         return from_prometheus(api, period, by, matchers=args.selector, step=args.step,
-                               lookback=args.lookback * 86400.0, progress=progress)
+                               lookback=args.lookback * 86400.0, progress=progress,
+                               nodes_per_query=args.nodes_per_query)
     except QueryError as exc:
         raise ReportError(f"query failed, no bill written: {exc}") from None
 

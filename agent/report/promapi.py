@@ -67,13 +67,18 @@ class PrometheusAPI:
         h.update(a.headers)
         return h
 
-    def get(self, path: str, what: str, **params: Any) -> Any:
-        """``/api/v1/<path>`` with ``params`` (POSTed as a form: long selectors fit); its ``data``."""
+    def get(self, path: str, what: str, *, method: str = "POST", **params: Any) -> Any:
+        """``/api/v1/<path>`` with ``params`` (POSTed as a form: long selectors fit; ``method="GET"``
+        for the endpoints Prometheus answers only to GET); its ``data``."""
         params = {k: v for k, v in params.items() if v is not None}
         params.setdefault("partial_response", "false")
-        body = urllib.parse.urlencode(params).encode()
-        req = urllib.request.Request(f"{self.url}/api/v1/{path}", data=body, headers=self._headers(), method="POST")
-        req.add_header("Content-Type", "application/x-www-form-urlencoded")
+        form = urllib.parse.urlencode(params, doseq=True)
+        if method == "GET":
+            req = urllib.request.Request(f"{self.url}/api/v1/{path}?{form}", headers=self._headers())
+        else:
+            req = urllib.request.Request(f"{self.url}/api/v1/{path}", data=form.encode(), headers=self._headers(),
+                                         method="POST")
+            req.add_header("Content-Type", "application/x-www-form-urlencoded")
         self.queries += 1
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self._context) as r:
@@ -103,6 +108,17 @@ class PrometheusAPI:
         data = self.get("query_range", f"query_range {expr!r} {start:.0f}..{end:.0f} step {step:g}s",
                         query=expr, start=_ts(start), end=_ts(end), step=f"{step:g}")
         return data["result"]
+
+
+    def label_values(self, label: str, matches: list[str], start: float, end: float) -> list[str]:
+        """The values ``label`` takes on the series ``matches`` select with samples in [start, end]
+        (the index only: no samples are read). A superset where the store keeps coarser time ranges."""
+        data = self.get(f"label/{urllib.parse.quote(label, safe='')}/values",
+                        f"label values of {label!r} for {', '.join(matches)}", method="GET",
+                        **{"match[]": matches, "start": _ts(start), "end": _ts(end)})
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise QueryError(f"label values of {label!r}: expected a list of strings, got {str(data)[:80]}")
+        return data
 
 
 def _ts(t: float) -> str:

@@ -183,7 +183,7 @@ def workload_increments(
     began = time.monotonic()
     n, step = grid.n, grid.step
     queries = 0
-    ref_sel = selector(reference, _join(matchers, 'component="gpu"'))
+    ref_sel = selector(reference, join_matchers(matchers, 'component="gpu"'))
     ref_count, _, q = _points(api, f"count_over_time({ref_sel}[{_dur(step)}])", grid, 0)
     queries += q
     ref_of_gpu = {gpu_key(dict(k)): c for k, c in ref_count.items()}
@@ -217,7 +217,7 @@ def workload_increments(
         names = sorted({m for m, _ in wanted})
         wl = sorted({dict(k).get("workload", "") for _, k in wanted})
         inst = sorted({dict(k).get("instance", "") for _, k in wanted})
-        narrow = _join(matchers, f'__name__=~"{_alt(names + [reference])}"', f'workload=~"(?:{_alt(wl)})?"',
+        narrow = join_matchers(matchers, f'__name__=~"{_alt(names + [reference])}"', f'workload=~"(?:{_alt(wl)})?"',
                        'component=~"gpu|"', f'instance=~"{_alt(inst)}"' if all(inst) else "")
         _, result = api.instant(f"{{{narrow}}}[{_dur(step)}]", grid.t(i))
         queries += 1
@@ -309,6 +309,34 @@ def _flags(api: PrometheusAPI, sel: str, grid: Grid, first: int = 1) -> tuple[di
     return flagged, q
 
 
+#: Nodes per selection when a fleet is billed in parts (``report --nodes-per-query``).
+NODES_PER_QUERY = 100
+
+
+def node_selections(api: PrometheusAPI, grid: Grid, matchers: str = "", per_query: int = NODES_PER_QUERY,
+                    metrics: Iterable[str] = ("gpucost_node_it_energy_joules_total",
+                                              "gpucost_workload_gpu_seconds_total")) -> list[str]:
+    """Matchers that split the fleet into sets of at most ``per_query`` nodes (``instance``).
+
+    Every query of a bill reads every series it selects over the whole period; at a thousand
+    nodes a week of per-workload series is millions of series in one query, more than a store
+    answers in memory (docs/capacity.md). Each node's figures depend on that node's series only
+    (its GPUs' ratios, its workloads' scrapes, its currencies), so a bill made node set by node
+    set and added up is the bill of the whole. The nodes are the ``instance`` values of the
+    ``metrics`` with samples in the period (the store's index, no samples read); one set: ``[""]``
+    (no extra matcher). Series without an ``instance`` label get a set of their own."""
+    if per_query <= 0:
+        return [""]
+    found: set[str] = set()
+    for m in metrics:
+        found.update(api.label_values("instance", [selector(m, matchers)], grid.start - grid.step, grid.end))
+    if len(found) <= per_query:
+        return [""]
+    nodes = sorted(found)
+    sets = [f'instance=~"{_alt(nodes[i:i + per_query])}"' for i in range(0, len(nodes), per_query)]
+    return sets + ['instance=""']
+
+
 #: Labels the agent puts on its series; the rest (instance, job, team…) come from the scrape config.
 AGENT_LABELS = frozenset((
     "workload", "gpu_instance", "kind", "user", "slurm_job", "container", "pod_uid", "namespace", "pod", "unit",
@@ -323,7 +351,8 @@ def gpu_key(labels: dict[str, str]) -> tuple:
             labels.get("uuid", ""))
 
 
-def _join(*parts: str) -> str:
+def join_matchers(*parts: str) -> str:
+    """Matchers (each with or without braces) as one list, for :func:`selector`."""
     out = []
     for p in parts:
         p = p.strip()
