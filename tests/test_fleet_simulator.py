@@ -7,6 +7,8 @@ import importlib.util
 import re
 import sys
 import time
+
+import pytest
 from collections import defaultdict
 
 from agentproc import ROOT, AgentProcess
@@ -56,14 +58,14 @@ def test_the_template_is_what_a_demo_agent_serves(tmp_path):
 def test_a_simulated_node_keeps_the_families_labels_and_counters():
     sim = load_simulate()
     day = 86400.0
-    fleet = sim.Fleet(nodes=2, gpus=4, mode="slurm", jobs_per_gpu_day=24, workloads=True, start=0.0, end=day / 4)
-    times = [k * 900.0 for k in range(25)]
+    fleet = sim.Fleet(nodes=2, gpus=4, mode="slurm", jobs_per_gpu_day=8, workloads=True, start=0.0, end=day)
+    times = [k * 900.0 for k in range(97)]
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for prefix, value, t in sim.samples(fleet, times):
         series[prefix].append((t, value))
     node_t, gpu_t, wl_t, _ = sim.read_template()
     jobs = [j for node in fleet.jobs for gpu in node for j in gpu if j.start < times[-1] and j.end + sim.RETENTION_S > 0]
-    assert jobs, "no job in a quarter day at 24 jobs per GPU per day"
+    assert jobs, "no job in a day at 8 jobs per GPU per day"
     # 70 per node, 32 per GPU, 5 per workload: unallocated on every GPU and every job seen.
     expected = 2 * (len(node_t) + 1) + 2 * 4 * len(gpu_t) + 2 * 4 * len(wl_t) + len(jobs) * len(wl_t)
     assert len(series) == expected
@@ -84,3 +86,29 @@ def test_a_simulated_node_keeps_the_families_labels_and_counters():
     seen = sorted(series[prefix])
     assert seen[0][0] == job.start and seen[-1][0] == job.end + sim.RETENTION_S
     assert seen[-1][1] == round(job.end - job.start, 3)
+
+
+def test_a_simulated_gpus_seconds_and_joules_add_up_over_its_workloads():
+    """Each GPU's time and energy are its jobs' plus ``unallocated``'s, as the agent's are."""
+    sim = load_simulate()
+    end = 86400.0
+    fleet = sim.Fleet(nodes=2, gpus=2, mode="slurm", jobs_per_gpu_day=8, workloads=True, start=0.0, end=end)
+    last: dict[str, float] = {}
+    for prefix, value, t in sim.samples(fleet, [k * 3600.0 for k in range(25)]):
+        if t <= end:
+            last[prefix] = value
+    for i in range(2):
+        for g in range(2):
+            uuid = f'uuid="GPU-{i:08x}-{g:04x}-'
+            mine = {p: v for p, v in last.items() if uuid in p}
+            secs = sum(v for p, v in mine.items() if p.startswith("gpucost_workload_gpu_seconds_total"))
+            joules = sum(v for p, v in mine.items() if p.startswith("gpucost_workload_gpu_energy_joules_total"))
+            [counter] = [v for p, v in mine.items()
+                         if p.startswith("gpucost_gpu_energy_joules_total") and 'source="counter"' in p]
+            jobs = [j for j in fleet.jobs[i][g] if j.start < end]
+            # a job exported at the start that began before it: its series holds its time before the start too
+            before = {id(j): min(j.end, 0.0) - j.start for j in jobs if j.start < 0 <= j.end + sim.RETENTION_S}
+            assert secs == pytest.approx(end + sum(before.values()), abs=0.01)
+            assert joules == pytest.approx(
+                counter + sum(v * fleet.job_power(i, g, j) for j in jobs for k, v in before.items() if k == id(j)),
+                abs=0.01 * len(mine))

@@ -35,6 +35,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -44,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -189,23 +191,31 @@ class Fleet:
                 return job
         return None
 
+    def job_power(self, i: int, g: int, job: Job) -> float:
+        """A job's mean power, 300-700 W: what its energy counters grow by."""
+        return 300.0 + 400.0 * ((hash((i, g, int(job.start))) % 1000) / 1000)
+
     def power(self, i: int, g: int, t: float) -> float:
+        """The power gauge: the job's mean ± 20 W, 70 W idle."""
         job = self.busy(i, g, t)
         if job is None:
             return 70.0
-        return 300.0 + 400.0 * ((hash((i, g, int(job.start))) % 1000) / 1000) + 20 * math.sin(t / 97.0 + g)
+        return self.job_power(i, g, job) + 20 * math.sin(t / 97.0 + g)
 
-    def energy(self, i: int, g: int, t: float) -> float:
-        """Joules the GPU used from the simulation's start to ``t`` (whole jobs at their mean power)."""
-        e, last = 0.0, self.start
+    def state(self, i: int, g: int, t: float) -> tuple[float, float]:
+        """(joules, idle seconds) of the GPU from the simulation's start to ``t``: each job at
+        its mean power, 70 W between jobs. Both only grow with ``t``."""
+        e, idle, last = 0.0, 0.0, self.start
         for job in self.jobs[i][g]:
             if job.start >= t:
                 break
             a, b = max(job.start, self.start), min(job.end, t)
             if b > a:
-                e += 70.0 * (a - last) + self.power(i, g, (a + b) / 2) * (b - a)
+                idle += max(0.0, a - last)
+                e += 70.0 * max(0.0, a - last) + self.job_power(i, g, job) * (b - a)
                 last = b
-        return e + 70.0 * max(0.0, t - last)
+        idle += max(0.0, t - last)
+        return e + 70.0 * max(0.0, t - last), idle
 
 
 def value_of(s: Series, t: float, since: float, template_s: float, scale: float, gauge_factor: float) -> float:
@@ -229,7 +239,7 @@ def samples(fleet: Fleet, times: list[float]):
         node, gpus = fleet.prefixes(i)
         tgt = fleet.target(i)
         for t in times:
-            energies = [fleet.energy(i, g, t) for g in range(fleet.gpus)]
+            energies = [fleet.state(i, g, t)[0] for g in range(fleet.gpus)]
             node_scale = sum(energies) / max(demo_gpu_j, 1.0) / max((t - since), 1.0) * fleet.template_s
             factor = 1.0 + 0.1 * math.sin(t / 600.0 + i)
             for prefix, s in node:
@@ -247,9 +257,9 @@ def samples(fleet: Fleet, times: list[float]):
             continue
         for g in range(fleet.gpus):
             uuid = f"GPU-{i:08x}-{g:04x}-4000-8000-000000000000"
-            # `unallocated` at every step: the GPU's idle share.
+            # `unallocated` at every step: the GPU's time between jobs, at idle power
             for t in times:
-                idle = (1 - BUSY_SHARE) * (t - since)
+                idle = fleet.state(i, g, t)[1]
                 for s in fleet.wl_t:
                     lab = {**s.labels, "gpu": str(g), "uuid": uuid, **tgt}
                     yield f"{s.name}{{{labels_text(lab)}}}", wl_value(s, idle, 70.0 * idle), t
@@ -264,7 +274,7 @@ def samples(fleet: Fleet, times: list[float]):
                     prefix = f"{s.name}{{{labels_text(lab)}}}"
                     for t in at:
                         secs = max(0.0, min(t, job.end) - job.start)
-                        yield prefix, wl_value(s, secs, secs * fleet.power(i, g, job.start + 1)), t
+                        yield prefix, wl_value(s, secs, secs * fleet.job_power(i, g, job)), t
 
 
 def wl_value(s: Series, seconds: float, joules: float) -> float:
@@ -330,6 +340,55 @@ class Store:
             self.proc.wait()
 
 
+def bill_by_team(store: Store, start: float, end: float, out: Path, args: argparse.Namespace) -> dict:
+    """``gpu-cost-agent report --by team`` over the whole period, the real command: its time,
+    its own peak RSS and the store's while it asks, and what the bill says (totals, the
+    worst reconciliation difference) so the two stores' bills can be compared."""
+    cmd = [sys.executable, "-m", "agent", "report", "--prometheus", store.url,
+           "--from", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+           "--to", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end)), "--timezone", "UTC", "--by", "team",
+           "--timeout", "600", "--nodes-per-query", str(args.nodes_per_query), "--json", str(out)]
+    err = out.with_suffix(".stderr")
+    peak = {"store": store.rss_mib()}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.25):
+            try:
+                peak["store"] = max(peak["store"], store.rss_mib())
+            except OSError:
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    t0 = time.time()
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=fh)
+        timer = threading.Timer(args.report_timeout, proc.kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.time() - t0
+    stop.set()
+    res: dict = {"nodes_per_query": args.nodes_per_query, "report_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+                 "store_peak_rss_mib": round(peak["store"], 1)}
+    if proc.returncode != 0:
+        tail = err.read_text(errors="replace")[-300:]
+        res["seconds"] = (f"> {args.report_timeout} (stopped)" if seconds >= args.report_timeout
+                          else f"failed: {tail}")
+        return res
+    bill = json.loads(out.read_text())
+    res["seconds"] = round(seconds, 1)
+    res["stats"] = bill["stats"]
+    res["rows"] = sum(len(s["rows"]) for s in bill["sections"])
+    res["total_cost"] = {s["currency"]: s["total"]["total_cost"] for s in bill["sections"]}
+    res["gpu_hours"] = {s["currency"]: s["total"]["gpu_hours"] for s in bill["sections"]}
+    # the check: every GPU-hour of the fleet is in the bill once (the simulated money follows
+    # no ledger, so its rows are not reconciled to the simulated node counters)
+    res["fleet_gpu_hours"] = round(args.nodes * args.gpus * (end - start) / 3600.0, 6)
+    return res
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -375,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-workloads", action="store_true", help="drop gpucost_workload_* (relabelling or [attribution] off)")
     ap.add_argument("--stores", default="victoriametrics,prometheus")
     ap.add_argument("--skip-report", action="store_true")
-    ap.add_argument("--report-timeout", type=int, default=300, help="stop the bill after this many seconds")
+    ap.add_argument("--report-timeout", type=int, default=3600, help="stop the bill after this many seconds")
+    ap.add_argument("--nodes-per-query", type=int, default=100, help="the report's --nodes-per-query")
     ap.add_argument("--keep", help="keep the stores' data in this directory")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--capture-template", action="store_true", help=f"rewrite {TEMPLATE.name} from a demo agent and exit")
@@ -538,17 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "slowest": [slowest[0], round(slowest[1], 3)],
                                          "without_data": [p[0] for p in panels if not p[2]]}
         if not args.skip_report and fleet.workloads:
-            t2 = time.time()
-            try:
-                rep = subprocess.run([sys.executable, "-m", "agent", "report", "--prometheus", store.url, "--from",
-                                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "--to",
-                                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end)), "--by", "team", "--quiet",
-                                      "--timeout", "600", "--csv", str(work / f"bill-{key}.csv")],
-                                     cwd=ROOT, capture_output=True, text=True, timeout=args.report_timeout)
-                result[f"{key}_bill_by_team_s"] = (round(time.time() - t2, 1) if rep.returncode == 0
-                                                   else f"failed: {rep.stderr[-300:]}")
-            except subprocess.TimeoutExpired:
-                result[f"{key}_bill_by_team_s"] = f"> {args.report_timeout} (stopped)"
+            result[f"{key}_bill"] = bill_by_team(store, start, end, work / f"bill-{key}.json", args)
+            result[f"{key}_bill_by_team_s"] = result[f"{key}_bill"]["seconds"]
         result[f"{key}_rss_mib"] = round(store.rss_mib(), 1)
         log(f"measured {key}")
     for store in (s for s in (vm, prom) if s is not None):
