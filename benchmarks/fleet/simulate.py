@@ -51,6 +51,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import yaml
 
@@ -230,12 +231,12 @@ def value_of(s: Series, t: float, since: float, template_s: float, scale: float,
     return round(s.value * gauge_factor, 4)
 
 
-def samples(fleet: Fleet, times: list[float]):
-    """Yield (name{labels}, value, t) of every sample of the fleet at ``times`` (and of every
-    job at its start and its end, whatever the step)."""
+def samples(fleet: Fleet, times: list[float], nodes: Iterable[int] | None = None):
+    """Yield (name{labels}, value, t) of every sample of the fleet (or of ``nodes``) at ``times``
+    (and of every job at its start and its end, whatever the step)."""
     since = fleet.start
     demo_gpu_j = 300.0 * fleet.template_s
-    for i in range(fleet.nodes):
+    for i in (range(fleet.nodes) if nodes is None else nodes):
         node, gpus = fleet.prefixes(i)
         tgt = fleet.target(i)
         for t in times:
