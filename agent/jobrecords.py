@@ -29,8 +29,9 @@ recorded again on the next tick: the same ``id`` (host, GPU, workload, last char
 the reader keeps once. Files of months older than :data:`KEEP_MONTHS` are deleted.
 
 Pseudo-workloads (``unallocated``, ``other``) have no records: idle capacity and merged
-workloads are in Prometheus only. A workload merged into ``other`` (``max_workloads``) leaves
-no record either. Kept lean: the daemon imports this module (json, os, hashlib only).
+workloads are in Prometheus only. A workload folded into ``other`` (``max_workloads``) is
+recorded with what it was charged under its own name, when that expires; one folded before
+any snapshot showed it leaves no record. Kept lean: the daemon imports this module (json, os, hashlib only).
 """
 
 from __future__ import annotations

@@ -295,6 +295,7 @@ class Sampler:
             capacity = self.ledger.take_capacity()
             if self.attribution is not None:
                 self.ledger.add_busy(wall, self.attribution.charge_capacity(wall, held, capacity))
+                self.attribution.end_tick()  # after every charge of the tick, before its snapshot
             self._prev_wall, self._prev_mono = wall, mono
             self.ticks += 1
             self._last_duration = time.perf_counter() - started
@@ -461,8 +462,6 @@ class Sampler:
                 log.warning("GPU %d: read failed unexpectedly: %r", d.index, fetched)
                 continue
             self._account_gpu(d.index, fetched, wall, mono)
-        if self.attribution is not None:
-            self.attribution.end_tick()
         if skipped:
             log.warning("GPUs %s not read this tick: the tick ran out of time", skipped)
 

@@ -21,7 +21,7 @@ class AttributionConfig(BaseModel):
     enabled: bool = True
     #: Export user names (from the agent's NSS); false: the uid only.
     user_names: bool = True
-    #: Most live workload series on the node; beyond it the smallest merge into workload="other".
+    #: Most workloads charged on the node; beyond it the smallest are folded into workload="other".
     max_workloads: int = Field(DEFAULT_MAX_WORKLOADS, ge=1, le=100_000)
     #: How long a finished workload is still exported. Units: s.
     retention_seconds: float = Field(DEFAULT_RETENTION_SECONDS, ge=0, le=30 * 86400, allow_inf_nan=False)

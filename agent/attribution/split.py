@@ -794,12 +794,15 @@ class Attributor:
             self._newest = newest if self._newest is None else max(self._newest, newest)
 
     def end_tick(self) -> None:
-        """After every GPU of a tick is accounted: retention and the series bound, once for
-        the node (both scan every workload), up to the newest slice charged."""
+        """After every charge of a tick (energy and capacity), before its snapshot: retention
+        (up to the newest slice charged) and the series bound, once for the node (both scan
+        every workload). The bound runs every tick, so a workload beyond it is folded into
+        ``other`` before any snapshot has shown it (capacity is charged every tick, energy at
+        counter reads)."""
         if self._newest is not None:
             self.totals.expire(self._newest)
-            self.totals.enforce_max()
             self._newest = None
+        self.totals.enforce_max()
         if len(self._labels) > self._labels_limit:
             self._prune_labels()
 

@@ -20,10 +20,12 @@ Cardinality is bounded two ways:
 - **retention**: a workload not charged for ``retention_seconds`` is dropped (its last
   value has been exported that long, so Prometheus saw it); its joules stay inside the
   GPU's own total, which never shrinks.
-- **max_workloads**: beyond that many live workload series on the node (``other`` and
-  ``unallocated`` not counted), the smallest by energy are merged into their GPU's
-  ``other``: energy and cost move, so per GPU the workloads still add up. A merged workload's
-  later energy goes to ``other`` too, until it has not been seen for ``retention_seconds``.
+- **max_workloads**: beyond that many workloads charged on the node (``other`` and
+  ``unallocated`` not counted), the smallest are folded into their GPU's ``other``
+  (:meth:`WorkloadTotals.enforce_max`): their later use goes to ``other`` until they have not
+  been seen for ``retention_seconds``; what they were charged before moves into ``other`` only
+  if no snapshot has shown it, else it stays in their own series until it expires (moved, a
+  scraper would count it twice). Per GPU the workloads still add up.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ class WorkloadTotals:
         self.last_seen: dict[Key, float] = {}
         #: Workloads folded into ``other``, with when they were last seen.
         self.merged: dict[Key, float] = {}
+        #: Workloads that appeared since the last :meth:`frozen_rows`: no snapshot, so no
+        #: scrape, has shown them yet (a loaded state's workloads count as shown).
+        self.unshown: set[Key] = set()
         #: Per-job records (agent/jobrecords.py): called as ``on_expire(self, keys)`` with the
         #: workloads :meth:`expire` is about to drop, before they are dropped. Must not raise.
         self.on_expire: Callable[["WorkloadTotals", list[Key]], None] | None = None
@@ -176,6 +181,7 @@ class WorkloadTotals:
         known = self.labels.get(k)
         if known is None:
             self.labels[k] = dict(labels)
+            self.unshown.add(k)
         elif known != labels and any(v and not known.get(n) for n, v in labels.items()):
             # A label learnt later (pod names from the kubelet's first answer, a command line
             # after a restart) fills in what was empty; a known label never changes.
@@ -195,6 +201,7 @@ class WorkloadTotals:
         return len(gone)
 
     def _drop(self, k: Key) -> None:
+        self.unshown.discard(k)
         self.energy.pop(k, None)
         self.seconds.pop(k, None)
         self.labels.pop(k, None)
@@ -203,26 +210,34 @@ class WorkloadTotals:
             del self.cost[ck]
 
     def enforce_max(self) -> int:
-        """Merge the smallest live workloads into their GPU's ``other`` beyond ``max_workloads``.
+        """Fold the smallest live workloads into their GPU's ``other`` beyond ``max_workloads``.
 
-        Returns how many were merged. Energy and cost move, so sums per GPU are unchanged.
+        Returns how many were folded. From now on a folded workload is charged to ``other``.
+        What it was charged so far moves into ``other`` only if no snapshot has shown it yet;
+        one a scrape may have read stays exported as it is, unchanged, until it expires
+        ``retention_seconds`` after its last charge, like a finished workload: were it moved,
+        Prometheus would count it twice, in the workload's series up to its last scrape and
+        again in ``other``'s jump. Either way the sums per GPU are unchanged.
         """
-        live = [k for k in self.energy if split_key(k[1])[0] not in PSEUDO]
+        live = [k for k in self.energy if split_key(k[1])[0] not in PSEUDO and k not in self.merged]
         excess = len(live) - self.max_workloads
         if excess <= 0:
             return 0
-        live.sort(key=lambda k: (self.energy[k], k))
+        live.sort(key=lambda k: (self.energy[k], self.seconds.get(k, 0.0), k))  # before energy: by time held
         for k in live[:excess]:
             other = (k[0], OTHER)
             seen = self.last_seen.get(k, 0.0)
+            self.merged[k] = seen
+            self.labels.setdefault(other, pseudo_labels(OTHER))
+            self.energy[other] += 0.0
+            self.last_seen[other] = max(seen, self.last_seen.get(other, seen))
+            if k not in self.unshown:
+                continue  # shown: kept as it is until it expires
             self.energy[other] += self.energy[k]
             if k in self.seconds:
                 self.seconds[other] += self.seconds[k]
             for ck in [ck for ck in self.cost if (ck[0], ck[1]) == k]:
                 self.cost[(k[0], OTHER, ck[2], ck[3])] += self.cost[ck]
-            self.labels.setdefault(other, pseudo_labels(OTHER))
-            self.last_seen[other] = max(seen, self.last_seen.get(other, seen))
-            self.merged[k] = seen
             self._drop(k)
         return excess
 
@@ -234,6 +249,7 @@ class WorkloadTotals:
     def frozen_rows(self) -> "FrozenRows":
         """The rows as they are now, built only when read: a snapshot is frozen every tick, and
         most ticks nobody scrapes (copying the totals is microseconds, building rows is not)."""
+        self.unshown.clear()
         return FrozenRows(dict(self.energy), dict(self.cost), dict(self.labels), dict(self.seconds))
 
     # -- persistence ------------------------------------------------------
@@ -318,6 +334,7 @@ class WorkloadTotals:
         self.labels = other.labels
         self.last_seen = other.last_seen
         self.merged = other.merged
+        self.unshown = set()  # loaded from a state saved from snapshots: shown
 
 
 def _rows(energy: Mapping[Key, float], cost: Mapping[tuple[str, str, str, str], float],

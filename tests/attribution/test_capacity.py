@@ -133,18 +133,36 @@ def test_per_kind_the_workloads_add_up_to_the_node_on_metrics_mig_and_other_incl
     """Scraped over HTTP from the agent's server after every tick, and once more after the last."""
     src, sampler = node()
     served = Served(sampler)
+    # What a scraper keeps of each workload series: its last value (a series that is no longer
+    # exported keeps the value it was last scraped with), as the report and increase() read them.
+    kept: dict[tuple, float] = {}
+
+    def scrape() -> dict[str, list]:
+        m = served.scrape()
+        for s in m["gpucost_workload_cost"]:
+            if s.name.endswith("_total"):
+                kept[tuple(sorted(s.labels.items()))] = s.value
+        return m
+
     try:
         for _ in range(40):
             run(src, sampler, 1)
-            check_scrape(served.scrape())
+            check_scrape(scrape())
         sampler.tick(final=True)
-        m = served.scrape()
+        m = scrape()
     finally:
         served.close()
     node_total, workloads = check_scrape(m)
-    # The shared GPU: ann, ben and `other` (cat, the smallest, merged); the MIG GPU: dan on two
-    # instances, eve, and the empty instance's unallocated; the unused GPU: unallocated.
-    assert ("0", OTHER, "") in workloads and ("0", "user:1", "") in workloads and ("0", "user:3", "") not in workloads
+    # The shared GPU: ann, ben and `other` (cat, the smallest, folded in on the tick she came,
+    # before any scrape showed her); the MIG GPU: dan on two instances, eve, and the empty
+    # instance's unallocated; the unused GPU: unallocated.
+    assert ("0", OTHER, "") in workloads and ("0", "user:1", "") in workloads
+    assert not any(dict(k)["workload"] == "user:3" for k in kept)  # never shown: no series
+    # Every cost counted once by a scraper: the series' last values add up to the node's totals
+    # (moving cat's total into `other` would count it twice: in her series and in other's jump).
+    for kind, total in node_total.items():
+        seen = math.fsum(v for k, v in kept.items() if dict(k)["cost_kind"] == kind)
+        assert seen == pytest.approx(total, rel=1e-9), (kind, seen, total)
     assert {("1", "user:4", "1"), ("1", "user:5", "1"), ("1", "user:4", "5"), ("1", UNALLOCATED, "6")} <= workloads
     assert ("2", UNALLOCATED, "") in workloads
     print("\nnode " + ", ".join(f"{k} {v:.9f} EUR" for k, v in node_total.items()))

@@ -338,6 +338,40 @@ def test_totals_class_merges_and_expires_directly():
     assert [r.workload for r in t.rows()] == [OTHER]
 
 
+def test_a_shown_workload_folded_into_other_keeps_its_series_and_is_counted_once():
+    """A workload a snapshot has shown (a scrape may have read it) keeps its totals and its
+    series when it is folded into ``other``; only its later use goes to ``other``. A scraper
+    that keeps each series' last value then counts every joule once: were its totals moved,
+    ``other`` would jump by them and they would be counted twice."""
+    t = WorkloadTotals(max_workloads=2, retention_seconds=10)
+    labels = {"kind": "user"}
+    scraped: dict[str, float] = {}
+
+    def scrape() -> None:
+        scraped.update({r.workload: r.energy_joules for r in t.frozen_rows()})
+
+    t.charge("G", "user:1", labels, 5.0, 1.0, "EUR", 100.0)
+    t.charge("G", "user:2", labels, 3.0, 0.5, "EUR", 100.0)
+    assert t.enforce_max() == 0
+    scrape()  # user:1 and user:2 shown
+    t.charge("G", "user:3", labels, 9.0, 2.0, "EUR", 101.0)
+    assert t.enforce_max() == 1  # user:2, the smallest, folded
+    t.charge("G", "user:2", labels, 1.0, 0.25, "EUR", 102.0)  # folded: its later use goes to other
+    rows = {r.workload: (r.energy_joules, r.cost["EUR"]) for r in t.rows()}
+    assert rows == {"user:1": (5.0, 1.0), "user:2": (3.0, 0.5), "user:3": (9.0, 2.0), OTHER: (1.0, 0.25)}
+    scrape()
+    assert math.fsum(scraped.values()) == 5.0 + 3.0 + 9.0 + 1.0  # every joule once
+    t.charge("G", "user:4", labels, 0.5, 0.1, "EUR", 103.0)  # never shown, beyond the bound: moved
+    assert t.enforce_max() == 1
+    assert {r.workload: r.energy_joules for r in t.rows()}[OTHER] == 1.5
+    assert "user:4" not in {r.workload for r in t.rows()}
+    t.charge("G", "user:1", labels, 1.0, 0.2, "EUR", 101.0)
+    assert t.expire(110.5) == 1  # user:2, 10 s after its own last charge (at 100), like a finished workload
+    assert {r.workload for r in t.rows()} == {"user:1", "user:3", OTHER}
+    scrape()
+    assert math.fsum(scraped.values()) == 6.0 + 3.0 + 9.0 + 1.5
+
+
 def test_pod_names_from_the_kubelet_label_the_pod_that_holds_the_gpu():
     """[attribution] pod_resources: the kubelet's answer (GPU UUID -> pod containers) names the pod
     of a /proc pod process on that GPU; a GPU shared by two pods keeps the names empty (the kubelet
