@@ -82,7 +82,7 @@ class PrometheusAPI:
         self.queries += 1
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self._context) as r:
-                answer = json.load(r)
+                answer = json.load(r, object_hook=_Shared().values)
         except urllib.error.HTTPError as e:
             try:
                 answer = json.load(e)
@@ -119,6 +119,22 @@ class PrometheusAPI:
         if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
             raise QueryError(f"label values of {label!r}: expected a list of strings, got {str(data)[:80]}")
         return data
+
+
+class _Shared:
+    """One string object per distinct label value in an answer: a fleet's answer repeats
+    ``job``, ``cluster``, ``team``, ``uuid``… in every series, and a parsed answer holds a new
+    string for each (the parser shares keys, not values). About a third less memory."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+
+    def values(self, obj: dict[str, Any]) -> dict[str, Any]:
+        seen = self.seen
+        for k, v in obj.items():
+            if type(v) is str:
+                obj[k] = seen.setdefault(v, v)
+        return obj
 
 
 def _ts(t: float) -> str:
