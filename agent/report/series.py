@@ -310,7 +310,7 @@ def _flags(api: PrometheusAPI, sel: str, grid: Grid, first: int = 1) -> tuple[di
 
 
 #: Nodes per selection when a fleet is billed in parts (``report --nodes-per-query``).
-NODES_PER_QUERY = 100
+NODES_PER_QUERY = 25
 
 
 def node_selections(api: PrometheusAPI, grid: Grid, matchers: str = "", per_query: int = NODES_PER_QUERY,
