@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     stores = args.stores.split(",")
     work = Path(args.keep or tempfile.mkdtemp(prefix="gpucost-fleet-"))
     work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"nodes": args.nodes, "gpus": args.gpus, "days": args.days, "mode": args.mode,
+    result: dict = {"nodes": args.nodes, "gpus": args.gpus, "days": args.days, "start": start, "end": end,
+                    "mode": args.mode,
                     "workloads": not args.no_workloads, "jobs_per_gpu_day": args.jobs_per_gpu_day,
                     "steps": len(times), "scrape_step": args.scrape_step,
                     "history_step": None if args.scrape_step else args.history_step}
