@@ -219,6 +219,8 @@ class WorkloadTotals:
         Prometheus would count it twice, in the workload's series up to its last scrape and
         again in ``other``'s jump. Either way the sums per GPU are unchanged.
         """
+        if len(self.energy) <= self.max_workloads:
+            return 0  # every tick: the usual case costs no scan
         live = [k for k in self.energy if split_key(k[1])[0] not in PSEUDO and k not in self.merged]
         excess = len(live) - self.max_workloads
         if excess <= 0:

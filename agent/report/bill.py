@@ -265,7 +265,7 @@ def from_prometheus(api: Any, period: Period, by: list[str], *, matchers: str = 
     A fleet's series are asked for node set by node set (:func:`node_selections`) and each
     set's figures added to the bill before the next is asked for, so neither the store nor
     this process holds more than one set's series: the bill is the same as one made from all
-    series at once (each node's figures depend on its own series only; tests/test_report_month.py
+    series at once (each node's figures depend on its own series only; tests/test_report_exact.py
     compares the two)."""
     grid = _grid(period, step)
     sets = node_selections(api, grid, matchers, nodes_per_query)
@@ -293,6 +293,16 @@ def bill_of(f: Fetched, by: list[str]) -> Bill:
     bill = tally.bill(f.source, f.notes)
     bill.stats = dict(f.stats)
     return bill
+
+
+@dataclass
+class _Workload:
+    """One workload's series in a node set: cost by (kind, currency), seconds held, joules."""
+
+    labels: dict[str, str]
+    cost: dict[tuple[str, str], Series] = field(default_factory=dict)
+    sec: Series | None = None
+    j: Series | None = None
 
 
 class Tally:
@@ -354,20 +364,13 @@ class Tally:
             return acc
 
         # workloads: identity → its series
-        @dataclass
-        class W:
-            labels: dict[str, str]
-            cost: dict[tuple[str, str], Series] = field(default_factory=dict)
-            sec: Series | None = None
-            j: Series | None = None
+        ws: dict[tuple, _Workload] = {}
 
-        ws: dict[tuple, W] = {}
-
-        def w(labels: dict[str, str]) -> W:
+        def w(labels: dict[str, str]) -> _Workload:
             ident = {k: v for k, v in labels.items() if k not in ("cost_kind", "currency")}
             key = tuple(sorted(ident.items()))
             if key not in ws:
-                ws[key] = W(ident)
+                ws[key] = _Workload(ident)
             return ws[key]
 
         for s in f.cost:

@@ -327,9 +327,7 @@ def node_selections(api: PrometheusAPI, grid: Grid, matchers: str = "", per_quer
     (no extra matcher). Series without an ``instance`` label get a set of their own."""
     if per_query <= 0:
         return [""]
-    found: set[str] = set()
-    for m in metrics:
-        found.update(api.label_values("instance", [selector(m, matchers)], grid.start - grid.step, grid.end))
+    found = set(api.label_values("instance", [selector(m, matchers) for m in metrics], grid.start - grid.step, grid.end))
     if len(found) <= per_query:
         return [""]
     nodes = sorted(found)
